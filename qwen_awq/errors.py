@@ -1,0 +1,34 @@
+"""Exceptions for errors a user can cause; the CLI prints them as one line, the server maps them to 4xx."""
+from __future__ import annotations
+
+
+class QwenAwqError(Exception):
+    """Base class: a problem with the user's input, files or settings (not a bug in qwen-awq)."""
+
+
+class ConfigError(QwenAwqError):
+    """config.json / generation_config.json is missing, malformed or describes an unsupported model."""
+
+
+class CheckpointError(QwenAwqError):
+    """Weights are missing, truncated, corrupt or of the wrong shape or layout."""
+
+
+class TokenizerError(QwenAwqError):
+    """Vocabulary files are missing or an id/text cannot be handled."""
+
+
+class SamplingError(QwenAwqError, ValueError):
+    """A sampling parameter is out of range."""
+
+
+class ContextLengthError(QwenAwqError, ValueError):
+    """Prompt plus requested new tokens exceed the model's context length."""
+
+
+class Overloaded(QwenAwqError):
+    """The engine's waiting queue is full; retry later."""
+
+
+class AssetMissing(QwenAwqError):
+    """An optional asset (e.g. the bundled SmolLM2 model package) is not installed."""
