@@ -1,0 +1,36 @@
+"""qwen-awq: run, quantize (AWQ) and serve Qwen-7B-Chat and Llama-family chat models."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_awq.models.decoder import Decoder
+    from qwen_awq.tokenizer import Tokenizer
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
+    from qwen_awq.assets import default_model_dir
+    from qwen_awq.models.gguf_import import import_gguf
+
+    if path is None:
+        return default_model_dir()
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return import_gguf(path)
+    return path
+
+
+def load(path: str | Path | None, dtype: str | torch.dtype = "auto",
+         device: str | torch.device = "auto") -> tuple[Decoder, Tokenizer]:
+    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer."""
+    from qwen_awq.models.loader import load_model
+    from qwen_awq.tokenizer import load_tokenizer
+
+    folder = resolve_model_path(path)
+    return load_model(folder, dtype=dtype, device=device), load_tokenizer(folder)

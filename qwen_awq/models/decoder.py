@@ -1,0 +1,111 @@
+"""One decoder for Qwen v1 and the Llama family (Llama, Qwen2, Mistral): pre-norm blocks, RoPE, gated MLP.
+
+The forward works on T flattened tokens with per-token positions and NTK alpha; attention goes through a backend
+(models/attention.py) so that dense, contiguous-cache and paged-cache attention share one model definition.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen_awq.models.attention import DenseAttention, ForwardBatch
+from qwen_awq.models.config import ModelConfig
+from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.scale = cfg.head_dim ** -0.5
+        qkv_out = cfg.q_size + 2 * cfg.kv_size
+        self.qkv_proj = make_linear(cfg.hidden_size, qkv_out, cfg.qkv_bias, cfg.quant, dtype)
+        self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, cfg.quant, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
+                fb: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(t, cfg.num_heads, cfg.head_dim)  # (tokens, heads, head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # (tokens, kv_heads, head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if logn is not None:
+            q = (q.float() * logn[:, None, None]).to(q.dtype)
+        out = fb.attn.attend(self.layer, q, k, v, self.scale)  # (tokens, heads, head_dim)
+        return self.o_proj(out.reshape(t, cfg.q_size))
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (Qwen: gate = w2, up = w1)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.width = cfg.intermediate_size
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * self.width, False, cfg.quant, dtype)
+        self.down_proj = make_linear(self.width, cfg.hidden_size, False, cfg.quant, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)  # (tokens, width) each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.attn = Attention(cfg, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
+                fb: ForwardBatch) -> torch.Tensor:
+        h = x + self.attn(self.input_layernorm(x), cos, sin, logn, fb)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward_tokens(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """input_ids (T,) -> final hidden states (T, hidden), after the last norm."""
+        cfg = self.cfg
+        cos, sin = rotary_cos_sin(fb.positions, fb.ntk_alpha, cfg.head_dim, cfg.rope_theta)  # (T, D/2)
+        logn = logn_scale(fb.positions, cfg.seq_length) if cfg.use_logn_attn else None
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        for block in self.layers:
+            x = block(x, cos, sin, logn, fb)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., hidden) -> fp32 logits (..., vocab_size incl. padding)."""
+        return self.lm_head(hidden).float()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward without cache: input_ids (B, S) -> logits (B, S, V)."""
+        b, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device).repeat(b)  # (B*S,)
+        alpha = torch.full((b * s,), self.prefill_alpha(s), device=input_ids.device)
+        fb = ForwardBatch(positions=positions, ntk_alpha=alpha, attn=DenseAttention(b, s))
+        hidden = self.forward_tokens(input_ids.reshape(-1), fb)
+        return self.compute_logits(hidden).view(b, s, -1)
+
+    def prefill_alpha(self, prefill_len: int) -> float:
+        """The NTK alpha a sequence keeps for its lifetime, fixed by the length of its first forward."""
+        if not self.cfg.use_dynamic_ntk:
+            return 1.0
+        return ntk_alpha(prefill_len, self.cfg.seq_length)
