@@ -15,8 +15,7 @@ if TYPE_CHECKING:
 
 def resolve_model_path(path: str | Path | None) -> Path:
     """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
-    from qwen_awq.assets import default_model_dir
-    from qwen_awq.models.gguf_import import import_gguf
+    from qwen_awq.models.gguf_import import default_model_dir, import_gguf
 
     if path is None:
         return default_model_dir()

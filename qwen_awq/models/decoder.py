@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
-from qwen_awq.models.config import ModelConfig
+from qwen_awq.models.config import GenerationDefaults, ModelConfig
 from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
 
 
@@ -70,6 +70,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
+        self.generation_config = GenerationDefaults()  # the loader fills it from generation_config.json
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
@@ -109,3 +110,20 @@ class Decoder(nn.Module):
         if not self.cfg.use_dynamic_ntk:
             return 1.0
         return ntk_alpha(prefill_len, self.cfg.seq_length)
+
+    # HF/Qwen-style conveniences; the implementations live in generation.py and chat.py.
+    def generate(self, input_ids: torch.Tensor | list[int], params=None, **kwargs) -> torch.Tensor:
+        from qwen_awq.generation import generate
+
+        return generate(self, input_ids, params, **kwargs)
+
+    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **sampling):
+        from qwen_awq.chat import chat
+
+        return chat(self, tokenizer, query, history, system, **sampling)
+
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
+                    **sampling):
+        from qwen_awq.chat import chat_stream
+
+        return chat_stream(self, tokenizer, query, history, system, **sampling)

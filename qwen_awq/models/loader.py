@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import ModelConfig, load_config
+from qwen_awq.models.config import ModelConfig, load_config, load_generation_config
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
 
@@ -136,6 +136,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, folder)
+    model.generation_config = load_generation_config(folder)
     return model.eval().requires_grad_(False)
 
 

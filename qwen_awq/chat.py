@@ -1,0 +1,124 @@
+"""Chat prompts: Qwen's `make_context`/`chat()` semantics (ChatML, piecewise injection-safe encoding, history
+window) and, for folders whose tokenizer_config.json has a Jinja chat_template, that template."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from qwen_awq.errors import QwenAwqError, TokenizerError
+from qwen_awq.tokenizer import Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_WINDOW = 6144  # Qwen-7B-Chat generation_config.json max_window_size
+History = list[tuple[str, str]]
+
+
+def _markers(tokenizer: Tokenizer) -> tuple[int, int]:
+    if tokenizer.im_start_id is None or tokenizer.im_end_id is None:
+        raise TokenizerError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so it cannot use ChatML")
+    return tokenizer.im_start_id, tokenizer.im_end_id
+
+
+def _turn(tokenizer: Tokenizer, role: str, content: str) -> list[int]:
+    """<|im_start|>{role}\\n{content}<|im_end|>, role and content encoded as plain text (no special parsing)."""
+    start, end = _markers(tokenizer)
+    newline = tokenizer.encode("\n", allowed_special=set())
+    return [start, *tokenizer.encode(role, allowed_special=set()), *newline,
+            *tokenizer.encode(content, allowed_special=set()), end]
+
+
+def make_context(tokenizer: Tokenizer, query: str, history: History | None = None, system: str = DEFAULT_SYSTEM,
+                 max_window_size: int = DEFAULT_WINDOW) -> tuple[str, list[int]]:
+    """Qwen's prompt for `query` after `history`: (raw_text, token_ids), ending with the assistant's header.
+
+    Past turns are kept newest first while system + kept turns + this turn < max_window_size; the first turn that
+    does not fit drops it and everything older. The current query is always kept and not counted.
+    """
+    nl = tokenizer.encode("\n", allowed_special=set())
+    system_ids = _turn(tokenizer, "system", system)
+    kept: list[int] = []
+    raw_turns = ""
+    for past_query, past_response in reversed(history or []):
+        turn = nl + _turn(tokenizer, "user", past_query) + nl + _turn(tokenizer, "assistant", past_response)
+        if len(system_ids) + len(kept) + len(turn) >= max_window_size:
+            break
+        kept = turn + kept
+        raw_turns = (f"\n<|im_start|>user\n{past_query}<|im_end|>"
+                     f"\n<|im_start|>assistant\n{past_response}<|im_end|>") + raw_turns
+    start, _ = _markers(tokenizer)
+    header = [start, *tokenizer.encode("assistant", allowed_special=set()), *nl]
+    ids = system_ids + kept + nl + _turn(tokenizer, "user", query) + nl + header
+    raw = (f"<|im_start|>system\n{system}<|im_end|>{raw_turns}"
+           f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n")
+    return raw, ids
+
+
+def messages_to_history(messages: Sequence[dict[str, Any]]) -> tuple[str, History, str]:
+    """OpenAI-style messages -> (system, [(user, assistant), ...], final user query) for Qwen's layout."""
+    system, history, pending = DEFAULT_SYSTEM, [], None
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content") or ""
+        if role == "system" and i == 0:
+            system = content
+        elif role == "user" and pending is None:
+            pending = content
+        elif role == "assistant" and pending is not None:
+            history.append((pending, content))
+            pending = None
+        else:
+            raise QwenAwqError(f"messages[{i}] has role {role!r} where a "
+                               f"{'user' if pending is None else 'assistant'} message was expected")
+    if pending is None:
+        raise QwenAwqError("the last message must come from the user")
+    return system, history, pending
+
+
+def render_template(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+                    ) -> str:
+    """Render the folder's Jinja chat_template in a sandbox (templates are data, never code we execute)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(tokenizer.chat_template or "")
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=_token_text(tokenizer, tokenizer.bos_token_id),
+                               eos_token=_token_text(tokenizer, tokenizer.eos_token_id))
+    except TemplateError as e:
+        raise TokenizerError(f"the model's chat_template failed: {e}") from None
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
+    return "" if token_id is None else tokenizer.decode([token_id])
+
+
+def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
+                    max_window_size: int = DEFAULT_WINDOW) -> list[int]:
+    """Prompt ids for a conversation: the folder's chat_template if it has one, else Qwen's ChatML layout."""
+    if tokenizer.chat_template:
+        return tokenizer.encode(render_template(tokenizer, messages), allowed_special="all")
+    system, history, query = messages_to_history(messages)
+    return make_context(tokenizer, query, history, system, max_window_size)[1]
+
+
+def chat_stream(model: Any, tokenizer: Tokenizer, query: str, history: History | None = None,
+                system: str = DEFAULT_SYSTEM, **sampling: Any) -> Iterator[str]:
+    """Yield the reply's text as it is generated; the turn ends at <|im_end|>/<|im_start|>/<|endoftext|>."""
+    from qwen_awq.generation import TextStream, default_params
+
+    window = model.generation_config.max_window_size or DEFAULT_WINDOW
+    _, ids = make_context(tokenizer, query, history, system, window)
+    yield from TextStream(model, tokenizer, ids, default_params(model, **sampling))
+
+
+def chat(model: Any, tokenizer: Tokenizer, query: str, history: History | None = None,
+         system: str = DEFAULT_SYSTEM, **sampling: Any) -> tuple[str, History]:
+    """Qwen's `model.chat`: (stripped response, history + [(query, response)])."""
+    response = "".join(chat_stream(model, tokenizer, query, history, system, **sampling)).strip()
+    return response, [*(history or []), (query, response)]
