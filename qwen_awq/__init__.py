@@ -13,6 +13,19 @@ if TYPE_CHECKING:
     from qwen_awq.tokenizer import Tokenizer
 
 
+def __getattr__(name: str):
+    """Lazy exports, so `import qwen_awq` stays light: LLM, SamplingParams."""
+    if name == "LLM":
+        from qwen_awq.engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from qwen_awq.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'qwen_awq' has no attribute {name!r}")
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
     """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
     from qwen_awq.models.gguf_import import default_model_dir, import_gguf

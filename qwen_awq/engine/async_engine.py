@@ -1,0 +1,149 @@
+"""The engine for the server: a background thread runs steps; each request is an async iterator of outputs.
+
+Adds and aborts are queued and applied by the step thread between steps, so the engine itself is never touched
+by two threads at once. `shutdown()` stops and joins the thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from qwen_awq.engine.llm_engine import LLMEngine, RequestOutput
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.errors import ContextLengthError, Overloaded
+
+IDLE_WAIT_S = 0.05  # how long the idle step thread sleeps between checks for new work
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    cache_salt: str | None
+
+
+class _Finished(Exception):
+    """Ends a request's stream with an error raised in the step thread (delivered to the waiting client)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[_Add | str] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending = 0  # adds queued but not yet seen by the step thread (for the Overloaded check)
+        self._lock = threading.Lock()
+        self.errors = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="qwen-awq-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise at once what the scheduler would refuse: too long, or a full queue."""
+        want = len(prompt_ids) + params.max_tokens
+        if not prompt_ids:
+            raise ContextLengthError("the prompt is empty")
+        if want > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{want} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.")
+        waiting = self.engine.scheduler.num_waiting + self._pending
+        if waiting + params.n > self.engine.scheduler.max_waiting:
+            raise Overloaded(f"the server is overloaded ({waiting} sequences waiting); retry later")
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; leaving the iteration early (client gone) aborts it and frees its blocks."""
+        self.check(prompt_ids, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        with self._lock:
+            self._pending += params.n
+        self._commands.put(_Add(request_id, prompt_ids, params, prompt, cache_salt))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, str):
+                self.engine.abort(cmd)
+                continue
+            with self._lock:
+                self._pending -= cmd.params.n
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.prompt, cmd.cache_salt)
+            except Exception as e:  # refused by the scheduler (e.g. Overloaded): tell that client only
+                self._deliver(cmd.request_id, e)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failing step must not kill the server: fail the requests in flight
+                self.errors += 1
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out.snapshot())
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"generation failed: {error}"))

@@ -1,0 +1,209 @@
+"""The synchronous engine: requests in, one scheduled model step at a time, incremental outputs out."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from qwen_awq.engine.block_manager import BlockManager
+from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
+from qwen_awq.engine.model_runner import ModelRunner
+from qwen_awq.engine.output import OutputTracker, eos_ids
+from qwen_awq.engine.sampler import SampleOutput
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
+from qwen_awq.engine.sequence import Sequence, SequenceStatus
+from qwen_awq.errors import ConfigError
+from qwen_awq.models.decoder import Decoder
+from qwen_awq.tokenizer import Tokenizer
+
+GiB = 1 << 30
+FINISH_STATUS = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's context length
+    max_waiting: int = 1024  # queued sequences beyond this are refused with Overloaded
+    kv_cache_memory: int | None = None  # bytes; default: gpu_memory_utilization of free GPU memory, 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (Qwen's per-chunk asymmetric scheme)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be 'auto' or 'int8', got {self.kv_cache_dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: top ids and the chosen id -> logprob
+    cumulative_logprob: float = 0.0
+    delta_text: str = ""  # what this step added (for streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    def snapshot(self) -> RequestOutput:
+        """A copy that later steps do not mutate (handed to another thread)."""
+        outs = [replace(o, token_ids=list(o.token_ids), delta_token_ids=list(o.delta_token_ids),
+                        logprobs=None if o.logprobs is None else list(o.logprobs)) for o in self.outputs]
+        return replace(self, outputs=outs)
+
+
+@dataclass
+class _Request:
+    output: RequestOutput
+    params: SamplingParams
+    seqs: list[Sequence]
+    trackers: list[OutputTracker]
+
+
+def kv_budget(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type != "cuda":
+        return GiB
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * config.gpu_memory_utilization) - GiB  # leave room for activations and logits
+
+
+class LLMEngine:
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        int8 = config.kv_cache_dtype == "int8"
+        per_block = bytes_per_block(model.cfg, config.block_size, model.dtype, int8)
+        budget_blocks = kv_budget(config, model.device) // per_block
+        # unless asked for, the longest sequence is what the model supports and the KV budget holds
+        self.max_model_len = min(config.max_model_len or budget_blocks * config.block_size,
+                                 model.cfg.context_length)
+        needed = -(-self.max_model_len // config.block_size) * config.max_num_seqs  # more is never used
+        num_blocks = min(budget_blocks, needed)
+        self.pool = KVPool(model.cfg, num_blocks, config.block_size, model.dtype, model.device, int8)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, config.max_waiting)
+        self.runner = ModelRunner(model, self.pool, tokenizer.vocab_size)
+        self.eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        tokens = num_blocks * config.block_size
+        self.kv_report = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens "
+                          f"({num_blocks * per_block / GiB:.2f} GiB, {'int8' if int8 else str(model.dtype)[6:]}); "
+                          f"{tokens / self.max_model_len:.1f} sequences at the full context of "
+                          f"{self.max_model_len} tokens")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, cache_salt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        alpha = self.model.prefill_alpha(len(prompt_ids))
+        # keys are cached after a rotation that depends on alpha: never share blocks across alphas
+        salt = cache_salt if alpha == 1.0 else f"{cache_salt}|ntk={alpha}"
+        seqs = [Sequence(next(self._seq_ids), request_id, prompt_ids, params, cache_salt=salt, ntk_alpha=alpha)
+                for _ in range(params.n)]
+        self.scheduler.add(*seqs)
+        trackers = [OutputTracker(self.tokenizer, params, self.eos, len(prompt_ids), self.max_model_len)
+                    for _ in seqs]
+        outputs = [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
+        self.requests[request_id] = _Request(RequestOutput(request_id, prompt, list(prompt_ids), outputs),
+                                             params, seqs, trackers)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(request_id)
+        for seq in req.seqs:
+            self.runner.release(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduled model call; returns the requests that produced something (finished ones last time)."""
+        batch = self.scheduler.schedule()
+        if not batch.entries:
+            return []
+        stop_ids = {e.seq.seq_id: sorted(self._tracker(e.seq).stop_ids) for e in batch.sampling}
+        index = {e.seq.seq_id: self._index(e.seq) for e in batch.sampling}
+        sampled = self.runner.step(batch, stop_ids, index)
+        if sampled is None:
+            self.scheduler.update(batch, {})
+            return []
+        self.scheduler.update(batch, sampled.tokens.tolist())
+        return self._process(batch, sampled)
+
+    def _tracker(self, seq: Sequence) -> OutputTracker:
+        return self.requests[seq.request_id].trackers[self._index(seq)]
+
+    def _index(self, seq: Sequence) -> int:
+        return self.requests[seq.request_id].seqs.index(seq)
+
+    def _process(self, batch: ScheduledBatch, sampled: SampleOutput) -> list[RequestOutput]:
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for row, e in enumerate(batch.sampling):
+            seq = e.seq
+            req = self.requests[seq.request_id]
+            i = req.seqs.index(seq)
+            if not touched.get(seq.request_id):
+                for out in req.output.outputs:
+                    out.delta_text, out.delta_token_ids = "", []
+                touched[seq.request_id] = req
+            self._append(req, i, seq, sampled, row)
+            req.output.first_token_time = req.output.first_token_time or now
+            req.output.num_cached_tokens = max(req.output.num_cached_tokens, seq.num_cached_prefix_tokens)
+        for req in touched.values():
+            req.output.finished = all(t.finished for t in req.trackers)
+            if req.output.finished:
+                del self.requests[req.output.request_id]
+        return [req.output for req in touched.values()]
+
+    def _append(self, req: _Request, i: int, seq: Sequence, sampled: SampleOutput, row: int) -> None:
+        token = int(sampled.tokens[row])
+        tracker, out = req.trackers[i], req.output.outputs[i]
+        piece = tracker.add(token)
+        out.text, out.token_ids = tracker.text, tracker.token_ids
+        out.delta_text += piece
+        out.delta_token_ids.append(token)
+        lp = float(sampled.logprobs[row])
+        out.cumulative_logprob += lp
+        if out.logprobs is not None:
+            top = {}
+            if sampled.top_logprobs is not None and req.params.logprobs:
+                ids, values = sampled.top_logprobs
+                k = req.params.logprobs
+                top = dict(zip(ids[row, :k].tolist(), values[row, :k].tolist(), strict=True))
+            out.logprobs.append(top | {token: lp})
+        if tracker.finished:
+            out.finish_reason, out.stop_reason = tracker.finish_reason, tracker.stop_reason
+            self.scheduler.finish(seq, FINISH_STATUS[tracker.finish_reason])
+            self.runner.release(seq)
