@@ -168,7 +168,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.block_manager.allocate(seq, budget):
-                continue  # FCFS: nobody overtakes the head of the queue
+                break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
