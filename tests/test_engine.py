@@ -1,0 +1,178 @@
+"""The engine against the simple generate path: batching, chunked prefill, prefix caching, preemption, int8 KV."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from qwen_awq.engine.async_engine import AsyncEngine
+from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata, dequantize, quantize_chunk
+from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.errors import Overloaded
+from qwen_awq.generation import TextStream
+from qwen_awq.models.attention import ForwardBatch
+from qwen_awq.models.loader import load_model
+from qwen_awq.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mt(qwen_dir):
+    return load_model(qwen_dir, dtype="float32", device="cpu"), load_tokenizer(qwen_dir)
+
+
+def _prompts(n: int, base: int = 1000) -> list[list[int]]:
+    g = torch.Generator().manual_seed(base)
+    return [torch.randint(0, 151000, (3 + 9 * i,), generator=g).tolist() for i in range(n)]
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params=GREEDY) -> list[list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+def _reference(mt, prompts, params=GREEDY):
+    return [TextStream(mt[0], mt[1], p, params).run().token_ids for p in prompts]
+
+
+def _engine(mt, **kw) -> LLMEngine:
+    return LLMEngine(*mt, EngineConfig(**({"kv_cache_memory": 2**22, "max_model_len": 256} | kw)))
+
+
+def _all_free(engine: LLMEngine) -> bool:
+    bm = engine.block_manager
+    return bm.num_free_blocks == bm.num_blocks and all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
+
+
+def test_batched_outputs_equal_generate_path(mt):
+    prompts = _prompts(4) + [_prompts(1)[0]] * 4  # different lengths, and one prompt four times at once
+    engine = _engine(mt)
+    got = _run(engine, prompts)
+    assert got == _reference(mt, prompts)
+    assert got[4] == got[5] == got[6] == got[7]
+    assert _all_free(engine)
+
+
+def test_chunked_prefill_equals_one_shot(mt):
+    prompts = _prompts(3, base=7)
+    assert _run(_engine(mt, max_num_batched_tokens=5), prompts) == _run(_engine(mt, max_num_batched_tokens=512),
+                                                                        prompts)
+
+
+def test_prefix_cache_hit_gives_same_tokens_and_reuses_blocks(mt):
+    shared = _prompts(1, base=3)[0] * 8  # long enough for several full blocks
+    prompts = [shared + [11, 12], shared + [13]]
+    engine = _engine(mt, block_size=4)
+    first = _run(engine, prompts[:1])
+    second = _run(engine, prompts[1:])
+    assert first + second == _reference(mt, prompts)
+    hits = engine.block_manager.prefix_hit_tokens
+    assert hits >= (len(shared) // 4 - 1) * 4
+
+
+def test_preemption_with_tiny_pool_completes_with_same_tokens(mt):
+    prompts = _prompts(5, base=9)
+    engine = LLMEngine(*mt, EngineConfig(block_size=4, max_model_len=52, max_num_seqs=5,
+                                         kv_cache_memory=16 * 2 * 2 * 64 * 4 * 4))
+    assert engine.block_manager.num_blocks == 16
+    got = _run(engine, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    assert got == _reference(mt, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert _all_free(engine)
+
+
+def test_long_prompt_keeps_its_ntk_alpha_in_the_engine(mt):
+    prompts = [_prompts(1, base=5)[0] * 30]  # 90 tokens > seq_length 64: alpha 3
+    assert _run(_engine(mt), prompts) == _reference(mt, prompts)
+
+
+def test_int8_chunk_quantization_error_is_bounded():
+    x = torch.randn(10, 3, 16, generator=torch.Generator().manual_seed(0))
+    seq = torch.tensor([0] * 4 + [1] * 6)
+    codes, sz = quantize_chunk(x, seq, 2)
+    back = dequantize(codes, sz, torch.float32)
+    for s in (0, 1):  # error within half a quantization step of that chunk's own range
+        part = x[seq == s]
+        step = (part.amax(dim=(0, 2)) - part.amin(dim=(0, 2))) / 255
+        assert ((back[seq == s] - part).abs() <= step[None, :, None] / 2 + 1e-6).all()
+
+
+def test_int8_kv_logits_close_to_fp_cache(mt):
+    model = mt[0]
+    ids = torch.tensor(_prompts(1, base=4)[0] * 3)
+    outs = []
+    for int8 in (False, True):
+        pool = KVPool(model.cfg, 8, 16, torch.float32, torch.device("cpu"), int8=int8)
+        n = len(ids)
+        meta = PagedMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(8)[None],
+                             context_lens=torch.tensor([n]), query_lens=torch.tensor([n]),
+                             token_seq=torch.zeros(n, dtype=torch.long), token_col=torch.arange(n), max_query_len=n)
+        fb = ForwardBatch(torch.arange(n), torch.ones(n), PagedAttention(pool, meta))
+        outs.append(model.compute_logits(model.forward_tokens(ids, fb)))
+    rel = (outs[1] - outs[0]).norm() / outs[0].norm()
+    assert 0 < rel < 0.05
+
+
+def test_int8_kv_engine_still_answers_paris():
+    import qwen_awq
+    from qwen_awq.chat import encode_messages
+
+    model, tok = qwen_awq.load(None, dtype="float32", device="cpu")
+    engine = LLMEngine(model, tok, EngineConfig(kv_cache_dtype="int8", max_model_len=512, kv_cache_memory=2**26))
+    ids = encode_messages(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    text = None
+    engine.add_request("q", ids, SamplingParams(temperature=0, max_tokens=20))
+    while engine.has_unfinished():
+        for out in engine.step():
+            text = out.outputs[0].text
+    assert "Paris" in text
+
+
+def test_async_engine_streams_aborts_and_shuts_down(mt):
+    engine = _engine(mt)
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    prompts = _prompts(3, base=21)
+    ref = _reference(mt, prompts)
+
+    async def consume(i, stop_after=None):
+        ids, pieces = [], []
+        async for out in aengine.generate(f"a{i}", prompts[i], GREEDY):
+            ids += out.outputs[0].delta_token_ids
+            if stop_after is not None and len(ids) >= stop_after:
+                break
+        return ids
+
+    async def main():
+        return await asyncio.gather(consume(0), consume(1, stop_after=3), consume(2))
+
+    got = asyncio.run(main())
+    assert got[0] == ref[0] and got[2] == ref[2] and got[1] == ref[1][:3]
+    aengine.shutdown()
+    assert _all_free(engine) and not engine.requests
+    assert not [t for t in threading.enumerate() if t.name == "qwen-awq-engine"]
+
+
+def test_async_engine_rejects_when_queue_full(mt):
+    engine = LLMEngine(*mt, EngineConfig(kv_cache_memory=2**22, max_model_len=256, max_waiting=1))
+    aengine = AsyncEngine(engine)  # not started: nothing drains the queue
+
+    async def main():
+        first = aengine.generate("x", [1, 2, 3], GREEDY)
+        task = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await aengine.generate("y", [1, 2, 3], GREEDY).__anext__()
+        task.cancel()
+
+    asyncio.run(main())
