@@ -27,6 +27,19 @@ SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB' or a plain number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 512MiB or a number of bytes)")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or .gguf file (default: the bundled SmolLM2-135M-"
                    "Instruct in 4-bit AWQ, converted on first use and cached)")
@@ -106,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Sub-commands that live beside their subsystem (quantize, eval, serve, bench)."""
-    return []
+    return [_register_bench]
+
+
+def _register_bench(sub: Any) -> None:
+    from qwen_awq.eval.bench import register_bench
+
+    b = sub.add_parser("bench", help="benchmarks: throughput, decode, serve",
+                       description="Benchmarks; see each sub-command's --help.")
+    register_bench(b.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
 
 
 class Parser(argparse.ArgumentParser):
