@@ -28,12 +28,14 @@ def __getattr__(name: str):
 
 def resolve_model_path(path: str | Path | None) -> Path:
     """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
-    from qwen_awq.models.gguf_import import default_model_dir, import_gguf
-
     if path is None:
+        from qwen_awq.models.gguf_import import default_model_dir
+
         return default_model_dir()
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        from qwen_awq.models.gguf_import import import_gguf
+
         return import_gguf(path)
     return path
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+# Run the model/engine tests on a GPU with QWEN_AWQ_TEST_DEVICE=cuda (CI has none: it uses the CPU).
+DEVICE = os.environ.get("QWEN_AWQ_TEST_DEVICE", "cpu")
 
 def _package_dir(name: str, pip_command: str) -> Path:
     # find_spec on a top-level package does not run its __init__ (dashscope's fails without its deps).

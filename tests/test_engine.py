@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from assets import DEVICE
 
 from qwen_awq.engine.async_engine import AsyncEngine
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata, dequantize, quantize_chunk
@@ -22,7 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def mt(qwen_dir):
-    return load_model(qwen_dir, dtype="float32", device="cpu"), load_tokenizer(qwen_dir)
+    return load_model(qwen_dir, dtype="float32", device=DEVICE), load_tokenizer(qwen_dir)
 
 
 def _prompts(n: int, base: int = 1000) -> list[list[int]]:
@@ -109,15 +110,19 @@ def test_int8_chunk_quantization_error_is_bounded():
 
 def test_int8_kv_logits_close_to_fp_cache(mt):
     model = mt[0]
-    ids = torch.tensor(_prompts(1, base=4)[0] * 3)
+    ids = torch.tensor(_prompts(1, base=4)[0] * 3, device=DEVICE)
     outs = []
     for int8 in (False, True):
-        pool = KVPool(model.cfg, 8, 16, torch.float32, torch.device("cpu"), int8=int8)
+        pool = KVPool(model.cfg, 8, 16, torch.float32, torch.device(DEVICE), int8=int8)
         n = len(ids)
-        meta = PagedMetadata(slot_mapping=torch.arange(n), block_tables=torch.arange(8)[None],
-                             context_lens=torch.tensor([n]), query_lens=torch.tensor([n]),
-                             token_seq=torch.zeros(n, dtype=torch.long), token_col=torch.arange(n), max_query_len=n)
-        fb = ForwardBatch(torch.arange(n), torch.ones(n), PagedAttention(pool, meta))
+
+        def t(x):
+            return torch.as_tensor(x, device=DEVICE)
+
+        meta = PagedMetadata(slot_mapping=t(torch.arange(n)), block_tables=t(torch.arange(8)[None]),
+                             context_lens=t([n]), query_lens=t([n]), token_seq=t(torch.zeros(n, dtype=torch.long)),
+                             token_col=t(torch.arange(n)), max_query_len=n)
+        fb = ForwardBatch(t(torch.arange(n)), t(torch.ones(n)), PagedAttention(pool, meta))
         outs.append(model.compute_logits(model.forward_tokens(ids, fb)))
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
     assert 0 < rel < 0.05
@@ -127,7 +132,7 @@ def test_int8_kv_engine_still_answers_paris():
     import qwen_awq
     from qwen_awq.chat import encode_messages
 
-    model, tok = qwen_awq.load(None, dtype="float32", device="cpu")
+    model, tok = qwen_awq.load(None, dtype="float32", device=DEVICE)
     engine = LLMEngine(model, tok, EngineConfig(kv_cache_dtype="int8", max_model_len=512, kv_cache_memory=2**26))
     ids = encode_messages(tok, [{"role": "user", "content": "What is the capital of France?"}])
     text = None
@@ -146,7 +151,7 @@ def test_async_engine_streams_aborts_and_shuts_down(mt):
     ref = _reference(mt, prompts)
 
     async def consume(i, stop_after=None):
-        ids, pieces = [], []
+        ids = []
         async for out in aengine.generate(f"a{i}", prompts[i], GREEDY):
             ids += out.outputs[0].delta_token_ids
             if stop_after is not None and len(ids) >= stop_after:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from assets import DEVICE
 
 from qwen_awq.chat import make_context, messages_to_history
 from qwen_awq.engine.output import OutputTracker, eos_ids
@@ -23,7 +24,7 @@ def tok(qwen_vocab):
 
 @pytest.fixture(scope="module")
 def model(qwen_dir):
-    return load_model(qwen_dir, dtype="float32", device="cpu")
+    return load_model(qwen_dir, dtype="float32", device=DEVICE)
 
 
 def test_make_context_worked_example(tok):
@@ -70,11 +71,11 @@ def test_messages_to_history_validates_roles():
 def test_greedy_generate_equals_argmax_loop_without_cache(model):
     prompt = torch.randint(0, 151851, (2, 7), generator=torch.Generator().manual_seed(0))
     out = generate(model, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    ids = prompt.clone()
+    ids = prompt.clone().to(DEVICE)
     for _ in range(12):
         nxt = model(ids)[:, -1, :151936].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
-    assert torch.equal(out, ids)
+    assert torch.equal(out, ids.cpu())
 
 
 def test_seeded_sampling_reproducible(model, tok):

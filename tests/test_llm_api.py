@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from assets import DEVICE
 
 from qwen_awq import LLM, SamplingParams
 from qwen_awq.errors import ConfigError, ContextLengthError
@@ -13,7 +14,7 @@ from qwen_awq.generation import TextStream
 
 @pytest.fixture(scope="module")
 def llm(qwen_dir):
-    return LLM(model=str(qwen_dir), dtype="float32", device="cpu", kv_cache_memory=2**24, max_model_len=512)
+    return LLM(model=str(qwen_dir), dtype="float32", device=DEVICE, kv_cache_memory=2**24, max_model_len=512)
 
 
 def test_generate_returns_vllm_shaped_results(llm):
@@ -35,7 +36,7 @@ def test_n_samples_logprobs_and_per_prompt_params(llm):
     assert [s.index for s in samples] == [0, 1, 2] and len({tuple(s.token_ids) for s in samples}) > 1
     again = llm.generate(["a"], params[0])[0].outputs
     assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded: reproducible
-    logits = llm.model(torch.tensor([llm.tokenizer.encode("a")]))[0, -1, :151851]
+    logits = llm.model(torch.tensor([llm.tokenizer.encode("a")], device=DEVICE))[0, -1, :151851].cpu()
     first = samples[0]
     expected = logits.log_softmax(-1)[first.token_ids[0]].item()
     assert math.isclose(first.logprobs[0][first.token_ids[0]], expected, rel_tol=1e-4)
@@ -55,13 +56,13 @@ def test_chat_uses_qwen_chat_format(llm):
 
 def test_errors(llm, qwen_dir):
     with pytest.raises(ConfigError, match="not an AWQ checkpoint"):
-        LLM(model=str(qwen_dir), quantization="awq", device="cpu", kv_cache_memory=2**22, max_model_len=64)
+        LLM(model=str(qwen_dir), quantization="awq", device=DEVICE, kv_cache_memory=2**22, max_model_len=64)
     with pytest.raises(ContextLengthError, match="maximum context length is 512"):
         llm.generate([[1] * 510], SamplingParams(max_tokens=10))
 
 
 def test_default_model_answers_paris():
-    llm = LLM(device="cpu", max_model_len=512, kv_cache_memory=2**26)
+    llm = LLM(device=DEVICE, max_model_len=512, kv_cache_memory=2**26)
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=24))[0]
     assert "Paris" in out.outputs[0].text and out.outputs[0].finish_reason == "stop"

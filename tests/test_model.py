@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from assets import DEVICE
 from checkpoints import hf_qwen2_twin
 
 from qwen_awq.models.attention import ContiguousKVCache, ForwardBatch
@@ -18,35 +19,35 @@ def _ids(n: int, vocab: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 def greedy_with_cache(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Prefill then decode one token at a time through the contiguous KV cache; returns tokens and step logits."""
     cfg, n = model.cfg, prompt.shape[1]
-    cache = ContiguousKVCache(cfg.num_layers, 1, n + steps, cfg.num_kv_heads, cfg.head_dim, model.dtype, "cpu")
+    cache = ContiguousKVCache(cfg.num_layers, 1, n + steps, cfg.num_kv_heads, cfg.head_dim, model.dtype, DEVICE)
     alpha = model.prefill_alpha(n)
-    tokens, logits_seen, ids, start = [], [], prompt[0], 0
+    tokens, logits_seen, ids, start = [], [], prompt[0].to(DEVICE), 0
     for _ in range(steps):
         cache.step(len(ids))
-        pos = torch.arange(start, start + len(ids))
-        fb = ForwardBatch(positions=pos, ntk_alpha=torch.full((len(ids),), alpha), attn=cache)
-        logits = model.compute_logits(model.forward_tokens(ids, fb))[-1]
+        pos = torch.arange(start, start + len(ids), device=DEVICE)
+        fb = ForwardBatch(positions=pos, ntk_alpha=torch.full((len(ids),), alpha, device=DEVICE), attn=cache)
+        logits = model.compute_logits(model.forward_tokens(ids, fb))[-1].cpu()
         cache.advance()
         start += len(ids)
         logits_seen.append(logits)
         tokens.append(int(logits.argmax()))
-        ids = torch.tensor([tokens[-1]])
+        ids = torch.tensor([tokens[-1]], device=DEVICE)
     return tokens, logits_seen
 
 
 def test_qwen_logits_match_transformers(qwen_dir):
-    ours = load_model(qwen_dir, dtype="float32", device="cpu")
+    ours = load_model(qwen_dir, dtype="float32", device=DEVICE)
     ref = hf_qwen2_twin(qwen_dir)
     ids = _ids(48, 151851, batch=2)
     with torch.no_grad():
         expected = ref(ids).logits
-    got = ours(ids)
+    got = ours(ids.to(DEVICE)).cpu()
     assert got.shape == (2, 48, 151936)
     assert (got - expected).abs().max().item() <= 1e-4
 
 
 def test_qwen_greedy_with_cache_matches_transformers(qwen_dir):
-    ours = load_model(qwen_dir, dtype="float32", device="cpu")
+    ours = load_model(qwen_dir, dtype="float32", device=DEVICE)
     ref = hf_qwen2_twin(qwen_dir)
     prompt = _ids(10, 151851, seed=1)
     with torch.no_grad():
@@ -74,18 +75,18 @@ def _hf_with_ntk_logn(qwen_dir, alpha: float, seq_length: int, head_dim: int):
 
 def test_qwen_long_prompt_uses_ntk_and_logn(qwen_dir):
     """A 150-token prompt with seq_length 64: alpha = 2^ceil(log2(150/64) + 1) - 1 = 7, LogN beyond 64."""
-    ours = load_model(qwen_dir, dtype="float32", device="cpu")
+    ours = load_model(qwen_dir, dtype="float32", device=DEVICE)
     assert ours.prefill_alpha(150) == 7.0 and ours.prefill_alpha(100) == 3.0 and ours.prefill_alpha(64) == 1.0
     ref = _hf_with_ntk_logn(qwen_dir, 7.0, 64, 16)
     ids = _ids(150, 151851, seed=2)
     with torch.no_grad():
         expected = ref(ids).logits
-    assert (ours(ids) - expected).abs().max().item() <= 1e-4
+    assert (ours(ids.to(DEVICE)).cpu() - expected).abs().max().item() <= 1e-4
 
 
 def test_qwen_decoding_past_seq_length_keeps_prefill_alpha(qwen_dir):
     """A short prompt keeps alpha 1 while decoding past seq_length; LogN still scales the later positions."""
-    ours = load_model(qwen_dir, dtype="float32", device="cpu")
+    ours = load_model(qwen_dir, dtype="float32", device=DEVICE)
     prompt = _ids(40, 151851, seed=3)
     tokens, step_logits = greedy_with_cache(ours, prompt, 60)
     full = torch.cat([prompt[0], torch.tensor(tokens[:-1])])[None]
@@ -101,21 +102,21 @@ def test_llama_gqa_logits_and_greedy_match_transformers(tmp_path):
     for tied in (False, True):
         folder = tmp_path / f"tied{tied}"
         ref = write_llama_checkpoint(folder, seed=4, tied=tied)
-        ours = load_model(folder, dtype="float32", device="cpu")
+        ours = load_model(folder, dtype="float32", device=DEVICE)
         assert ours.cfg.num_kv_heads == 2 and ours.cfg.tie_word_embeddings == tied
         ids = _ids(33, 512, seed=5, batch=3)
         with torch.no_grad():
             expected = ref(ids).logits
             gen = ref.generate(ids[:1, :8], max_new_tokens=32, do_sample=False, min_new_tokens=32)
-        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+        assert (ours(ids.to(DEVICE)).cpu() - expected).abs().max().item() <= 1e-4
         assert greedy_with_cache(ours, ids[:1, :8], 32)[0] == gen[0, 8:].tolist()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_fp32(qwen_dir, dtype):
     ids = _ids(20, 151851, seed=6)
-    ref = load_model(qwen_dir, dtype="float32", device="cpu")(ids)
-    got = load_model(qwen_dir, dtype=dtype, device="cpu")(ids)
+    ref = load_model(qwen_dir, dtype="float32", device=DEVICE)(ids.to(DEVICE)).cpu()
+    got = load_model(qwen_dir, dtype=dtype, device=DEVICE)(ids.to(DEVICE)).cpu()
     assert got.dtype == torch.float32
     rel = (got - ref).norm() / ref.norm()
     assert rel < 3e-2
