@@ -134,3 +134,24 @@ def test_chat_and_chat_stream_agree(model, tok):
     streamed = "".join(model.chat_stream(tok, "你好", history=[("hi", "hello")], temperature=0, max_tokens=8))
     assert response == streamed.strip()
     assert history == [("hi", "hello"), ("你好", response)]
+
+
+def test_jinja_chat_template_matches_transformers():
+    """SmolLM2's folder has a Jinja chat_template: our sandboxed rendering equals transformers' own."""
+    from transformers import AutoTokenizer
+
+    from qwen_awq.chat import encode_messages
+    from qwen_awq.models.gguf_import import default_model_dir
+    from qwen_awq.tokenizer import load_tokenizer
+
+    folder = default_model_dir()
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "数学 🙂 <b>x</b>"}],
+    ]
+    for conv in conversations:
+        expected = theirs.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)
+        expected = expected["input_ids"]
+        assert encode_messages(ours, conv) == list(expected)

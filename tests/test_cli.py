@@ -1,0 +1,70 @@
+"""The `qwen-awq` command line, run as a user runs it (a subprocess), on the real small default model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen_awq.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+def test_generate_json_answers_paris():
+    r = run_cli("generate", "--prompt", "What is the capital of France?", "--chat", "--greedy",
+                "--max-new-tokens", "24", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["text"] and out["finish_reason"] == "stop"
+    assert isinstance(out["token_ids"], list) and len(out["token_ids"]) <= 24
+
+
+def test_piped_chat_session_is_multi_turn():
+    queries = "What is the capital of France?\n:seed 1\n:history\nAnd what is the capital of Germany?\n"
+    r = run_cli("chat", "--greedy", "--max-new-tokens", "24", "--device", "cpu", stdin=queries)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "Paris" in lines[0]
+    assert "(seed = 1)" in r.stdout and "[0] User: What is the capital of France?" in r.stdout
+    assert "Berlin" in lines[-1]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate"], "the following arguments are required: --prompt"),
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "model folder /no/such/model does not exist"),
+    (["generate", "--prompt", "x", "--top-p", "1.5", "--device", "cpu"], "top_p"),
+    (["generate", "--prompt", "x", "--device", "cuda:7"] if not _cuda() else ["generate", "--dtype", "int3",
+      "--prompt", "x"], "CUDA" if not _cuda() else "int3"),
+])
+def test_user_errors_are_one_line_with_status_2(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len([line for line in err if line != "Loading model..."]) == 1, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_flag_has_help():
+    from qwen_awq.cli import build_parser
+
+    def walk(parser):
+        for action in parser._actions:
+            if action.choices and isinstance(action.choices, dict):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+            elif action.dest != "help":
+                yield parser.prog, action
+
+    missing = [f"{prog} {a.option_strings or a.dest}" for prog, a in walk(build_parser()) if not a.help]
+    assert missing == []
