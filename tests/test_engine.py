@@ -181,3 +181,17 @@ def test_async_engine_rejects_when_queue_full(mt):
         task.cancel()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run with QWEN_AWQ_TEST_DEVICE=cuda")
+def test_cuda_graph_decode_equals_eager(mt):
+    """Captured decode steps (padded batch sizes, scratch block for padding rows) against the eager forward."""
+    assert mt[0].device.type == "cuda", "set QWEN_AWQ_TEST_DEVICE=cuda"
+    prompts = _prompts(5, base=33) + _prompts(2, base=34)
+    graphed = _engine(mt, max_num_seqs=8)
+    got = _run(graphed, prompts)
+    assert graphed.runner.graphs.replays > 0
+    eager = _engine(mt, max_num_seqs=8, enforce_eager=True)
+    assert eager.runner.graphs is None
+    assert got == _run(eager, prompts) == _reference(mt, prompts)
+    assert _all_free(graphed)

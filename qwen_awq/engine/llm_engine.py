@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from qwen_awq.engine.block_manager import BlockManager
+from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.output import OutputTracker, eos_ids
@@ -34,6 +35,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (Qwen's per-chunk asymmetric scheme)
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # vLLM's name: True disables CUDA-graph capture of decode steps
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -106,11 +108,18 @@ class LLMEngine:
                                  model.cfg.context_length)
         needed = -(-self.max_model_len // config.block_size) * config.max_num_seqs  # more is never used
         num_blocks = min(budget_blocks, needed)
-        self.pool = KVPool(model.cfg, num_blocks, config.block_size, model.dtype, model.device, int8)
+        use_graphs = model.device.type == "cuda" and not config.enforce_eager
+        # one extra block, owned by no sequence, takes the K/V writes of a captured graph's padding rows
+        self.pool = KVPool(model.cfg, num_blocks + use_graphs, config.block_size, model.dtype, model.device, int8)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.max_waiting)
-        self.runner = ModelRunner(model, self.pool, tokenizer.vocab_size)
+        graphs = None
+        if use_graphs:
+            graphs = DecodeGraphs(model, self.pool, config.max_num_seqs, -(-self.max_model_len // config.block_size),
+                                  scratch_block=num_blocks)
+            graphs.capture()
+        self.runner = ModelRunner(model, self.pool, tokenizer.vocab_size, graphs)
         self.eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()

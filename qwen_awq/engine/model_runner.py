@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata
 from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, make_generator, sample
 from qwen_awq.engine.scheduler import ScheduledBatch, ScheduledSeq
@@ -22,40 +23,61 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, pool: KVPool, vocab_size: int) -> None:
-        self.model, self.pool, self.vocab_size = model, pool, vocab_size
+    def __init__(self, model: Decoder, pool: KVPool, vocab_size: int, graphs: DecodeGraphs | None = None) -> None:
+        self.model, self.pool, self.vocab_size, self.graphs = model, pool, vocab_size, graphs
         self.device = model.device
         self.generators: dict[int, torch.Generator] = {}
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def _collect(self, batch: ScheduledBatch) -> dict[str, list]:
+        """Host-side lists for the flattened step (one pass over the scheduled chunks)."""
         bs = self.pool.block_size
-        ids, pos, alpha, slots, seq_of, col = [], [], [], [], [], []
-        tables, ctx, qlen = [], [], []
+        c: dict[str, list] = {k: [] for k in ("ids", "pos", "alpha", "slots", "seq_of", "col", "tables", "ctx", "qlen")}
         for i, e in enumerate(batch.entries):
             seq = e.seq
-            ids += seq.token_ids(e.start, e.end)
             positions = range(e.start, e.end)
-            pos += positions
-            alpha += [seq.ntk_alpha] * e.num_tokens
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in positions]
-            seq_of += [i] * e.num_tokens
-            col += range(e.num_tokens)
-            tables.append(seq.block_table)
-            ctx.append(e.end)
-            qlen.append(e.num_tokens)
-        width = max(len(t) for t in tables)
-        dev = self.device
+            c["ids"] += seq.token_ids(e.start, e.end)
+            c["pos"] += positions
+            c["alpha"] += [seq.ntk_alpha] * e.num_tokens
+            c["slots"] += [seq.block_table[p // bs] * bs + p % bs for p in positions]
+            c["seq_of"] += [i] * e.num_tokens
+            c["col"] += range(e.num_tokens)
+            c["tables"].append(seq.block_table)
+            c["ctx"].append(e.end)
+            c["qlen"].append(e.num_tokens)
+        return c
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        c, dev = self._collect(batch), self.device
+        width = max(len(t) for t in c["tables"])
 
         def t(x, dtype=torch.long):
             return torch.tensor(x, dtype=dtype, device=dev)
 
-        meta = PagedMetadata(slot_mapping=t(slots), block_tables=t([r + [0] * (width - len(r)) for r in tables]),
-                             context_lens=t(ctx), query_lens=t(qlen), token_seq=t(seq_of), token_col=t(col),
-                             max_query_len=max(qlen))
-        fb = ForwardBatch(positions=t(pos), ntk_alpha=t(alpha, torch.float32), attn=PagedAttention(self.pool, meta))
-        ends = torch.cumsum(torch.tensor(qlen), 0) - 1
+        meta = PagedMetadata(slot_mapping=t(c["slots"]),
+                             block_tables=t([r + [0] * (width - len(r)) for r in c["tables"]]),
+                             context_lens=t(c["ctx"]), query_lens=t(c["qlen"]), token_seq=t(c["seq_of"]),
+                             token_col=t(c["col"]), max_query_len=max(c["qlen"]))
+        fb = ForwardBatch(positions=t(c["pos"]), ntk_alpha=t(c["alpha"], torch.float32),
+                          attn=PagedAttention(self.pool, meta))
+        ends = torch.cumsum(torch.tensor(c["qlen"]), 0) - 1
         sampling_rows = [i for i, e in enumerate(batch.entries) if e.needs_sample]
-        return StepInputs(t(ids), fb, ends[sampling_rows].to(dev), batch.sampling)
+        return StepInputs(t(c["ids"]), fb, ends[sampling_rows].to(dev), batch.sampling)
+
+    def _is_graph_decode(self, batch: ScheduledBatch) -> bool:
+        if self.graphs is None or not all(e.num_tokens == 1 and e.needs_sample for e in batch.entries):
+            return False
+        return self.graphs.fits(len(batch.entries), max(len(e.seq.block_table) for e in batch.entries))
+
+    def logits(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Logits (S, V) of the entries that sample, from a captured graph for pure decode steps."""
+        if self._is_graph_decode(batch):
+            c = self._collect(batch)
+            return self.graphs.run(c["ids"], c["pos"], c["alpha"], c["slots"], c["tables"])
+        inputs = self.prepare(batch)
+        hidden = self.model.forward_tokens(inputs.input_ids, inputs.fb)  # (T, hidden)
+        if not inputs.sampling:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_index])  # (S, V)
 
     def _generator(self, seq: Sequence, index: int) -> torch.Generator | None:
         seed = getattr(seq.params, "seed", None)
@@ -69,12 +91,10 @@ class ModelRunner:
     def step(self, batch: ScheduledBatch, stop_ids: dict[int, list[int]], sample_index: dict[int, int]
              ) -> SampleOutput | None:
         """Run the model on the batch; sample one token for each entry whose chunk ends at its last token."""
-        inputs = self.prepare(batch)
-        hidden = self.model.forward_tokens(inputs.input_ids, inputs.fb)  # (T, hidden)
-        if not inputs.sampling:
+        logits = self.logits(batch)
+        if logits is None:
             return None
-        logits = self.model.compute_logits(hidden[inputs.sample_index])  # (S, V)
-        seqs = [e.seq for e in inputs.sampling]
+        seqs = [e.seq for e in batch.sampling]
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,
                                  stop_ids_per_row=[stop_ids[s.seq_id] for s in seqs])
