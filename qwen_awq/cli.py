@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Sub-commands that live beside their subsystem (quantize, eval, serve, bench)."""
-    return [_register_bench]
+    from qwen_awq.server.serve import register_serve
+
+    return [register_serve, _register_bench]
 
 
 def _register_bench(sub: Any) -> None:
@@ -127,7 +129,11 @@ def _register_bench(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="benchmarks: throughput, decode, serve",
                        description="Benchmarks; see each sub-command's --help.")
-    register_bench(b.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
+    from qwen_awq.eval.bench_serve import register_bench_serve
+
+    bench_sub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    register_bench(bench_sub)
+    register_bench_serve(bench_sub)
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,0 +1,235 @@
+"""`qwen-awq bench serve`: load a running server's /v1/completions with streaming requests (ignore_eos, exact
+input and output lengths) at several concurrencies; report vLLM benchmark_serving's metrics.
+
+Metrics: request and output-token throughput; TTFT, TPOT = (latency - TTFT) / (output tokens - 1), ITL (gaps
+between streamed chunks) and end-to-end latency, each as mean, median and p99. The HTTP client is a small
+stdlib asyncio one, so the benchmark needs nothing beyond the package.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
+         "papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu river mountain").split()
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]}")
+        self.status, self.body = status, body
+
+
+async def _chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while True:
+        size = int((await reader.readline()).split(b";")[0], 16)
+        if size == 0:
+            return
+        data = await reader.readexactly(size)
+        await reader.readexactly(2)  # the CRLF after each chunk
+        yield data
+
+
+async def _until_eof(reader: asyncio.StreamReader, length: int | None) -> AsyncIterator[bytes]:
+    if length is not None:
+        yield await reader.readexactly(length)
+        return
+    while data := await reader.read(65536):
+        yield data
+
+
+async def request_lines(url: str, method: str, path: str, payload: Any = None,
+                        headers: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """Send one HTTP/1.1 request and yield the reply body's lines as they arrive (SSE events, NDJSON).
+
+    Raises HTTPError for a non-200 status. Closing the iterator early closes the connection, which is how a
+    client disconnects mid-stream.
+    """
+    u = urllib.parse.urlsplit(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    reader, writer = await asyncio.open_connection(u.hostname, port, ssl=u.scheme == "https" or None)
+    try:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {u.netloc}", "Connection: close",
+                 f"Content-Length: {len(body)}", "Content-Type: application/json",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        reply: dict[str, str] = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            reply[key.strip().lower()] = value.strip()
+        length = int(reply["content-length"]) if "content-length" in reply else None
+        chunked = reply.get("transfer-encoding") == "chunked"
+        chunks = _chunked(reader) if chunked else _until_eof(reader, length)
+        if status != 200:
+            raise HTTPError(status, b"".join([c async for c in chunks]).decode(errors="replace"))
+        buffer = b""
+        async for chunk in chunks:
+            *complete, buffer = (buffer + chunk).split(b"\n")
+            for line in complete:
+                yield line.decode()
+        if buffer:
+            yield buffer.decode()
+    finally:
+        writer.close()
+
+
+async def request_json(url: str, method: str, path: str, payload: Any = None,
+                       headers: dict[str, str] | None = None) -> Any:
+    return json.loads("\n".join([line async for line in request_lines(url, method, path, payload, headers)]))
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+async def one_request(url: str, payload: dict[str, Any], headers: dict[str, str]) -> Result:
+    start = last = time.perf_counter()
+    result = Result(ok=False)
+    try:
+        async for line in request_lines(url, "POST", "/v1/completions", payload, headers):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise HTTPError(200, json.dumps(event["error"]))
+            if event.get("usage"):
+                result.output_tokens = event["usage"]["completion_tokens"]
+            if any(c.get("text") for c in event.get("choices", [])):
+                now = time.perf_counter()
+                if result.ttft == 0.0:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+        result.latency, result.ok = time.perf_counter() - start, True
+    except (OSError, HTTPError, ValueError, asyncio.IncompleteReadError) as e:
+        result.error = str(e)
+    return result
+
+
+async def make_prompts(url: str, headers: dict[str, str], n: int, input_len: int, seed: int
+                       ) -> list[list[int]]:
+    """Token-id prompts of exactly input_len tokens, from random words so that they share no prefix."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(input_len))
+        ids = (await request_json(url, "POST", "/tokenize", {"prompt": text}, headers))["tokens"]
+        prompts.append((ids * (input_len // max(len(ids), 1) + 1))[:input_len])
+    return prompts
+
+
+def summarize(results: list[Result], duration: float) -> dict[str, float]:
+    ok = [r for r in results if r.ok]
+    out: dict[str, float] = {"completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+                             "request_throughput": len(ok) / duration,
+                             "output_throughput": sum(r.output_tokens for r in ok) / duration}
+    series = {"ttft_ms": [r.ttft * 1e3 for r in ok],
+              "tpot_ms": [(r.latency - r.ttft) / (r.output_tokens - 1) * 1e3
+                          for r in ok if r.output_tokens > 1],
+              "itl_ms": [g * 1e3 for r in ok for g in r.itl], "e2el_ms": [r.latency * 1e3 for r in ok]}
+    for name, values in series.items():
+        values = sorted(values) or [0.0]
+        out[f"mean_{name}"] = statistics.fmean(values)
+        out[f"median_{name}"] = statistics.median(values)
+        out[f"p99_{name}"] = values[min(len(values) - 1, int(0.99 * len(values)))]
+    return out
+
+
+async def run_level(url: str, model: str, headers: dict[str, str], prompts: list[list[int]], output_len: int,
+                    concurrency: int) -> dict[str, float]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(prompt: list[int]) -> Result:
+        payload = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
+                   "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        async with gate:
+            return await one_request(url, payload, headers)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(p) for p in prompts))
+    return summarize(results, time.perf_counter() - start) | {"concurrency": concurrency}
+
+
+def print_level(s: dict[str, float]) -> None:
+    print(f"============ concurrency {int(s['concurrency'])} ============")
+    print(f"Successful requests: {int(s['completed'])}   failed: {int(s['failed'])}   "
+          f"duration: {s['duration_s']:.2f} s")
+    print(f"Request throughput (req/s): {s['request_throughput']:.2f}")
+    print(f"Output token throughput (tok/s): {s['output_throughput']:.2f}")
+    for name, title in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
+        print(f"{title:<12} (ms)  mean {s[f'mean_{name}_ms']:9.2f}  median {s[f'median_{name}_ms']:9.2f}  "
+              f"p99 {s[f'p99_{name}_ms']:9.2f}")
+
+
+async def bench(args: argparse.Namespace) -> list[dict[str, float]]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = args.url.rstrip("/")
+    model = (await request_json(url, "GET", "/v1/models", None, headers))["data"][0]["id"]
+    levels = []
+    for concurrency in args.concurrency:
+        n = args.num_prompts or 4 * concurrency
+        prompts = await make_prompts(url, headers, n, args.input_len, args.seed + concurrency)
+        levels.append(await run_level(url, model, headers, prompts, args.output_len, concurrency))
+        print_level(levels[-1])
+    return levels
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    levels = asyncio.run(bench(args))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(levels, f, indent=2)
+    return 0 if all(level["failed"] == 0 for level in levels) else 1
+
+
+def register_bench_serve(bench_subparsers) -> None:
+    """Add `serve` to the sub-commands of `qwen-awq bench`."""
+    p = bench_subparsers.add_parser("serve", help="load-test a running server (vLLM benchmark_serving "
+                                    "metrics)", description="Streams /v1/completions requests with exact "
+                                    "input and output "
+                                    "lengths at each concurrency and reports throughput and latency.")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    p.add_argument("--concurrency", type=_concurrencies, default=[1, 16, 64],
+                   help="comma-separated concurrency levels (default: 1,16,64)")
+    p.add_argument("--input-len", type=_positive, default=128, help="prompt tokens per request")
+    p.add_argument("--output-len", type=_positive, default=128, help="generated tokens per request")
+    p.add_argument("--num-prompts", type=_positive, default=None,
+                   help="requests per level (default: 4 x concurrency)")
+    p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench_serve)

@@ -1,0 +1,98 @@
+"""`qwen-awq serve`: load a model, start the engine and the HTTP server (loopback by default), print URLs."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwen_awq.errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is an explicit choice (--host 0.0.0.0)
+DEFAULT_PORT = 8000  # vLLM's default port
+
+
+def register_serve(subparsers) -> None:
+    from qwen_awq.cli import add_model_args, parse_bytes
+    from qwen_awq.engine.llm_engine import EngineConfig
+
+    d = EngineConfig()
+    p = subparsers.add_parser("serve", help="serve the model over HTTP (OpenAI, TGI and vLLM APIs, web chat)",
+                              description="Serve the model: OpenAI-compatible /v1 API, TGI and vLLM routes, "
+                              "Prometheus /metrics and a web chat page at /.")
+    add_model_args(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health and the page")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients send (default: the folder name)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one batch")
+    p.add_argument("--max-queue", type=int, default=d.max_waiting, help="most waiting sequences; beyond it "
+                   "requests get 503 (OpenAI routes) or 429 (TGI routes) with Retry-After")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one engine step (long prompts prefill in chunks of this size)")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV-cache size, e.g. 2GiB (default: a share of free GPU memory, 1 GiB on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="share of free GPU memory for the KV cache when --kv-cache-memory is absent")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=d.kv_cache_dtype,
+                   help="auto: the model dtype; int8: Qwen's per-chunk quantized KV cache")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share KV blocks of common prefixes")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying captured CUDA graphs")
+    p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
+                   help="largest request body (default 16MiB)")
+    p.set_defaults(func=cmd_serve)
+
+
+def engine_config(args: argparse.Namespace):
+    from qwen_awq.engine.llm_engine import EngineConfig
+
+    return EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        max_waiting=args.max_queue, kv_cache_memory=args.kv_cache_memory,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
+                        enforce_eager=args.enforce_eager)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    if args.served_model_name:
+        return args.served_model_name
+    if not args.model:
+        return "SmolLM2-135M-Instruct"  # the bundled default model
+    path = Path(args.model.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name  # a folder name may contain dots (Qwen-1.8B)
+
+
+def urls(host: str, port: int) -> tuple[str, str]:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    return f"{base}/", f"{base}/v1"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qwen_awq.cli import load_for_cli
+    from qwen_awq.engine.async_engine import AsyncEngine
+    from qwen_awq.engine.llm_engine import LLMEngine
+    from qwen_awq.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    config = engine_config(args)
+    model, tokenizer = load_for_cli(args)
+    engine = LLMEngine(model, tokenizer, config)
+    print(engine.kv_report, file=sys.stderr)
+    app = build_app(AsyncEngine(engine), served_name(args), api_key=args.api_key,
+                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    page, api = urls(args.host, args.port)
+    print(f"Web chat: {page}\nAPI:      {api} (OpenAI), {page} (TGI), {page}generate (vLLM)", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

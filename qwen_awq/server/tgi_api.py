@@ -1,0 +1,250 @@
+"""Hugging Face TGI routes: POST / (what `InferenceClient(url).text_generation` calls), /generate (reached
+through the shared route in vllm_api), /generate_stream, /info, and TGI's /tokenize body.
+
+Sampling follows TGI: greedy unless do_sample or a warper (temperature, top_k, top_p, typical_p) is set;
+unlike TGI, temperature 0 (greedy) and top_p 1.0 (off) are accepted. typical_p and watermark are accepted,
+not applied; grammar, adapter_id and decoder_input_details are refused with 422.
+"""
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from qwen_awq import __version__
+from qwen_awq.engine.llm_engine import CompletionOutput
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
+from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, set_flavor, sse_error
+from qwen_awq.server.protocol import (
+    TGIParameters,
+    TGIRequest,
+    TGITokenizeRequest,
+    body_doc,
+    read_json,
+    validate,
+)
+from qwen_awq.tokenizer import IncrementalDetokenizer
+
+router = APIRouter()
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's classic default when max_new_tokens is absent
+MAX_STOP_SEQUENCES = 4  # TGI's default --max-stop-sequences
+MAX_BEST_OF = 2  # TGI's default --max-best-of
+
+
+@dataclass
+class TGIJob:
+    request_id: str
+    ids: list[int]
+    params: SamplingParams
+    request: TGIRequest
+
+
+def _refuse_unsupported(p: TGIParameters, stream: bool) -> None:
+    unsupported = {"grammar": p.grammar is not None, "adapter_id": p.adapter_id is not None,
+                   "decoder_input_details": p.decoder_input_details}
+    for name, given in unsupported.items():
+        if given:
+            raise APIError(Kind.INVALID, f"`{name}` is not supported by this server; remove it", param=name)
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise APIError(Kind.INVALID, f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. "
+                       f"Given: {len(p.stop)}", param="stop")
+    if (p.best_of or 1) > 1 and stream:
+        raise APIError(Kind.INVALID, "`best_of` != 1 is not supported when streaming tokens", param="best_of")
+    if not 1 <= (p.best_of or 1) <= MAX_BEST_OF:
+        raise APIError(Kind.INVALID, f"`best_of` must be in [1, {MAX_BEST_OF}]. Given: {p.best_of}")
+
+
+def _sampling(p: TGIParameters) -> bool:
+    """TGI samples when asked to, or when any warper differs from its neutral value."""
+    warpers = (p.temperature not in (None, 1.0) or p.top_k not in (None, 0) or p.top_p not in (None, 1.0)
+               or p.typical_p not in (None, 1.0))
+    return p.do_sample or warpers
+
+
+def _max_new_tokens(state: ServerState, p: TGIParameters, input_len: int) -> int:
+    total = state.engine.max_model_len
+    if p.max_new_tokens is not None and p.max_new_tokens < 1:
+        raise APIError(Kind.INVALID, f"`max_new_tokens` must be strictly positive. Given: {p.max_new_tokens}")
+    new = p.max_new_tokens if p.max_new_tokens is not None else max(1, min(DEFAULT_MAX_NEW_TOKENS,
+                                                                           total - input_len))
+    if input_len + new > total:
+        raise APIError(Kind.INVALID, f"`inputs` tokens + `max_new_tokens` must be <= {total}. Given: "
+                       f"{input_len} `inputs` tokens and {new} `max_new_tokens`", param="max_new_tokens")
+    return new
+
+
+def tgi_job(state: ServerState, req: TGIRequest, stream: bool) -> TGIJob:
+    p = req.parameters
+    _refuse_unsupported(p, stream)
+    ids = state.tokenizer.encode(req.inputs, allowed_special="all")
+    if p.truncate is not None:
+        ids = ids[-p.truncate:]
+    if not ids:
+        raise APIError(Kind.INVALID, "`inputs` cannot be empty", param="inputs")
+    sampling = _sampling(p)
+    if (p.best_of or 1) > 1 and not sampling:
+        raise APIError(Kind.INVALID, "`best_of` > 1 needs sampling: set `do_sample` or a "
+                       "temperature/top_k/top_p")
+    # TGI reports the seed it sampled with; draw one so that the reply can be reproduced.
+    seed = p.seed if p.seed is not None else (random.getrandbits(63) if sampling else None)
+    temperature = (1.0 if p.temperature is None else p.temperature) if sampling else 0.0
+    params = SamplingParams(
+        n=p.best_of or 1, temperature=temperature, top_p=1.0 if p.top_p is None else p.top_p,
+        top_k=p.top_k or 0, seed=seed, stop=list(p.stop), logprobs=p.top_n_tokens or 0,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty or 0.0, max_tokens=_max_new_tokens(state, p, len(ids)))
+    return TGIJob(f"tgi-{uuid.uuid4().hex}", ids, params, req)
+
+
+def _finish_reason(o: CompletionOutput) -> str:
+    if o.finish_reason == "length":
+        return "length"
+    return "stop_sequence" if isinstance(o.stop_reason, str) else "eos_token"
+
+
+def _token(state: ServerState, token_id: int, text: str, logprob: float) -> dict[str, Any]:
+    special = token_id in state.tokenizer.special_ids
+    return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+
+
+def _tokens(state: ServerState, o: CompletionOutput) -> list[dict[str, Any]]:
+    detok = IncrementalDetokenizer(state.tokenizer, skip_special_tokens=True)
+    entries = o.logprobs or [{}] * len(o.token_ids)
+    return [_token(state, t, detok.add([t]), e.get(t, 0.0))
+            for t, e in zip(o.token_ids, entries, strict=True)]
+
+
+def _top_tokens(state: ServerState, entries: list[dict[int, float]], k: int) -> list[list[dict[str, Any]]]:
+    dec = state.tokenizer.decode
+    return [[_token(state, i, dec([i]), v) for i, v in sorted(e.items(), key=lambda kv: -kv[1])[:k]]
+            for e in entries]
+
+
+def _sequence(state: ServerState, job: TGIJob, o: CompletionOutput) -> dict[str, Any]:
+    p = job.request.parameters
+    # the engine seeds choice i with seed + i
+    seed = None if job.params.seed is None else job.params.seed + o.index
+    out = {"finish_reason": _finish_reason(o), "generated_tokens": len(o.token_ids), "seed": seed,
+           "prefill": [], "tokens": _tokens(state, o)}
+    if p.top_n_tokens:
+        out["top_tokens"] = _top_tokens(state, o.logprobs or [], p.top_n_tokens)
+    return out
+
+
+def _text(job: TGIJob, o: CompletionOutput) -> str:
+    return (job.request.inputs if job.request.parameters.return_full_text else "") + o.text
+
+
+def generated(state: ServerState, job: TGIJob, outputs: list[CompletionOutput]) -> dict[str, Any]:
+    """TGI's reply: the best of the n samples (highest cumulative logprob), others as best_of_sequences."""
+    ranked = sorted(outputs, key=lambda o: -o.cumulative_logprob)
+    best = ranked[0]
+    body: dict[str, Any] = {"generated_text": _text(job, best)}
+    if job.request.parameters.details:
+        body["details"] = _sequence(state, job, best)
+        if len(ranked) > 1:
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": _text(job, o)} | _sequence(state, job, o) for o in ranked[1:]]
+    return body
+
+
+async def tgi_generate(request: Request, state: ServerState, data: Any, stream: bool, as_list: bool
+                       ) -> Response:
+    set_flavor(request, Flavor.TGI)
+    req = validate(TGIRequest, data)
+    job = tgi_job(state, req, stream)
+    run = Run(state, job.request_id, [job.ids], job.params)
+    await run.start()
+    if stream:
+        return event_stream(tgi_events(state, job, run), run)
+    finals = await collect(request, run)
+    body = generated(state, job, finals[0].outputs)
+    return JSONResponse([body] if as_list else body)
+
+
+async def tgi_events(state: ServerState, job: TGIJob, run: Run) -> AsyncGenerator[str, None]:
+    """One event per token; the last carries generated_text (and details when asked). No [DONE]."""
+    index = 0
+    try:
+        async with aclosing(run.outputs()) as outs:
+            async for _, out in outs:
+                o = out.outputs[0]
+                step = len(o.delta_token_ids)
+                for k, t in enumerate(o.delta_token_ids):
+                    index += 1
+                    last = k == step - 1
+                    entry = o.logprobs[len(o.token_ids) - step + k] if o.logprobs else {}
+                    event: dict[str, Any] = {"index": index, "generated_text": None, "details": None,
+                                             "token": _token(state, t, o.delta_text if last else "",
+                                                             entry.get(t, 0.0))}
+                    top_n = job.request.parameters.top_n_tokens
+                    if top_n:
+                        event["top_tokens"] = _top_tokens(state, [entry], top_n)[0]
+                    if last and out.finished:
+                        event["generated_text"] = _text(job, o)
+                        if job.request.parameters.details:
+                            event["details"] = {"finish_reason": _finish_reason(o), "generated_tokens":
+                                                len(o.token_ids), "seed": job.params.seed,
+                                                "input_length": len(job.ids)}
+                    yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
+    except Exception as e:
+        yield sse_error(as_api_error(e), Flavor.TGI)
+
+
+@router.post("/", openapi_extra=body_doc(TGIRequest))
+async def root(request: Request) -> Response:
+    state = server_state(request)
+    set_flavor(request, Flavor.TGI)
+    data = await parse_json_object(request, state)
+    return await tgi_generate(request, state, data, stream=bool(data.get("stream")), as_list=True)
+
+
+@router.post("/generate_stream", openapi_extra=body_doc(TGIRequest))
+async def generate_stream(request: Request) -> Response:
+    state = server_state(request)
+    set_flavor(request, Flavor.TGI)
+    return await tgi_generate(request, state, await parse_json_object(request, state), stream=True,
+                              as_list=False)
+
+
+async def parse_json_object(request: Request, state: ServerState) -> dict[str, Any]:
+    data = await read_json(request, state.max_body_bytes)
+    if not isinstance(data, dict):
+        raise APIError(Kind.INVALID, f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    core = state.engine.engine
+    total = state.engine.max_model_len
+    return {"model_id": state.model_name, "model_sha": None, "model_dtype": str(state.model.dtype),
+            "model_device_type": state.model.device.type, "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": core.config.max_num_seqs + core.scheduler.max_waiting,
+            "max_best_of": MAX_BEST_OF, "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_tokens": total - 1, "max_input_length": total - 1, "max_total_tokens": total,
+            "max_batch_size": core.config.max_num_seqs,
+            "max_batch_total_tokens": core.config.max_num_batched_tokens, "validation_workers": 1,
+            "max_client_batch_size": 1, "router": "qwen-awq", "version": __version__, "sha": None,
+            "docker_label": None}
+
+
+def tgi_tokenize(state: ServerState, req: TGITokenizeRequest) -> list[dict[str, Any]]:
+    """TGI's /tokenize: each token with its text and character span in the input."""
+    ids = state.tokenizer.encode(req.inputs, allowed_special="all")
+    detok = IncrementalDetokenizer(state.tokenizer, skip_special_tokens=False)
+    out, pos = [], 0
+    for t in ids:
+        piece = detok.add([t])
+        out.append({"id": t, "text": piece, "start": pos, "stop": pos + len(piece)})
+        pos += len(piece)
+    return out
