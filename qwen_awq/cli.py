@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Sub-commands that live beside their subsystem (quantize, eval, serve, bench)."""
+    from qwen_awq.cli_tools import register_tools
     from qwen_awq.server.serve import register_serve
 
-    return [register_serve, _register_bench]
+    return [register_tools, register_serve, _register_bench]
 
 
 def _register_bench(sub: Any) -> None:
