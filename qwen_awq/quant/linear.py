@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qwen_awq.errors import CheckpointError
-from qwen_awq.kernels.reference import awq_matmul_reference
+from qwen_awq.kernels.awq_gemm import awq_matmul
 from qwen_awq.quant.packing import PACK_FACTOR, dequantize, pack_linear
 
 
@@ -59,7 +59,7 @@ class AWQLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return awq_matmul_reference(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+        return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer computes with, in nn.Linear orientation [out_features, in_features]."""

@@ -1,0 +1,168 @@
+"""AWQ W4A16 Triton kernels vs the plain-PyTorch reference, run by Triton's CPU interpreter in a subprocess.
+
+TRITON_INTERPRET must be set before a kernel is decorated, and other test modules import the kernels first,
+so `python tests/test_awq_kernel.py` (with the variable set) computes every case and prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.awq_gemm import TileConfig, awq_matmul
+from qwen_awq.kernels.reference import awq_matmul_reference
+from qwen_awq.quant.packing import dequantize
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Max |y - ref| / max |ref|: one rounding of the output plus fp32 summation order; bf16 keeps 8 mantissa bits.
+# A misplaced nibble, zero or scale errs by O(1) on this scale.
+TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str  # dequant | gemv | gemm | dequant_mm | auto (the dispatcher's CUDA choice by M)
+    m: int
+    k: int
+    n: int
+    group: int
+    dtype: str = "fp16"
+    bias: bool = False
+    split_k: int | None = None
+    layout: str = "2d"  # 2d | 3d: x (2, M/2, K) | strided: x a column slice of a wider tensor
+
+    @property
+    def id(self) -> str:
+        bias = "bias" if self.bias else "nobias"
+        shape = f"m{self.m}-k{self.k}-n{self.n}-g{self.group}"
+        return f"{self.path}-{shape}-{self.dtype}-{bias}-s{self.split_k}-{self.layout}"
+
+
+# Triton's interpreter computes bf16 tl.dot on the raw uint16 storage (garbage), so the tensor-core
+# kernel is checked in fp16 here; bench/awq_kernel_bench.py checks bf16 on the GPU.
+CASES = [
+    Case("dequant", 0, 256, 200, 64),
+    Case("dequant", 0, 128, 64, 32),
+    Case("dequant", 0, 256, 72, 128),
+    Case("gemv", 1, 256, 200, 64, bias=True),
+    Case("gemv", 1, 128, 64, 32, split_k=1),
+    Case("gemv", 1, 256, 72, 128, "bf16", bias=True),
+    Case("gemv", 1, 256, 136, 128, split_k=3),
+    Case("gemv", 3, 256, 200, 32, bias=True, split_k=2, layout="strided"),
+    Case("gemm", 1, 256, 200, 64, bias=True),
+    Case("gemm", 3, 256, 200, 32, layout="strided"),
+    Case("gemm", 16, 128, 64, 32, bias=True, split_k=1),
+    Case("gemm", 16, 256, 72, 128),
+    Case("gemm", 33, 256, 200, 64, bias=True, split_k=3),
+    Case("gemm", 33, 128, 136, 32),
+    Case("dequant_mm", 33, 256, 200, 64, bias=True),
+    Case("dequant_mm", 16, 256, 72, 128, "bf16"),
+    Case("dequant_mm", 3, 128, 64, 32, "bf16", bias=True),
+    Case("auto", 1, 256, 200, 64, bias=True, layout="3d"),
+    Case("auto", 1, 128, 64, 32, "bf16"),
+    Case("auto", 6, 256, 200, 64, bias=True, layout="3d"),
+    Case("auto", 33, 256, 72, 32),
+    Case("auto", 256, 128, 64, 32, bias=True),
+]
+
+
+def _weights(k: int, n: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed words over the full int32 range (negative words test the arithmetic shift)."""
+    gen = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=gen)  # (K, N/8)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // group, n // 8), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.002).half()  # (K/G, N), never zero
+    return qweight, qzeros, scales
+
+
+def _inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    dtype = DTYPES[case.dtype]
+    x = torch.randn(case.m, 2 * case.k, generator=gen).to(dtype)  # (M, 2K): sliced below when strided
+    x = x[:, : case.k] if case.layout == "strided" else x[:, case.k :].contiguous()  # (M, K)
+    if case.layout == "3d":
+        x = x.view(2, case.m // 2, case.k) if case.m % 2 == 0 else x.view(1, case.m, case.k)
+    bias = torch.randn(case.n, generator=gen).half() if case.bias else None  # (N,)
+    return x, bias
+
+
+def _run_case(kern, case: Case, seed: int) -> tuple[float, float]:
+    """(relative max error, tolerance) of one case; the dequant case must be exact."""
+    qweight, qzeros, scales = _weights(case.k, case.n, case.group, seed)
+    if case.path == "dequant":
+        wt = kern.dequantize_triton(qweight, qzeros, scales, case.group, torch.float16)  # (K, N)
+        expected = dequantize(qweight, qzeros, scales, case.group, dtype=torch.float16)
+        return float((wt.float() - expected.float()).abs().max()), 0.0
+    x, bias = _inputs(case, seed)
+    args = (x, qweight, qzeros, scales, case.group, bias)
+    if case.path == "gemv":
+        y = kern.awq_gemv_triton(*args, split_k=case.split_k)
+    elif case.path == "gemm":
+        y = kern.awq_gemm_triton(*args, split_k=case.split_k)
+    elif case.path == "dequant_mm":
+        y = kern.awq_dequant_matmul(*args)
+    else:
+        y = kern.awq_matmul_triton(*args)
+    ref = awq_matmul_reference(*args).float()
+    if y.shape != ref.shape or y.dtype != x.dtype:
+        return float("inf"), TOLERANCE[case.dtype]
+    return float((y.float() - ref).abs().max() / ref.abs().max()), TOLERANCE[case.dtype]
+
+
+def _main() -> None:
+    import triton
+
+    from qwen_awq.kernels import awq_gemm as kern
+
+    if not triton.knobs.runtime.interpret:
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    results = {case.id: _run_case(kern, case, seed) for seed, case in enumerate(CASES)}
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, list[float]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_triton_kernel_matches_reference(interpreted: dict[str, list[float]], case: Case) -> None:
+    err, tol = interpreted[case.id]
+    assert err <= tol, f"{case.id}: relative error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [8, 32, 128])
+def test_dispatcher_takes_reference_on_cpu(dtype: torch.dtype, group: int) -> None:
+    qweight, qzeros, scales = _weights(256, 40, group, seed=group)
+    x = torch.randn(2, 3, 256).to(dtype)  # (batch, tokens, K)
+    bias = torch.randn(40).half()
+    for b in (None, bias):
+        y = awq_matmul(x, qweight, qzeros, scales, group, b)
+        assert torch.equal(y, awq_matmul_reference(x, qweight, qzeros, scales, group, b))
+
+
+def test_tile_config_rejects_bad_shapes() -> None:
+    assert TileConfig(16, 128, 64).block_k == 64
+    for bad in ((16, 128, 48), (16, 8, 64), (0, 128, 64)):
+        with pytest.raises(ConfigError):
+            TileConfig(*bad)
+
+
+if __name__ == "__main__":
+    _main()
