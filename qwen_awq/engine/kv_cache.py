@@ -75,6 +75,20 @@ class PagedAttention:
 
     def __init__(self, pool: KVPool, meta: PagedMetadata) -> None:
         self.pool, self.meta = pool, meta
+        self._slots: torch.Tensor | None = None  # (B, L) gather slots, the same for every layer
+        self._mask: torch.Tensor | None = None  # (B, 1, max_q, L) causal + length mask, likewise
+
+    def _layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed on the first layer and reused by the others (fewer kernels per decode step)."""
+        if self._slots is None:
+            m, bs = self.meta, self.pool.block_size
+            self._slots = (m.block_tables[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)
+            cols = torch.arange(m.max_query_len, device=device)
+            qpos = (m.context_lens - m.query_lens)[:, None] + cols[None, :]  # (B, max_q) absolute positions
+            kpos = torch.arange(self._slots.shape[1], device=device)
+            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < m.context_lens[:, None, None])
+            self._mask = mask[:, None]
+        return self._slots, self._mask
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         pool, slots = self.pool, self.meta.slot_mapping
@@ -88,27 +102,22 @@ class PagedAttention:
             pool.k[layer].index_copy_(0, slots, k.to(pool.dtype))
             pool.v[layer].index_copy_(0, slots, v.to(pool.dtype))
 
-    def _gather(self, layer: int, cache: torch.Tensor, sz: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def _gather(self, layer: int, cache: torch.Tensor, sz: torch.Tensor | None, dtype: torch.dtype,
+                slots: torch.Tensor) -> torch.Tensor:
         """(B, max_blocks * block_size, Hkv, D) keys or values of every sequence, in block-table order."""
-        bs, tables = self.pool.block_size, self.meta.block_tables
-        slots = (tables[:, :, None] * bs + torch.arange(bs, device=tables.device)).flatten(1)  # (B, L)
         x = cache[layer][slots]
         return dequantize(x, sz[layer][slots], dtype) if sz is not None else x.to(dtype)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         m, pool = self.meta, self.pool
         self._write(layer, k, v)
-        keys = self._gather(layer, pool.k, pool.k_sz if pool.int8 else None, q.dtype)  # (B, L, Hkv, D)
-        values = self._gather(layer, pool.v, pool.v_sz if pool.int8 else None, q.dtype)
-        b, length = keys.shape[:2]
-        qp = q.new_zeros((b, m.max_query_len, *q.shape[1:]))  # (B, max_q, H, D)
+        slots, mask = self._layout(q.device)
+        keys = self._gather(layer, pool.k, pool.k_sz if pool.int8 else None, q.dtype, slots)  # (B, L, Hkv, D)
+        values = self._gather(layer, pool.v, pool.v_sz if pool.int8 else None, q.dtype, slots)
+        qp = q.new_zeros((keys.shape[0], m.max_query_len, *q.shape[1:]))  # (B, max_q, H, D)
         qp[m.token_seq, m.token_col] = q
-        cols = torch.arange(m.max_query_len, device=q.device)
-        qpos = (m.context_lens - m.query_lens)[:, None] + cols[None, :]  # (B, max_q) absolute positions
-        kpos = torch.arange(length, device=q.device)
-        mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < m.context_lens[:, None, None])
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
+            qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
             scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         ).transpose(1, 2)  # (B, max_q, H, D)
         return out[m.token_seq, m.token_col]

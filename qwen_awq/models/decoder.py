@@ -31,7 +31,8 @@ class Attention(nn.Module):
         q = q.view(t, cfg.num_heads, cfg.head_dim)  # (tokens, heads, head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # (tokens, kv_heads, head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotation for both: fewer kernels
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
         if logn is not None:
             q = (q.float() * logn[:, None, None]).to(q.dtype)
         out = fb.attn.attend(self.layer, q, k, v, self.scale)  # (tokens, heads, head_dim)
