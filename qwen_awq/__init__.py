@@ -29,7 +29,7 @@ def __getattr__(name: str):
 def resolve_model_path(path: str | Path | None) -> Path:
     """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
     if path is None:
-        from qwen_awq.models.gguf_import import default_model_dir
+        from qwen_awq.default_model import default_model_dir
 
         return default_model_dir()
     path = Path(path)

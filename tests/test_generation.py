@@ -141,10 +141,10 @@ def test_jinja_chat_template_matches_transformers():
     from transformers import AutoTokenizer
 
     from qwen_awq.chat import encode_messages
-    from qwen_awq.models.gguf_import import default_model_dir
+    from qwen_awq.default_model import default_fp_dir
     from qwen_awq.tokenizer import load_tokenizer
 
-    folder = default_model_dir()
+    folder = default_fp_dir()
     ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
     conversations = [
         [{"role": "user", "content": "What is the capital of France?"}],

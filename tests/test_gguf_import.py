@@ -17,9 +17,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
 from qwen_awq import assets
+from qwen_awq.default_model import default_fp_dir
 from qwen_awq.errors import AssetMissing, CheckpointError, ConfigError
 from qwen_awq.models import gguf_import
-from qwen_awq.models.gguf_import import default_model_dir, import_gguf, unpermute_qk
+from qwen_awq.models.gguf_import import import_gguf, unpermute_qk
 
 QUESTION = "What is the capital of France?"
 CORPUS = [
@@ -150,7 +151,7 @@ def test_second_call_reuses_cache(folder: Path, cache_home: Path) -> None:
     assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert import_gguf(assets.bundled_gguf_path()) == folder
-    assert default_model_dir() == folder
+    assert default_fp_dir() == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folders left behind
 

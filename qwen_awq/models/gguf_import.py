@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from qwen_awq.assets import bundled_gguf_path, cache_dir
+from qwen_awq.assets import cache_dir
 from qwen_awq.errors import CheckpointError, ConfigError, TokenizerError
 
 # Bump when the written folder changes, so stale cache entries are not reused.
@@ -127,11 +127,6 @@ def import_gguf(gguf_path: Path, out_dir: Path | None = None, progress: bool = T
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def default_model_dir() -> Path:
-    """The bundled SmolLM2-135M-Instruct demo model, converted into the cache on first use."""
-    return import_gguf(bundled_gguf_path())
 
 
 def _content_hash(path: Path) -> str:
