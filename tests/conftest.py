@@ -29,3 +29,15 @@ def llama_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("llama-tiny")
     write_llama_checkpoint(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser), for the web-page tests."""
+    from playwright import sync_api
+    from web_utils import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_api.sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

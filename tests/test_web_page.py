@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from playwright import sync_api
 from web_utils import (
     CHROMIUM,
-    CHROMIUM_ARGS,
     MARKDOWN_CASES,
     MAX_MODEL_LEN,
     MODEL_ID,
@@ -16,10 +16,10 @@ from web_utils import (
     ServerThread,
     StubServer,
     build_stub_app,
+    open_tab,
     stub_token_count,
 )
 
-sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 # CI sets QWEN_AWQ_REQUIRE_BROWSER=1 so a missing chromium fails there instead of skipping quietly.
 if not CHROMIUM.exists() and not os.environ.get("QWEN_AWQ_REQUIRE_BROWSER"):
@@ -37,14 +37,6 @@ def stub_server():
         yield stub, url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
 @pytest.fixture
 def stub(stub_server) -> StubServer:
     stub_server[0].reset()
@@ -54,17 +46,9 @@ def stub(stub_server) -> StubServer:
 @pytest.fixture
 def page(browser, stub_server, stub):
     """A fresh browser profile (empty localStorage) on the page; fails the test on any script error."""
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
-           if msg.type == "error" and EXPECTED_CONSOLE not in msg.text else None)
-    tab.goto(stub_server[1])
-    expect(tab.locator("#model-name")).to_have_text(MODEL_ID)
-    yield tab
-    context.close()
-    assert problems == []
+    with open_tab(browser, stub_server[1], EXPECTED_CONSOLE) as tab:
+        expect(tab.locator("#model-name")).to_have_text(MODEL_ID)
+        yield tab
 
 
 def send(page, text: str) -> None:

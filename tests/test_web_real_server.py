@@ -8,12 +8,12 @@ import re
 
 import pytest
 import requests
+from playwright import sync_api
 from server_utils import live_server, metric, scrape
-from web_utils import CHROMIUM, CHROMIUM_ARGS, WATCH_REPLY
+from web_utils import CHROMIUM, WATCH_REPLY, open_tab
 
 import qwen_awq
 
-sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 # CI sets QWEN_AWQ_REQUIRE_BROWSER=1 so a missing chromium fails there instead of skipping quietly.
 if not CHROMIUM.exists() and not os.environ.get("QWEN_AWQ_REQUIRE_BROWSER"):
@@ -37,29 +37,13 @@ def srv():
         yield server
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
 @pytest.fixture
 def page(browser, srv):
     """A fresh browser profile (empty localStorage) on the served page; fails the test on any script error.
     Afterwards the engine must hold no request and no KV block, whatever the test did."""
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
-           if msg.type == "error" and EXPECTED_CONSOLE not in msg.text else None)
-    tab.goto(srv.url)
-    expect(tab.locator("#model-name")).to_have_text(MODEL)
-    yield tab
-    context.close()
-    assert problems == []
+    with open_tab(browser, srv.url, EXPECTED_CONSOLE) as tab:
+        expect(tab.locator("#model-name")).to_have_text(MODEL)
+        yield tab
     assert srv.wait_idle()
 
 

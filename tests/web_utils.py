@@ -10,7 +10,8 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,3 +225,18 @@ MARKDOWN_CASES = {
     "## Head\n---": "<h4>Head</h4><hr>",
     "![alt](http://x/y.png)": '<p><span class="link-text">alt<span class="link-url"> (http://x/y.png)</span></span></p>',
 }
+
+
+@contextmanager
+def open_tab(browser, url: str, ignored_console: str) -> Iterator:
+    """A fresh browser profile (empty localStorage) on `url`; fails the test on any script error."""
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    tab.on("console", lambda msg: problems.append(f"console: {msg.text}")
+           if msg.type == "error" and ignored_console not in msg.text else None)
+    tab.goto(url)
+    yield tab
+    context.close()
+    assert problems == []
