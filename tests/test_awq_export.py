@@ -61,8 +61,9 @@ def test_qwen_folder_layout_and_configs(qwen_dir, tmp_path):
     assert {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()} == expected
     source = json.loads((qwen_dir / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config == source | {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": G,
-                                                         "zero_point": True, "version": "gemm"}}
+    fp16 = {"torch_dtype": "float16", "bf16": False, "fp16": True, "fp32": False}  # tensors and activations
+    assert config == source | fp16 | {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": G,
+                                                                "zero_point": True, "version": "gemm"}}
     assert json.loads((out / "quant_config.json").read_text()) == {
         "zero_point": True, "q_group_size": G, "w_bit": 4, "version": "GEMM"}
     for name in ("qwen.tiktoken", "generation_config.json"):

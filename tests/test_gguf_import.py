@@ -36,7 +36,7 @@ CORPUS = [
 DIGIT_CORPUS = ["   1", "a  2024-01-01", "x\n\n  42", "½ ² ٣ Ⅻ", "v  7.0", "\t3"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cache_home(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         home = tmp_path_factory.mktemp("xdg-cache")
@@ -44,12 +44,12 @@ def cache_home(tmp_path_factory: pytest.TempPathFactory):
         yield home
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def folder(cache_home: Path) -> Path:
     return import_gguf(assets.bundled_gguf_path(), progress=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference():
     """transformers' own GGUF loading of the bundled file: (model, tokenizer)."""
     gguf_file = assets.bundled_gguf_path()

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import ModelConfig, QuantConfig, read_json
+from qwen_awq.models.config import ModelConfig, QuantConfig, load_config, read_json
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
 from qwen_awq.quant.groups import fused_rows
@@ -115,7 +115,12 @@ def write_weights(model: Decoder, folder: Path, max_shard_size: int) -> None:
 def write_configs(src: Path, folder: Path, group_size: int) -> None:
     """config.json = the source's keys + quantization_config; quant_config.json as AutoAWQ writes it."""
     quant = QuantConfig(group_size=group_size)
-    config = read_json(src / "config.json") | {"quantization_config": quant.to_json()}
+    # the non-quantized tensors are written in fp16 and AWQ kernels run fp16 activations: say so, as AutoAWQ
+    # does (vLLM refuses an AWQ checkpoint whose dtype resolves to float32)
+    dtype = {"torch_dtype": "float16"}
+    if load_config(src).family == "qwen":  # Qwen v1 states its dtype as flags
+        dtype |= {"bf16": False, "fp16": True, "fp32": False}
+    config = read_json(src / "config.json") | dtype | {"quantization_config": quant.to_json()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     autoawq = {"zero_point": quant.zero_point, "q_group_size": group_size, "w_bit": quant.bits,
                "version": "GEMM"}
