@@ -136,6 +136,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, folder)
+    if cfg.quant is not None and dev.type == "cpu":
+        from qwen_awq.quant.linear import AWQLinear
+
+        for module in model.modules():
+            if isinstance(module, AWQLinear):
+                module.cache_dequantized = True
     model.generation_config = load_generation_config(folder)
     return model.eval().requires_grad_(False)
 

@@ -40,6 +40,10 @@ class AWQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # On the CPU 4-bit weights save no time (no fused kernel), and dequantizing every call costs several
+        # passes over the weights, so the loader sets this there and the layer dequantizes once, lazily.
+        self.cache_dequantized = False
+        self._dense: torch.Tensor | None = None  # (N, K) in the activation dtype; not part of the state dict
 
     @classmethod
     def from_linear(
@@ -59,6 +63,11 @@ class AWQLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache_dequantized:
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = self.dequantized_weight(x.dtype).contiguous()
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._dense, bias)
         return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
