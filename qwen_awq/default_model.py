@@ -10,7 +10,7 @@ from qwen_awq.errors import ConfigError
 # Group size 64: SmolLM2's hidden size 576 is not a multiple of 128. 32 x 256 calibration tokens: the budget of the
 # quality benchmark (bench/results/awq_quality_cpu.md), enough for AWQ to beat round-to-nearest clearly.
 GROUP_SIZE, SAMPLES, SEQLEN = 64, 32, 256
-RECIPE = "awq-g64-s32x256-v1"  # part of the cache folder name: change it when the recipe changes
+RECIPE = "awq-g64-s32x256-v2"  # part of the cache folder name: change it when the recipe changes
 
 
 def default_fp_dir() -> Path:

@@ -24,7 +24,10 @@ N_GRID = 20  # ratios 0, 0.05, ..., 0.95 (spec; AutoAWQ _compute_best_scale n_gr
 S_MIN, W_EPS = 1e-4, 1e-4  # spec: s = clamp(x_mean^a / (w_mean^(1-a) + 1e-4), min 1e-4)
 GROUP_EPS = 1e-6  # AutoAWQ's epsilon under each group's max|w| in w_mean
 CLIP_SHRINKS = tuple(1 - i / 20 for i in range(10))  # 1.00 ... 0.55: AutoAWQ n_grid 20, max_shrink 0.5
-CLIP_TOKENS = 512  # AutoAWQ n_sample_token
+# Tokens the clip search measures. AutoAWQ samples 512 (n_sample_token) because it materializes a (rows,
+# tokens, groups) product; with per-group Gram matrices more tokens cost almost nothing, and on SmolLM2-135M
+# (32 x 256 calibration tokens, g64) all 8192 instead of 512 give held-out perplexity 21.99 instead of 22.17.
+CLIP_TOKENS = 8192
 
 
 @dataclass
@@ -241,7 +244,7 @@ def clip_block(block: Block, feats: dict[str, torch.Tensor], group_size: int,
     for name in QUANT_LINEARS:
         w = block.get_submodule(name).weight  # (N, K)
         x = feats[name].flatten(0, 1)  # (tokens, K)
-        x = x[::max(1, x.shape[0] // CLIP_TOKENS)]  # AutoAWQ's strided token sample
+        x = x[::max(1, x.shape[0] // CLIP_TOKENS)]  # strided token sample, as AutoAWQ takes it
         limits = w.float().view(w.shape[0], -1, group_size).abs().amax(-1)  # (N, K/G): no clipping
         for lo, hi in clipped_rows(rows, name, w.shape[0]):
             limits[lo:hi] = search_clip(w[lo:hi], x, group_size)
