@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_awq.chat import DEFAULT_SYSTEM
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
 from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
@@ -118,12 +119,12 @@ class Decoder(nn.Module):
 
         return generate(self, input_ids, params, **kwargs)
 
-    def chat(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.", **sampling):
+    def chat(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **sampling):
         from qwen_awq.chat import chat
 
         return chat(self, tokenizer, query, history, system, **sampling)
 
-    def chat_stream(self, tokenizer, query: str, history=None, system: str = "You are a helpful assistant.",
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM,
                     **sampling):
         from qwen_awq.chat import chat_stream
 
