@@ -115,15 +115,17 @@ def hf_qwen2_twin(folder: Path, dtype: torch.dtype = torch.float32):
     return model
 
 
-def write_llama_checkpoint(folder: Path, seed: int = 0, tied: bool = False, vocab_size: int = 512):
+def write_llama_checkpoint(folder: Path, seed: int = 0, tied: bool = False, vocab_size: int = 512,
+                           overrides: dict | None = None):
     """A tiny GQA Llama folder written by transformers itself; returns the transformers model (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
-                      rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, tie_word_embeddings=tied,
-                      bos_token_id=1, eos_token_id=2)
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+                    rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, tie_word_embeddings=tied,
+                    bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**settings | (overrides or {}))
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
