@@ -73,3 +73,31 @@ def test_autoawq_written_checkpoint_matches_transformers(autoawq_folder):
         expected = hf(ids).logits
     torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 0.1  # real, varied logits, not a degenerate model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="AutoAWQ runs GEMM checkpoints only on a GPU (its CPU path needs IPEX): "
+                           "run with QWEN_AWQ_TEST_DEVICE=cuda on a GPU machine")
+def test_autoawq_loads_our_checkpoint(tmp_path):
+    """The other direction, end to end: AutoAWQ's from_quantized reads a folder our quantizer wrote, and its
+    own GPU kernels compute the same logits as ours."""
+    from qwen_awq.quant.quantize import QuantizeConfig, quantize_model
+
+    src = tmp_path / "src"
+    write_llama_checkpoint(src, seed=4, overrides={"hidden_size": 256, "intermediate_size": 768,
+                                                   "num_attention_heads": 4, "num_key_value_heads": 4})
+    calib = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = quantize_model(src, tmp_path / "awq", QuantizeConfig(group_size=128, samples=4, seqlen=16, micro_batch=2,
+                                                               search_samples=2), calib=calib, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
+        from awq import AutoAWQForCausalLM
+    theirs = AutoAWQForCausalLM.from_quantized(str(out), device_map={"": "cuda:0"}, torch_dtype=torch.float16,
+                                               fuse_layers=False)
+    ours = load_model(out, dtype=torch.float16, device="cuda")
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        expected = theirs.model(ids).logits.float()
+        got = ours(ids).float()
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)

@@ -1,4 +1,5 @@
-"""AWQ W4A16 Triton kernels vs the plain-PyTorch reference, run by Triton's CPU interpreter in a subprocess.
+"""AWQ W4A16 Triton kernels vs the plain-PyTorch reference: compiled on the GPU under QWEN_AWQ_TEST_DEVICE=cuda,
+else run by Triton's CPU interpreter in a subprocess.
 
 TRITON_INTERPRET must be set before a kernel is decorated, and other test modules import the kernels first,
 so `python tests/test_awq_kernel.py` (with the variable set) computes every case and prints JSON.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from assets import DEVICE
 
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.awq_gemm import TileConfig, awq_matmul
@@ -84,26 +86,28 @@ def _weights(k: int, n: int, group: int, seed: int) -> tuple[torch.Tensor, torch
     return qweight, qzeros, scales
 
 
-def _inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _inputs(case: Case, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     gen = torch.Generator().manual_seed(seed + 1)
     dtype = DTYPES[case.dtype]
-    x = torch.randn(case.m, 2 * case.k, generator=gen).to(dtype)  # (M, 2K): sliced below when strided
+    x = torch.randn(case.m, 2 * case.k, generator=gen).to(dtype).to(device)  # (M, 2K): sliced when strided
     x = x[:, : case.k] if case.layout == "strided" else x[:, case.k :].contiguous()  # (M, K)
     if case.layout == "3d":
         x = x.view(2, case.m // 2, case.k) if case.m % 2 == 0 else x.view(1, case.m, case.k)
-    bias = torch.randn(case.n, generator=gen).half() if case.bias else None  # (N,)
+    bias = torch.randn(case.n, generator=gen).half().to(device) if case.bias else None  # (N,)
     return x, bias
 
 
-def _run_case(kern, case: Case, seed: int) -> tuple[float, float]:
-    """(relative max error, tolerance) of one case; the dequant case must be exact."""
+def _run_case(kern, case: Case, seed: int, device: str = "cpu") -> tuple[float, float]:
+    """(relative max error, tolerance) of one case, the kernels on `device` and the reference on the CPU;
+    the dequant case must be exact."""
     qweight, qzeros, scales = _weights(case.k, case.n, case.group, seed)
+    packed = (qweight.to(device), qzeros.to(device), scales.to(device))
     if case.path == "dequant":
-        wt = kern.dequantize_triton(qweight, qzeros, scales, case.group, torch.float16)  # (K, N)
+        wt = kern.dequantize_triton(*packed, case.group, torch.float16)  # (K, N)
         expected = dequantize(qweight, qzeros, scales, case.group, dtype=torch.float16)
-        return float((wt.float() - expected.float()).abs().max()), 0.0
-    x, bias = _inputs(case, seed)
-    args = (x, qweight, qzeros, scales, case.group, bias)
+        return float((wt.float().cpu() - expected.float()).abs().max()), 0.0
+    x, bias = _inputs(case, seed, device)
+    args = (x, *packed, case.group, bias)
     if case.path == "gemv":
         y = kern.awq_gemv_triton(*args, split_k=case.split_k)
     elif case.path == "gemm":
@@ -112,10 +116,10 @@ def _run_case(kern, case: Case, seed: int) -> tuple[float, float]:
         y = kern.awq_dequant_matmul(*args)
     else:
         y = kern.awq_matmul_triton(*args)
-    ref = awq_matmul_reference(*args).float()
+    ref = awq_matmul_reference(x.cpu(), qweight, qzeros, scales, case.group, None if bias is None else bias.cpu())
     if y.shape != ref.shape or y.dtype != x.dtype:
         return float("inf"), TOLERANCE[case.dtype]
-    return float((y.float() - ref).abs().max() / ref.abs().max()), TOLERANCE[case.dtype]
+    return float((y.float().cpu() - ref.float()).abs().max() / ref.float().abs().max()), TOLERANCE[case.dtype]
 
 
 def _main() -> None:
@@ -130,7 +134,13 @@ def _main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict[str, list[float]]:
+def kernel_errors() -> dict[str, list[float]]:
+    """Per case (error, tolerance): compiled on the GPU when the tests run there (QWEN_AWQ_TEST_DEVICE=cuda),
+    else through the Triton interpreter on the CPU, in a subprocess because TRITON_INTERPRET is read at import."""
+    if DEVICE.startswith("cuda"):
+        from qwen_awq.kernels import awq_gemm as kern
+
+        return {case.id: list(_run_case(kern, case, seed, DEVICE)) for seed, case in enumerate(CASES)}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
@@ -141,8 +151,8 @@ def interpreted() -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_triton_kernel_matches_reference(interpreted: dict[str, list[float]], case: Case) -> None:
-    err, tol = interpreted[case.id]
+def test_triton_kernel_matches_reference(kernel_errors: dict[str, list[float]], case: Case) -> None:
+    err, tol = kernel_errors[case.id]
     assert err <= tol, f"{case.id}: relative error {err:.3g} > {tol:.3g}"
 
 
