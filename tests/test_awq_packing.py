@@ -53,6 +53,8 @@ def autoawq() -> types.SimpleNamespace:
         mp.setitem(sys.modules, "awq.utils.module", _load("awq.utils.module", root / "utils" / "module.py"))
         mp.setitem(sys.modules, "awq.utils.utils", utils_stub)
         mp.setitem(sys.modules, "awq.utils.packing_utils", packing_utils)
+        # AutoAWQ's naive CPU path even when another test imported the real package (and its Triton kernels).
+        mp.setitem(sys.modules, "awq.modules.triton.gemm", None)
         gemm = _load("_autoawq_gemm", root / "modules" / "linear" / "gemm.py")
     return types.SimpleNamespace(packing=packing_utils, gemm=gemm)
 
