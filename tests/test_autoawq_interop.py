@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -17,15 +18,22 @@ from qwen_awq.models.loader import load_model
 G = 32
 
 
+def _import_autoawq():
+    """AutoAWQForCausalLM and dequantize_gemm. AutoAWQ imports `datasets` only to download calibration sets (we
+    pass token ids), and on import resets the warning filters and warns that it is deprecated: both undone here."""
+    # record=True: the notice lands in a list dropped here (AutoAWQ's own "default" filter would beat an "ignore").
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True):
+        mp.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
+        from awq import AutoAWQForCausalLM
+        from awq.utils.packing_utils import dequantize_gemm
+    return AutoAWQForCausalLM, dequantize_gemm
+
+
 @pytest.fixture(scope="module")
 def autoawq_folder(tmp_path_factory):
     if importlib.util.find_spec("awq") is None:  # a test asset like the others: fail, never skip
         pytest.fail("the AutoAWQ oracle is not installed: pip install --no-deps autoawq==0.2.9")
-    with pytest.MonkeyPatch.context() as mp:
-        # AutoAWQ imports `datasets` only to download calibration sets; we pass token ids.
-        mp.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
-        from awq import AutoAWQForCausalLM
-        from awq.utils.packing_utils import dequantize_gemm
+    AutoAWQForCausalLM, dequantize_gemm = _import_autoawq()
     root = tmp_path_factory.mktemp("autoawq")
     # AutoAWQ's clip search takes output rows 64 at a time, so every clipped Linear needs a multiple of 64.
     write_llama_checkpoint(root / "src", seed=3, overrides={"intermediate_size": 192, "num_key_value_heads": 8})
@@ -89,9 +97,7 @@ def test_autoawq_loads_our_checkpoint(tmp_path):
     calib = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
     out = quantize_model(src, tmp_path / "awq", QuantizeConfig(group_size=128, samples=4, seqlen=16, micro_batch=2,
                                                                search_samples=2), calib=calib, progress=False)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
-        from awq import AutoAWQForCausalLM
+    AutoAWQForCausalLM, _ = _import_autoawq()
     theirs = AutoAWQForCausalLM.from_quantized(str(out), device_map={"": "cuda:0"}, torch_dtype=torch.float16,
                                                fuse_layers=False)
     ours = load_model(out, dtype=torch.float16, device="cuda")
