@@ -195,3 +195,29 @@ def test_cuda_graph_decode_equals_eager(mt):
     assert eager.runner.graphs is None
     assert got == _run(eager, prompts) == _reference(mt, prompts)
     assert _all_free(graphed)
+
+
+class _CountingGraph:
+    def __init__(self, graph, key, seen: list) -> None:
+        self.graph, self.key, self.seen = graph, key, seen
+
+    def replay(self) -> None:
+        self.seen.append(self.key)
+        self.graph.replay()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run with QWEN_AWQ_TEST_DEVICE=cuda")
+def test_cuda_graph_width_follows_the_longest_context(mt):
+    """Graphs per block-table width: a context growing past 512 tokens moves from the narrow graph to the wide one,
+    and the tokens stay those of the eager forward."""
+    long = torch.randint(0, 151000, (505,), generator=torch.Generator().manual_seed(36)).tolist()
+    prompts = _prompts(2, base=35) + [long]
+    config = {"max_num_seqs": 4, "max_model_len": 1024, "kv_cache_memory": 2**26}
+    graphed = _engine(mt, **config)
+    graphs, seen = graphed.runner.graphs, []
+    assert graphs.widths == [32, 64]  # 512 tokens, then the whole 1024 in blocks of 16
+    graphs.graphs = {key: _CountingGraph(g, key, seen) for key, g in graphs.graphs.items()}
+    got = _run(graphed, prompts)
+    assert {w for _, w in seen} == {32, 64}
+    assert got == _run(_engine(mt, enforce_eager=True, **config), prompts)
+    assert _all_free(graphed)

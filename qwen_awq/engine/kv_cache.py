@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from qwen_awq.errors import ConfigError
+from qwen_awq.models.attention import sdpa
 from qwen_awq.models.config import ModelConfig
 
 INT8_LEVELS = 255  # uint8 codes 0..255 (Qwen's quantize_cache_v uses qmin 0, qmax 255)
@@ -116,8 +116,5 @@ class PagedAttention:
         values = self._gather(layer, pool.v, pool.v_sz if pool.int8 else None, q.dtype, slots)
         qp = q.new_zeros((keys.shape[0], m.max_query_len, *q.shape[1:]))  # (B, max_q, H, D)
         qp[m.token_seq, m.token_col] = q
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-            scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-        ).transpose(1, 2)  # (B, max_q, H, D)
+        out = sdpa(qp, keys, values, scale, mask, causal=False)  # (B, max_q, H, D)
         return out[m.token_seq, m.token_col]

@@ -12,7 +12,7 @@ from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.output import OutputTracker, eos_ids
-from qwen_awq.engine.sampler import SampleOutput
+from qwen_awq.engine.sampler import HostSample
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
 from qwen_awq.engine.sequence import Sequence, SequenceStatus
@@ -167,8 +167,9 @@ class LLMEngine:
         if sampled is None:
             self.scheduler.update(batch, {})
             return []
-        self.scheduler.update(batch, sampled.tokens.tolist())
-        return self._process(batch, sampled)
+        host = sampled.to_host()
+        self.scheduler.update(batch, host.tokens)
+        return self._process(batch, host)
 
     def _tracker(self, seq: Sequence) -> OutputTracker:
         return self.requests[seq.request_id].trackers[self._index(seq)]
@@ -176,14 +177,14 @@ class LLMEngine:
     def _index(self, seq: Sequence) -> int:
         return self.requests[seq.request_id].seqs.index(seq)
 
-    def _process(self, batch: ScheduledBatch, sampled: SampleOutput) -> list[RequestOutput]:
+    def _process(self, batch: ScheduledBatch, sampled: HostSample) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for row, e in enumerate(batch.sampling):
             seq = e.seq
             req = self.requests[seq.request_id]
             i = req.seqs.index(seq)
-            if not touched.get(seq.request_id):
+            if seq.request_id not in touched:
                 for out in req.output.outputs:
                     out.delta_text, out.delta_token_ids = "", []
                 touched[seq.request_id] = req
@@ -196,21 +197,20 @@ class LLMEngine:
                 del self.requests[req.output.request_id]
         return [req.output for req in touched.values()]
 
-    def _append(self, req: _Request, i: int, seq: Sequence, sampled: SampleOutput, row: int) -> None:
-        token = int(sampled.tokens[row])
+    def _append(self, req: _Request, i: int, seq: Sequence, sampled: HostSample, row: int) -> None:
+        token = sampled.tokens[row]
         tracker, out = req.trackers[i], req.output.outputs[i]
         piece = tracker.add(token)
         out.text, out.token_ids = tracker.text, tracker.token_ids
         out.delta_text += piece
         out.delta_token_ids.append(token)
-        lp = float(sampled.logprobs[row])
+        lp = sampled.logprobs[row]
         out.cumulative_logprob += lp
         if out.logprobs is not None:
             top = {}
-            if sampled.top_logprobs is not None and req.params.logprobs:
-                ids, values = sampled.top_logprobs
+            if sampled.top_ids is not None and req.params.logprobs:
                 k = req.params.logprobs
-                top = dict(zip(ids[row, :k].tolist(), values[row, :k].tolist(), strict=True))
+                top = dict(zip(sampled.top_ids[row][:k], sampled.top_values[row][:k], strict=True))
             out.logprobs.append(top | {token: lp})
         if tracker.finished:
             out.finish_reason, out.stop_reason = tracker.finish_reason, tracker.stop_reason

@@ -22,6 +22,21 @@ class SampleOutput:
     # (ids (B, k) long, values (B, k) float32) of the raw distribution; k = the batch's largest `logprobs`.
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def to_host(self) -> HostSample:
+        """All of it as Python lists: one device-to-host copy per field instead of several per row."""
+        ids, values = (None, None) if self.top_logprobs is None else (t.tolist() for t in self.top_logprobs)
+        return HostSample(self.tokens.tolist(), self.logprobs.tolist(), ids, values)
+
+
+@dataclass(frozen=True)
+class HostSample:
+    """A SampleOutput on the host, indexed by sampling row."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]] | None
+    top_values: list[list[float]] | None
+
 
 @dataclass
 class SamplingBatch:

@@ -6,6 +6,7 @@ CPU tensors (and anything these kernels do not cover) take the plain-PyTorch ref
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,7 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, out_ptr, N, NW, G: tl.constexpr, BLOC
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache  # called per Linear per forward; the answer depends on m alone
 def default_config(m: int) -> TileConfig:
     """Tile shape by M, from the tile sweep over Qwen-7B's four shapes (bench/results/awq_kernel_H200_sweep.md):
     the GEMV's 128 x 64 tiles were already the best; for the tensor-core kernel at M = 16 and 64, 64-wide N
@@ -260,6 +262,7 @@ def _block_k(group_size: int, want: int) -> int:
     return min(want, group_size & -group_size)
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -29,7 +29,7 @@ class ForwardBatch:
     attn: AttentionBackend
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
           causal: bool) -> torch.Tensor:
     """q (B, S, H, D), k/v (B, L, Hkv, D) -> (B, S, H, D); grouped-query heads are expanded by SDPA."""
     out = F.scaled_dot_product_attention(
@@ -47,7 +47,7 @@ class DenseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         b, s = self.batch, self.seqlen
-        out = _sdpa(q.view(b, s, *q.shape[1:]), k.view(b, s, *k.shape[1:]), v.view(b, s, *v.shape[1:]),
+        out = sdpa(q.view(b, s, *q.shape[1:]), k.view(b, s, *k.shape[1:]), v.view(b, s, *v.shape[1:]),
                     scale, None, causal=True)
         return out.reshape(q.shape)
 
@@ -67,11 +67,16 @@ class ContiguousKVCache:
         self.batch, self.max_len = batch, max_len
         self.length = 0  # tokens already cached per sequence
         self.num_new = 0
+        self.mask: torch.Tensor | None = None  # (S, L), the same for every layer of a step
 
     def step(self, num_new: int) -> None:
-        if self.length + num_new > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length + num_new} requested")
+        end = self.length + num_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
         self.num_new = num_new
+        # new token i (absolute position length + i) sees keys 0..length + i
+        rows = torch.arange(self.length, end, device=self.k.device)[:, None]
+        self.mask = torch.arange(end, device=self.k.device)[None, :] <= rows
 
     def advance(self) -> None:
         self.length += self.num_new
@@ -82,8 +87,5 @@ class ContiguousKVCache:
         self.k[layer, :, start:end] = k.view(b, s, *k.shape[1:])
         self.v[layer, :, start:end] = v.view(b, s, *v.shape[1:])
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]  # (B, L, Hkv, D)
-        # new token i (absolute position start + i) sees keys 0..start + i
-        rows = torch.arange(start, end, device=q.device)[:, None]
-        mask = torch.arange(end, device=q.device)[None, :] <= rows  # (S, L)
-        out = _sdpa(q.view(b, s, *q.shape[1:]), keys, values, scale, mask, causal=False)
+        out = sdpa(q.view(b, s, *q.shape[1:]), keys, values, scale, self.mask, causal=False)
         return out.reshape(q.shape)
