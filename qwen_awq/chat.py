@@ -107,13 +107,17 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
     return make_context(tokenizer, query, history, system, max_window_size)[1]
 
 
+def window_size(model: Any) -> int:
+    """The model's chat-history window in tokens (generation_config's max_window_size, else Qwen's default)."""
+    return model.generation_config.max_window_size or DEFAULT_WINDOW
+
+
 def chat_stream(model: Any, tokenizer: Tokenizer, query: str, history: History | None = None,
                 system: str = DEFAULT_SYSTEM, **sampling: Any) -> Iterator[str]:
     """Yield the reply's text as it is generated; the turn ends at <|im_end|>/<|im_start|>/<|endoftext|>."""
     from qwen_awq.generation import TextStream, default_params
 
-    window = model.generation_config.max_window_size or DEFAULT_WINDOW
-    _, ids = make_context(tokenizer, query, history, system, window)
+    _, ids = make_context(tokenizer, query, history, system, window_size(model))
     yield from TextStream(model, tokenizer, ids, default_params(model, **sampling))
 
 

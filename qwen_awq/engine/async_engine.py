@@ -27,8 +27,8 @@ class _Add:
     cache_salt: str | None
 
 
-class _Finished(Exception):
-    """Ends a request's stream with an error raised in the step thread (delivered to the waiting client)."""
+class GenerationFailed(RuntimeError):
+    """A step of the engine failed; every request in flight at the time gets this error."""
 
 
 class AsyncEngine:
@@ -146,4 +146,4 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, RuntimeError(f"generation failed: {error}"))
+            self._deliver(request_id, GenerationFailed(f"generation failed: {error}"))

@@ -189,10 +189,7 @@ def _replace_links(text: str) -> str:
             return label.rsplit("|", 1)[-1]
         return "" if namespace else target  # bare interwiki / interlanguage links render nothing
 
-    while True:
-        text, count = pattern.subn(render, text)
-        if count == 0:
-            return text
+    return _innermost_first(text, pattern, render)
 
 
 def _tidy(paragraph: str) -> str:

@@ -8,8 +8,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,16 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from qwen_awq.assets import cache_dir
 from qwen_awq.errors import CheckpointError, ConfigError, TokenizerError
+from qwen_awq.models.shards import INDEX_FILE, MAX_SHARD_BYTES, WEIGHTS_FILE, build_atomically, write_sharded
 
 # Bump when the written folder changes, so stale cache entries are not reused.
 FORMAT_VERSION = "1"
-SHARD_BYTES = 2 << 30  # 2 GiB per safetensors shard keeps RAM bounded for 7B-class files
-WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+SHARD_BYTES = MAX_SHARD_BYTES  # read at each import, so tests can patch it to force several shards
 FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 # GGUF tensor name -> HF Llama name (llama.cpp's gguf-py/gguf/tensor_mapping.py naming).
@@ -114,18 +112,13 @@ def import_gguf(gguf_path: Path, out_dir: Path | None = None, progress: bool = T
             return out_dir
         raise CheckpointError(f"{out_dir} exists but is an incomplete GGUF import; remove it or pick another")
     reader = _open(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
-    try:
+    with build_atomically(out_dir) as tmp:
         _convert(reader, gguf_path, tmp, progress)
         try:
             os.replace(tmp, out_dir)  # atomic: readers see no folder or a whole one
         except OSError:
             if not _is_complete(out_dir):  # a concurrent import that finished first is fine
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -167,7 +160,7 @@ def _convert(reader: gguf.GGUFReader, gguf_path: Path, out: Path, progress: bool
     _write_json(out / "generation_config.json", _special_ids(meta))
     _build_tokenizer(meta).save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", _tokenizer_config(meta, params))
-    _write_weights(reader, params, out, progress)
+    write_sharded(_hf_tensors(reader, params, progress), out, SHARD_BYTES)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -274,37 +267,9 @@ def _dequantize(tensor: gguf.ReaderTensor, params: GgufLlamaParams) -> torch.Ten
     return weight.contiguous()
 
 
-def _write_weights(reader: gguf.GGUFReader, params: GgufLlamaParams, out: Path, progress: bool) -> None:
-    """Dequantize tensor by tensor, starting a new shard whenever SHARD_BYTES would be exceeded."""
-    shard: dict[str, torch.Tensor] = {}
-    size, saved = 0, []
+def _hf_tensors(reader: gguf.GGUFReader, params: GgufLlamaParams, progress: bool
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, fp32 tensor) pairs, dequantized one at a time so only the shard being written is in memory."""
     for tensor in tqdm(reader.tensors, desc="GGUF -> safetensors", unit="tensor", disable=not progress):
-        weight = _dequantize(tensor, params)
-        if shard and size + weight.nbytes > SHARD_BYTES:
-            saved.append(_save_shard(shard, out, len(saved)))
-            shard, size = {}, 0
-        shard[_hf_name(tensor.name)] = weight
-        size += weight.nbytes
-    if not saved:
-        save_file(shard, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        return
-    saved.append(_save_shard(shard, out, len(saved)))
-    _write_index(out, saved)
-
-
-def _save_shard(shard: dict[str, torch.Tensor], out: Path, index: int) -> tuple[Path, dict[str, int]]:
-    """Save under a provisional name (the shard count is not known yet); return it with tensor sizes."""
-    path = out / f"shard-{index}.safetensors"
-    save_file(shard, str(path), metadata={"format": "pt"})
-    return path, {name: t.nbytes for name, t in shard.items()}
-
-
-def _write_index(out: Path, saved: list[tuple[Path, dict[str, int]]]) -> None:
-    """Rename shards to HF's model-0000i-of-0000n.safetensors and write the index that maps names to them."""
-    weight_map: dict[str, str] = {}
-    for i, (path, sizes) in enumerate(saved, start=1):
-        final = f"model-{i:05d}-of-{len(saved):05d}.safetensors"
-        os.replace(path, out / final)
-        weight_map |= dict.fromkeys(sizes, final)
-    total = sum(n for _, sizes in saved for n in sizes.values())
-    _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        weight = _dequantize(tensor, params)  # before naming: an unsupported type is reported first, as before
+        yield _hf_name(tensor.name), weight

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from qwen_awq.chat import DEFAULT_SYSTEM
 from qwen_awq.errors import ConfigError
 from qwen_awq.eval.corpus import calibration_texts
 from qwen_awq.tokenizer import Tokenizer
 
 FORMATS = ("text", "chatml")
 # Qwen-7B-Chat's default system prompt (its generation code and chat template use it).
-DEFAULT_SYSTEM = "You are a helpful assistant."
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 

@@ -12,17 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
 from qwen_awq.models.config import ModelConfig, QuantConfig, load_config, read_json
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
+from qwen_awq.models.shards import MAX_SHARD_BYTES, build_atomically, write_sharded
 from qwen_awq.quant.groups import fused_rows
 from qwen_awq.quant.packing import PACK_FACTOR
 
-WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 # Files a model folder needs besides its weights: tokenizers (Qwen v1's tiktoken vocabulary or HF files),
 # generation defaults, the chat template, licenses, and the remote code transformers loads by auto_map.
 COPY_NAMES = frozenset({
@@ -81,37 +80,6 @@ def checkpoint_tensors(model: Decoder) -> Iterator[tuple[str, torch.Tensor]]:
                 yield f"{part}.{suffix}", piece.clone()  # own storage: safetensors refuses shared storage
 
 
-def _shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy, in checkpoint order: start a new shard when the next tensor would pass max_bytes."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
-
-
-def write_weights(model: Decoder, folder: Path, max_shard_size: int) -> None:
-    """model.safetensors, or model-0000i-of-0000n.safetensors plus model.safetensors.index.json."""
-    tensors = list(checkpoint_tensors(model))
-    shards = _shards(tensors, max_shard_size)
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, fname)
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
 def write_configs(src: Path, folder: Path, group_size: int) -> None:
     """config.json = the source's keys + quantization_config; quant_config.json as AutoAWQ writes it."""
     quant = QuantConfig(group_size=group_size)
@@ -133,21 +101,16 @@ def copy_side_files(src: Path, folder: Path) -> None:
             shutil.copy2(path, folder / path.name)
 
 
-def export_awq(model: Decoder, src: Path, dst: Path, group_size: int, max_shard_size: int = 2 << 30,
+def export_awq(model: Decoder, src: Path, dst: Path, group_size: int, max_shard_size: int = MAX_SHARD_BYTES,
                overwrite: bool = False) -> Path:
     """Write the quantized `model` (loaded from `src`) as an AutoAWQ GEMM folder at `dst`; return dst."""
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        write_weights(model, tmp, max_shard_size)
+    with build_atomically(dst) as tmp:
+        write_sharded(checkpoint_tensors(model), tmp, max_shard_size)
         write_configs(src, tmp, group_size)
         copy_side_files(src, tmp)
         _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

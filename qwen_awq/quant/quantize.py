@@ -11,6 +11,7 @@ import torch
 from qwen_awq.errors import ConfigError
 from qwen_awq.models.config import ModelConfig, QuantConfig, load_config
 from qwen_awq.models.loader import load_model, resolve_device
+from qwen_awq.models.shards import MAX_SHARD_BYTES
 from qwen_awq.quant.awq import awq_quantize, rtn_quantize
 from qwen_awq.quant.export import check_destination, export_awq
 from qwen_awq.quant.groups import fused_rows, linear_shapes
@@ -37,7 +38,7 @@ class QuantizeConfig:
     # Sequences whose output error the scale search measures (x_mean and the block outputs use all of them).
     # Measured on SmolLM2-135M (32 x 256 tokens): 8 match all 32 within 0.1% perplexity; 4 lose 1.3%.
     search_samples: int = 8
-    max_shard_size: int = 2 << 30  # bytes per safetensors shard: 2 GiB, as models/gguf_import.py writes
+    max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors shard
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -6,7 +6,6 @@ bodies. User errors from the engine (QwenAwqError) map to 4xx/503; anything else
 from __future__ import annotations
 
 import enum
-import json
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
+from qwen_awq.engine.async_engine import GenerationFailed
 from qwen_awq.errors import Overloaded, QwenAwqError
 
 log = logging.getLogger("qwen_awq.server")
@@ -70,7 +70,7 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QwenAwqError):
         return APIError(Kind.INVALID, str(exc))
     log.error("request failed", exc_info=exc)
-    if isinstance(exc, RuntimeError) and str(exc).startswith("generation failed"):  # AsyncEngine's step error
+    if isinstance(exc, GenerationFailed):
         return APIError(Kind.GENERATION, str(exc))
     return APIError(Kind.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
 
@@ -94,11 +94,6 @@ def flavor_of(scope: Scope) -> Flavor:
 def error_response(scope: Scope, error: APIError) -> JSONResponse:
     flavor = flavor_of(scope)
     return JSONResponse(error.body(flavor), status_code=error.status(flavor), headers=error.headers())
-
-
-def sse_error(error: APIError, flavor: Flavor) -> str:
-    """The event an SSE stream sends when it fails after it started."""
-    return f"data: {json.dumps(error.body(flavor), ensure_ascii=False)}\n\n"
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

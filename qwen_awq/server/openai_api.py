@@ -17,12 +17,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from qwen_awq.chat import DEFAULT_WINDOW
+from qwen_awq.chat import window_size
 from qwen_awq.engine.llm_engine import CompletionOutput, RequestOutput
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.generation import QWEN_FALLBACKS, default_params
 from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
-from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, sse_error
+from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error
 from qwen_awq.server.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -81,8 +81,7 @@ class Job:
 
 def chat_job(state: ServerState, req: ChatRequest) -> Job:
     tools, legacy = offered_tools(req)
-    window = state.model.generation_config.max_window_size or DEFAULT_WINDOW
-    ids = chat_prompt_ids(state.tokenizer, req.messages, tools, window)
+    ids = chat_prompt_ids(state.tokenizer, req.messages, tools, window_size(state.model))
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if asked is None:
         room = state.engine.max_model_len - len(ids)
@@ -175,7 +174,7 @@ async def chat_events(state: ServerState, job: Job, run: Run, include_usage: boo
         if include_usage and final is not None:
             yield sse(head | {"choices": [], "usage": job.usage([final])})
     except Exception as e:
-        yield sse_error(as_api_error(e), Flavor.OPENAI)
+        yield sse(as_api_error(e).body(Flavor.OPENAI))
     yield DONE
 
 
@@ -250,7 +249,7 @@ async def completion_events(state: ServerState, job: Job, run: Run, include_usag
         if include_usage:
             yield sse(head | {"choices": [], "usage": job.usage(list(finals.values()))})
     except Exception as e:
-        yield sse_error(as_api_error(e), Flavor.OPENAI)
+        yield sse(as_api_error(e).body(Flavor.OPENAI))
     yield DONE
 
 

@@ -237,7 +237,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+def top_entries(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
     """The k most likely ids of an engine logprob entry (which also holds the chosen id, top or not)."""
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
@@ -252,7 +252,7 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, 
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": _lp(value), "bytes": list(text.encode())}
 
-    return {"content": [item(t, e[t]) | {"top_logprobs": [item(i, v) for i, v in _top(e, k)]}
+    return {"content": [item(t, e[t]) | {"top_logprobs": [item(i, v) for i, v in top_entries(e, k)]}
                         for t, e in zip(token_ids, entries, strict=True)]}
 
 
@@ -264,5 +264,5 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": [_lp(e[t]) for t, e in zip(token_ids, entries, strict=True)],
-            "top_logprobs": [{tokenizer.decode([i]): _lp(v) for i, v in _top(e, k)} for e in entries],
+            "top_logprobs": [{tokenizer.decode([i]): _lp(v) for i, v in top_entries(e, k)} for e in entries],
             "text_offset": offsets}

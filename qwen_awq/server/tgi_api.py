@@ -22,13 +22,15 @@ from qwen_awq import __version__
 from qwen_awq.engine.llm_engine import CompletionOutput
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
-from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, set_flavor, sse_error
+from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, set_flavor
 from qwen_awq.server.protocol import (
     TGIParameters,
     TGIRequest,
     TGITokenizeRequest,
     body_doc,
     read_json,
+    sse,
+    top_entries,
     validate,
 )
 from qwen_awq.tokenizer import IncrementalDetokenizer
@@ -124,7 +126,7 @@ def _tokens(state: ServerState, o: CompletionOutput) -> list[dict[str, Any]]:
 
 def _top_tokens(state: ServerState, entries: list[dict[int, float]], k: int) -> list[list[dict[str, Any]]]:
     dec = state.tokenizer.decode
-    return [[_token(state, i, dec([i]), v) for i, v in sorted(e.items(), key=lambda kv: -kv[1])[:k]]
+    return [[_token(state, i, dec([i]), v) for i, v in top_entries(e, k)]
             for e in entries]
 
 
@@ -196,7 +198,7 @@ async def tgi_events(state: ServerState, job: TGIJob, run: Run) -> AsyncGenerato
                                                 "input_length": len(job.ids)}
                     yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n"
     except Exception as e:
-        yield sse_error(as_api_error(e), Flavor.TGI)
+        yield sse(as_api_error(e).body(Flavor.TGI))
 
 
 @router.post("/", openapi_extra=body_doc(TGIRequest))

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from qwen_awq.chat import DEFAULT_WINDOW
+from qwen_awq.chat import window_size
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
 from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, set_flavor
@@ -100,8 +100,7 @@ async def tokenize(request: Request) -> Any:
     if req.prompt is not None:
         ids = state.tokenizer.encode(req.prompt, allowed_special="all")
     else:
-        window = state.model.generation_config.max_window_size or DEFAULT_WINDOW
-        ids = chat_prompt_ids(state.tokenizer, req.messages or [], [], window)
+        ids = chat_prompt_ids(state.tokenizer, req.messages or [], [], window_size(state.model))
     return {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
 
 

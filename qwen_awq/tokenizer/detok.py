@@ -25,14 +25,6 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._window: list[int] = []  # ids before the window are dropped: their text is out
         self._head_len = 0  # window[:_head_len] is the last emitted chunk
-        self._pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
 
     def add(self, token_ids: list[int]) -> str:
         """Append ids; return the text that became complete (possibly "")."""
@@ -61,5 +53,4 @@ class IncrementalDetokenizer:
     def _emit(self, piece: str) -> str:
         del self._window[:self._head_len]  # the ids just emitted become the next head
         self._head_len = len(self._window)
-        self._pieces.append(piece)
         return piece
