@@ -50,8 +50,10 @@ def _transformers_on_autoawq_weights(folder, dequantize_gemm):
     """LlamaForCausalLM (fp32) holding the folder's tensors, quantized ones dequantized by AutoAWQ's code."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors |= {name: f.get_tensor(name) for name in f.keys()}
     state = {}
     for name, t in tensors.items():
         prefix, kind = name.rsplit(".", 1)
@@ -81,6 +83,25 @@ def test_autoawq_written_checkpoint_matches_transformers(autoawq_folder):
         expected = hf(ids).logits
     torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
     assert expected.std() > 0.1  # real, varied logits, not a degenerate model
+
+
+def test_our_checkpoint_matches_transformers_on_autoawq_dequantization(autoawq_folder, tmp_path):
+    """The other direction on the CPU: a folder our quantizer wrote, unpacked by AutoAWQ's own dequantize_gemm
+    into transformers' Llama, computes our logits (names, unfused parts, configs and bit layout end to end)."""
+    from qwen_awq.quant.quantize import QuantizeConfig, quantize_model
+
+    _, dequantize_gemm = autoawq_folder
+    write_llama_checkpoint(tmp_path / "src", seed=5)
+    calib = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = quantize_model(tmp_path / "src", tmp_path / "awq", QuantizeConfig(group_size=G, samples=4, seqlen=16,
+                         micro_batch=2, search_samples=2), calib=calib, progress=False)
+    hf = _transformers_on_autoawq_weights(out, dequantize_gemm)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    torch.testing.assert_close(load_model(out, dtype=torch.float32, device="cpu")(ids), expected,
+                               rtol=1e-4, atol=1e-4)
+    assert expected.std() > 0.1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

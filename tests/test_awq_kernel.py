@@ -28,6 +28,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Max |y - ref| / max |ref|: one rounding of the output plus fp32 summation order; bf16 keeps 8 mantissa bits.
 # A misplaced nibble, zero or scale errs by O(1) on this scale.
 TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
+CPU_TOLERANCE = {torch.float32: 1e-5, torch.float16: TOLERANCE["fp16"], torch.bfloat16: TOLERANCE["bf16"]}
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,15 @@ def test_dispatcher_takes_reference_on_cpu(dtype: torch.dtype, group: int) -> No
     qweight, qzeros, scales = _weights(256, 40, group, seed=group)
     x = torch.randn(2, 3, 256).to(dtype)  # (batch, tokens, K)
     bias = torch.randn(40).half()
+    w = dequantize(qweight, qzeros, scales, group, dtype=torch.float64)  # (K, N), an independent float64 oracle
     for b in (None, bias):
         y = awq_matmul(x, qweight, qzeros, scales, group, b)
         assert torch.equal(y, awq_matmul_reference(x, qweight, qzeros, scales, group, b))
+        exact = x.double() @ w + (0 if b is None else b.double())
+        assert float((y.double() - exact).abs().max() / exact.abs().max()) <= CPU_TOLERANCE[dtype]
 
 
 def test_tile_config_rejects_bad_shapes() -> None:
-    assert TileConfig(16, 128, 64).block_k == 64
     for bad in ((16, 128, 48), (16, 8, 64), (0, 128, 64)):
         with pytest.raises(ConfigError):
             TileConfig(*bad)

@@ -259,7 +259,6 @@ def test_random_workload_frees_everything_and_matches_reference(w: Workload) -> 
     sched = Scheduler(bm, w.max_num_seqs, w.budget, w.max_model_len, w.max_waiting)
     pending, kv, aborted = make_requests(w, rng), {}, set()
     everyone = [s for group in pending for s in group]
-    preemptions = 0
     for _ in range(5000):
         if pending and rng.random() < 0.5:
             try:
@@ -272,14 +271,12 @@ def test_random_workload_frees_everything_and_matches_reference(w: Workload) -> 
             aborted.add(victim.request_id)
             assert sched.abort(victim.request_id) and victim.block_table == []
         if sched.has_unfinished():
-            preemptions = sched.num_preemptions
             engine_step(w, bm, sched, kv, rng, aborted)
         elif not pending:
             break
     assert not pending and not sched.has_unfinished()
     assert bm.num_free_blocks == bm.num_blocks and bm.usage == 0.0
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
-    assert preemptions <= sched.num_preemptions
     for seq in everyone:
         assert seq.is_finished and seq.block_table == []
         if seq.status is not SequenceStatus.FINISHED_ABORTED:

@@ -134,6 +134,12 @@ def test_chat_and_chat_stream_agree(model, tok):
     streamed = "".join(model.chat_stream(tok, "你好", history=[("hi", "hello")], temperature=0, max_tokens=8))
     assert response == streamed.strip()
     assert history == [("hi", "hello"), ("你好", response)]
+    # Independently of TextStream/OutputTracker: plain generate on make_context's ids, cut at the first stop id.
+    _, ids = make_context(tok, "你好", [("hi", "hello")])
+    new = generate(model, ids, default_params(model, temperature=0, max_tokens=8))[0, len(ids):].tolist()
+    stops = eos_ids(tok, model.cfg.eos_token_ids)
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    assert response == tok.decode(new[:cut]).strip()
 
 
 def test_jinja_chat_template_matches_transformers():
