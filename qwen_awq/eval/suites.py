@@ -127,7 +127,14 @@ def _load(args: argparse.Namespace) -> Callable[[str | None], SuiteModel]:
     return load
 
 
+def _check_data(suite: str, opts: SuiteOptions) -> None:
+    """Fail on missing data before minutes of model loading."""
+    if suite in ("ceval", "gsm8k") or opts.data is not None:
+        _need_data(suite, opts.data)
+
+
 def cmd_suite(args: argparse.Namespace) -> int:
+    _check_data(args.suite, _options(args))
     result = run_suite(_load(args)(args.model), args.suite, _options(args), progress=not args.no_progress)
     write_json(args.json_out, result.to_dict())
     print(json.dumps(result.to_dict(with_items=False), ensure_ascii=False) if args.json else result.table())
@@ -149,6 +156,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     options = {s: _options(args, data=getattr(args, f"{s}_data"), shots=getattr(args, f"{s}_shots", 0) or 0)
                for s in args.suites}
+    for suite, opts in options.items():
+        _check_data(suite, opts)
     results = compare(args.models, args.suites, options, _load(args), progress=not args.no_progress)
     rows = comparison_rows(results, args.suites)
     write_json(args.json_out, {"suites": args.suites, "rows": [{"model": n, "scores": v} for n, v in rows],
@@ -250,10 +259,11 @@ def register_suites(esub: Any) -> None:
     c.add_argument("--png", type=Path, default=None, help="write a grouped bar chart here")
     c.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     c.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    for flag, kw in (("--batch-size", dict(type=int, default=8)), ("--max-model-len", dict(type=int, default=None)),
-                     ("--limit", dict(type=int, default=None, help="first N items per suite (per subject)")),
-                     ("--json-out", dict(type=Path, default=None)), ("--no-progress", dict(action="store_true"))):
-        c.add_argument(flag, **kw)
+    c.add_argument("--batch-size", type=int, default=8, help="prompts per scoring forward (default 8)")
+    c.add_argument("--max-model-len", type=int, default=None, help="longest sequence the engine holds")
+    c.add_argument("--limit", type=int, default=None, help="first N items per suite (per subject for mmlu/ceval)")
+    c.add_argument("--json-out", type=Path, default=None, help="write every model's summaries as JSON here")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
 
