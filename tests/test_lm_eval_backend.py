@@ -102,3 +102,13 @@ def test_generate_until_equals_greedy_decoding(evaluated):
         text = tok.decode(new)
         cut = min((text.index(s) for s in ("\n", ".") if s in text), default=len(text))
         assert sample["resps"][0][0] == text[:cut]
+
+
+def test_model_args_win_over_the_cli_defaults(qwen_dir):
+    """lm-eval's CLI always passes --device (default cuda:0); a device in --model_args must take precedence."""
+    from qwen_awq.eval.lm_eval_backend import QwenAwqLM
+
+    lm = QwenAwqLM.create_from_arg_string(f"pretrained={qwen_dir},device=cpu,dtype=float32",
+                                          {"device": "cuda:0", "batch_size": 3, "max_batch_size": None})
+    assert lm.evaluator.model.device.type == "cpu" and lm.evaluator.batch_size == 3
+    assert lm.max_length == lm.evaluator.context_length and lm.prefix_token_id == lm.tokenizer.eos_token_id

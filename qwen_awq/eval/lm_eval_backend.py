@@ -13,7 +13,7 @@ from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
 from qwen_awq.engine.sampling_params import SamplingParams
@@ -41,6 +41,18 @@ class QwenAwqLM(TemplateLM):
                                    max_model_len=None if max_length is None else int(max_length))
         self.tokenizer = self.evaluator.tokenizer
         self.max_gen_toks = int(max_gen_toks)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+                            ) -> QwenAwqLM:
+        """model_args win over the CLI's own flags (its --device defaults to cuda:0 even when not given)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None
+                               ) -> QwenAwqLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
     def eot_token_id(self) -> int:
