@@ -66,23 +66,22 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_for_cli(args: argparse.Namespace):
-    import qwen_awq
+    from qwen_awq.loading import load
 
     print("Loading model...", file=sys.stderr, flush=True)
-    return qwen_awq.load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=args.dtype, device=args.device)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from qwen_awq.chat import make_context
-    from qwen_awq.generation import TextStream, default_params
+    from qwen_awq.generation import TextStream, reply_params
 
     model, tok = load_for_cli(args)
-    params = default_params(model, **sampling_overrides(args))
     if args.chat:
         ids = make_context(tok, args.prompt, system=args.system)[1]
     else:
         ids = tok.encode(args.prompt, allowed_special=set())
-    stream = TextStream(model, tok, ids, params)
+    stream = TextStream(model, tok, ids, reply_params(model, tok, len(ids), **sampling_overrides(args)))
     if args.json:
         out = stream.run()
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason},

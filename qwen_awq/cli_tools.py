@@ -10,7 +10,7 @@ from typing import Any
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from qwen_awq import resolve_model_path
+    from qwen_awq.loading import resolve_model_path
     from qwen_awq.quant.quantize import QuantizeConfig, quantize_model
 
     qcfg = QuantizeConfig(group_size=args.group_size, method=args.method, samples=args.samples, seqlen=args.seqlen,
@@ -25,10 +25,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import qwen_awq
     from qwen_awq.eval.perplexity import perplexity_of_text
+    from qwen_awq.loading import load
 
-    model, tok = qwen_awq.load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     if args.text is not None:
         try:
             text = Path(args.text).read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""The engine against the simple generate path: batching, chunked prefill, prefix caching, preemption, int8 KV."""
+"""The engine against a dense full-recompute greedy loop: batching, chunked prefill, prefix caching, preemption,
+int8 KV, CUDA graphs."""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +8,13 @@ import threading
 import pytest
 import torch
 from assets import DEVICE
+from reference import dense_greedy
 
 from qwen_awq.engine.async_engine import AsyncEngine
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata, dequantize, quantize_chunk
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import Overloaded
-from qwen_awq.generation import TextStream
 from qwen_awq.models.attention import ForwardBatch
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import load_tokenizer
@@ -43,7 +44,8 @@ def _run(engine: LLMEngine, prompts: list[list[int]], params=GREEDY) -> list[lis
 
 
 def _reference(mt, prompts, params=GREEDY):
-    return [TextStream(mt[0], mt[1], p, params).run().token_ids for p in prompts]
+    assert params.greedy and params.ignore_eos
+    return [dense_greedy(mt[0], p, params.max_tokens, vocab=mt[1].vocab_size) for p in prompts]
 
 
 def _engine(mt, **kw) -> LLMEngine:

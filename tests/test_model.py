@@ -7,8 +7,9 @@ import pytest
 import torch
 from assets import DEVICE
 from checkpoints import hf_qwen2_twin
+from reference import ContiguousKVCache
 
-from qwen_awq.models.attention import ContiguousKVCache, ForwardBatch
+from qwen_awq.models.attention import ForwardBatch
 from qwen_awq.models.loader import load_model
 
 

@@ -1,6 +1,7 @@
 """Per-request sampling settings with vLLM's names and defaults, validated on construction.
 
-`SamplingParams.from_generation_config` maps a Hugging Face generation_config onto them.
+`SamplingParams.from_defaults` is the one place where a request's settings are resolved from the model's
+generation defaults (a Hugging Face generation_config) and the caller's overrides.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 # OpenAI's documented range for presence_penalty and frequency_penalty.
 PENALTY_RANGE = 2.0
+# A reply's length when neither the request nor the model's generation_config says (Qwen-7B-Chat's
+# generation_config max_new_tokens); chat-style surfaces use it, vLLM-compatible ones keep max_tokens=16.
+REPLY_MAX_TOKENS = 512
 
 # Hugging Face generation_config key -> SamplingParams field (do_sample is handled separately).
 _HF_KEYS = {
@@ -31,6 +35,7 @@ _HF_KEYS = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
 }
+_HF_ONLY = ("max_new_tokens", "min_new_tokens")  # HF names that differ from ours
 
 
 @dataclass
@@ -117,28 +122,40 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
     @classmethod
-    def from_generation_config(cls, gen: Mapping[str, Any] | object | None,
-                               **overrides: Any) -> SamplingParams:
-        """Start from a HF generation_config (dict or object), then apply overrides.
+    def from_defaults(cls, defaults: Mapping[str, Any] | object | None, *, room: int | None = None,
+                      default_max_tokens: int | None = None, **overrides: Any) -> SamplingParams:
+        """Resolve a request: the caller's overrides, then `defaults` (a HF generation_config as a dict or an
+        object, e.g. the model's GenerationDefaults), then vLLM's defaults.
 
-        Keys that are absent or None in `gen` keep SamplingParams' defaults, and overrides that are None
-        count as "not given" (so a request's unset fields fall back to the config). `do_sample` false
-        means greedy unless an override sets temperature. Model-specific fallbacks are the caller's job.
+        Overrides that are None count as "not given"; HF names (max_new_tokens, min_new_tokens, do_sample) are
+        accepted. do_sample false means greedy, unless an override sets a temperature above 0. Unless given,
+        max_tokens is the defaults' max_new_tokens, else `default_max_tokens`, else vLLM's 16, cut to `room`
+        (the context left after the prompt) but never below 1, so that a full context is refused with numbers.
         """
-        values: dict[str, Any] = {}
-        for key, name in _HF_KEYS.items():
-            value = _lookup(gen, key)
-            if value is not None:
-                values[name] = value
-        if _lookup(gen, "do_sample") is False:
-            values["temperature"] = 0.0
-        known = {f.name for f in fields(cls)}
-        for name, value in overrides.items():
-            if name not in known:
-                raise SamplingError(f"unknown sampling parameter {name!r}; known: {', '.join(sorted(known))}")
-            if value is not None:
-                values[name] = value
-        return cls(**values)
+        values = {name: _lookup(defaults, key) for key, name in _HF_KEYS.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        given = _given(cls, overrides)
+        do_sample = given.pop("do_sample", _lookup(defaults, "do_sample"))
+        if do_sample is False and not given.get("temperature"):
+            given["temperature"] = 0.0
+        if "max_tokens" not in given and "max_tokens" not in values and default_max_tokens is not None:
+            values["max_tokens"] = default_max_tokens
+        if "max_tokens" not in given and room is not None:
+            values["max_tokens"] = max(1, min(values.get("max_tokens", cls.max_tokens), room))
+        return cls(**(values | given))
+
+
+def _given(cls: type[SamplingParams], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides that were given, under SamplingParams' names (do_sample kept as is)."""
+    known = {f.name for f in fields(cls)}
+    given: dict[str, Any] = {}
+    for name, value in overrides.items():
+        field_name = _HF_KEYS.get(name, name) if name in _HF_ONLY else name
+        if field_name not in known and name != "do_sample":
+            raise SamplingError(f"unknown sampling parameter {name!r}; known: {', '.join(sorted(known))}")
+        if value is not None:
+            given[field_name] = value
+    return given
 
 
 def _lookup(gen: Mapping[str, Any] | object | None, key: str) -> Any:

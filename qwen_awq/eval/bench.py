@@ -41,8 +41,9 @@ def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int
 
 
 def bench_decode(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> dict:
-    """Batch-1 decode speed through the simple generate path: 1-token prompt, exactly `new_tokens` tokens."""
-    from qwen_awq.generation import TextStream
+    """Batch-1 decode speed on the model's own engine (what chat and generate use: paged KV cache, CUDA graphs
+    on a GPU): 1-token prompt, exactly `new_tokens` tokens."""
+    from qwen_awq.generation import TextStream, model_driver
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     TextStream(model, tokenizer, [1], SamplingParams(max_tokens=4, ignore_eos=True)).run()  # warm-up
@@ -56,8 +57,10 @@ def bench_decode(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> dict
         assert len(out.token_ids) == new_tokens
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
+    graphs = model_driver(model, tokenizer).engine.runner.graphs
     return {"new_tokens": new_tokens, "runs": runs, "median_s": median, "tokens_per_s": new_tokens / median,
-            "peak_gpu_memory_bytes": peak, "device": str(model.device), "dtype": str(model.dtype)}
+            "peak_gpu_memory_bytes": peak, "device": str(model.device), "dtype": str(model.dtype),
+            "cuda_graph_replays": graphs.replays if graphs is not None else 0}
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
@@ -73,9 +76,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    import qwen_awq
+    from qwen_awq.loading import load
 
-    model, tok = qwen_awq.load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     result = bench_decode(model, tok, args.new_tokens, args.runs)
     print(json.dumps(result) if args.json else
           f"Decode: {result['tokens_per_s']:.2f} tokens/s (median of {args.runs}, {args.new_tokens} new tokens)")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +224,10 @@ class GenerationDefaults:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None and k != "eos_token_ids"}
+
+    def under(self, fallbacks: GenerationDefaults) -> GenerationDefaults:
+        """These values, with `fallbacks` filling the ones this file lacks."""
+        return replace(fallbacks, **self.as_dict(), eos_token_ids=self.eos_token_ids or fallbacks.eos_token_ids)
 
 
 def load_generation_config(folder: str | Path) -> GenerationDefaults:

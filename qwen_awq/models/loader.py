@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import ModelConfig, load_config, load_generation_config
+from qwen_awq.models.config import GenerationDefaults, ModelConfig, load_config, load_generation_config
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
 
@@ -122,8 +122,16 @@ def load_weights(model: Decoder, folder: Path) -> None:
             target.copy_(tensor)
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> Decoder:
-    """Build the decoder for the folder's config on the meta device, allocate it on `device`, stream weights in."""
+# Qwen-7B-Chat's generation_config.json values, used where a Qwen folder lacks them (spec: qwen.md).
+QWEN_FALLBACKS = GenerationDefaults(do_sample=True, top_p=0.8, top_k=0, repetition_penalty=1.1, max_new_tokens=512)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+               model_class: type[Decoder] = Decoder) -> Decoder:
+    """Build the decoder for the folder's config on the meta device, allocate it on `device`, stream weights in.
+
+    `model_class` is Decoder or a subclass (qwen_awq.load passes chat.ChatModel).
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"model folder {folder} does not exist")
@@ -131,7 +139,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
     with torch.device("meta"):
-        model = Decoder(cfg, torch_dtype)
+        model = model_class(cfg, torch_dtype)
     model.to_empty(device=dev)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -142,7 +150,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
         for module in model.modules():
             if isinstance(module, AWQLinear):
                 module.cache_dequantized = True
-    model.generation_config = load_generation_config(folder)
+    fallbacks = QWEN_FALLBACKS if cfg.family == "qwen" else GenerationDefaults()
+    model.generation_config = load_generation_config(folder).under(fallbacks)
     return model.eval().requires_grad_(False)
 
 
