@@ -22,7 +22,8 @@ SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
     ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty in [-2, 2]"),
     ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty in [-2, 2]"),
     ("--seed", "seed", int, "random seed, for reproducible sampling"),
-    ("--max-new-tokens", "max_new_tokens", int, "most tokens to generate (default: the model's config, or 512)"),
+    ("--max-new-tokens", "max_new_tokens", int, "most tokens to generate (default: the model's generation_config "
+     "max_new_tokens, else 512, cut to the context left after the prompt)"),
     ("--min-new-tokens", "min_new_tokens", int, "fewest tokens to generate before a stop token may end the reply"),
 ]
 

@@ -23,6 +23,27 @@ def test_generate_json_answers_paris():
     assert isinstance(out["token_ids"], list) and len(out["token_ids"]) <= 24
 
 
+def test_replies_run_to_their_stop_token_by_default():
+    """Without --max-new-tokens a reply is not cut at vLLM's 16 tokens: the CLI, model.chat and --help agree on one
+    default (the model's max_new_tokens, else 512)."""
+    import qwen_awq
+    from qwen_awq.cli import build_parser
+    from qwen_awq.engine.sampling_params import REPLY_MAX_TOKENS
+
+    query = "Explain what a CPU does in one sentence."
+    r = run_cli("generate", "--prompt", query, "--chat", "--greedy", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop" and 16 < len(out["token_ids"]) < REPLY_MAX_TOKENS
+    model, tok = qwen_awq.load(None, device="cpu")
+    assert model.generation_config.max_new_tokens is None  # so the 512 applies to the bundled model
+    response, _ = model.chat(tok, query, temperature=0)
+    assert response == out["text"].strip()
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    flag = next(a for a in generate._actions if "--max-new-tokens" in a.option_strings)
+    assert f"else {REPLY_MAX_TOKENS}" in flag.help
+
+
 def test_piped_chat_session_is_multi_turn():
     queries = "What is the capital of France?\n:seed 1\n:history\nAnd what is the capital of Germany?\n"
     r = run_cli("chat", "--greedy", "--max-new-tokens", "24", "--device", "cpu", stdin=queries)

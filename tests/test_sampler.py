@@ -280,6 +280,24 @@ def test_from_defaults():
         SamplingParams.from_defaults({"top_p": 0})
 
 
+def test_from_defaults_max_tokens_and_hf_names():
+    gen = {"do_sample": False, "temperature": 0.7, "max_new_tokens": 300}
+    assert SamplingParams.from_defaults(None).max_tokens == 16  # vLLM's default
+    assert SamplingParams.from_defaults({}, default_max_tokens=512).max_tokens == 512
+    assert SamplingParams.from_defaults(gen, default_max_tokens=512).max_tokens == 300  # the model's wins
+    assert SamplingParams.from_defaults(gen, room=100).max_tokens == 100  # cut to the context left
+    assert SamplingParams.from_defaults(gen, room=-5).max_tokens == 1  # admission then refuses with numbers
+    assert SamplingParams.from_defaults(gen, room=100, max_tokens=200).max_tokens == 200  # asked: never cut
+    assert SamplingParams.from_defaults(gen, max_new_tokens=7, min_new_tokens=2).max_tokens == 7
+    assert SamplingParams.from_defaults(gen, max_new_tokens=7, min_new_tokens=2).min_tokens == 2
+    assert SamplingParams.from_defaults(gen).greedy
+    assert SamplingParams.from_defaults(gen, do_sample=True).temperature == 0.7
+    assert SamplingParams.from_defaults({"temperature": 0.7}, do_sample=False).greedy
+    assert SamplingParams.from_defaults(gen, temperature=0.4).temperature == 0.4  # a temperature means sampling
+    with pytest.raises(SamplingError, match="unknown sampling parameter 'max_new_token'"):
+        SamplingParams.from_defaults(gen, max_new_token=3)
+
+
 def test_build_rejects_out_of_vocab_ids():
     with pytest.raises(SamplingError, match="outside the vocabulary"):
         make_batch([SamplingParams(repetition_penalty=1.2)], 10, prompts=[[3, 10]])
