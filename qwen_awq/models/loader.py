@@ -13,9 +13,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import GenerationDefaults, ModelConfig, load_config, load_generation_config
+from qwen_awq.models.config import ModelConfig, load_generation_config
 from qwen_awq.models.decoder import Decoder
-from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
+from qwen_awq.models.family import family_of, load_config
+from qwen_awq.quant.formats import PLAIN, after_load, quant_format
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -97,22 +98,24 @@ class CheckpointReader:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} (truncated?): {e}") from None
 
 
-def _load_tensor(reader: CheckpointReader, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
+def _load_tensor(reader: CheckpointReader, parts: tuple[str, ...], suffix: str, fuse_dims: dict[str, int]
+                 ) -> torch.Tensor:
     tensors = [reader.get(f"{p}.{suffix}") for p in parts]
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=FUSE_DIM[suffix])
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=fuse_dims[suffix])
 
 
 def load_weights(model: Decoder, folder: Path) -> None:
     """Copy every canonical parameter/buffer of `model` from the checkpoint, checking names and shapes."""
     reader = CheckpointReader(folder)
-    modules = WEIGHT_MAPS[model.cfg.family].modules(model.cfg.num_layers)
+    modules = family_of(model.cfg).weights.modules(model.cfg.num_layers)
+    fuse_dims = {**PLAIN.fuse_dims, **quant_format(model.cfg.quant).fuse_dims}
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, target in targets.items():
         module, suffix = key.rsplit(".", 1)
         if model.cfg.tie_word_embeddings and module == "lm_head":
             continue
         parts = modules[module]
-        tensor = _load_tensor(reader, parts, suffix)
+        tensor = _load_tensor(reader, parts, suffix, fuse_dims)
         if tensor.shape != target.shape:
             raise CheckpointError(
                 f"{' + '.join(f'{p}.{suffix}' for p in parts)} has shape {tuple(tensor.shape)}, "
@@ -120,10 +123,6 @@ def load_weights(model: Decoder, folder: Path) -> None:
             )
         with torch.no_grad():
             target.copy_(tensor)
-
-
-# Qwen-7B-Chat's generation_config.json values, used where a Qwen folder lacks them (spec: qwen.md).
-QWEN_FALLBACKS = GenerationDefaults(do_sample=True, top_p=0.8, top_k=0, repetition_penalty=1.1, max_new_tokens=512)
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
@@ -144,14 +143,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, folder)
-    if cfg.quant is not None and dev.type == "cpu":
-        from qwen_awq.quant.linear import AWQLinear
-
-        for module in model.modules():
-            if isinstance(module, AWQLinear):
-                module.cache_dequantized = True
-    fallbacks = QWEN_FALLBACKS if cfg.family == "qwen" else GenerationDefaults()
-    model.generation_config = load_generation_config(folder).under(fallbacks)
+    after_load(model, quant_format(cfg.quant), dev)
+    model.generation_config = load_generation_config(folder).under(family_of(cfg).chat_fallbacks)
     return model.eval().requires_grad_(False)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.config import ModelConfig, QuantConfig, load_config
+from qwen_awq.models.config import ModelConfig, QuantConfig
+from qwen_awq.models.family import load_config
 from qwen_awq.models.loader import load_model, resolve_device
 from qwen_awq.models.shards import MAX_SHARD_BYTES
 from qwen_awq.quant.awq import awq_quantize, rtn_quantize
