@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from qwen_awq.chat import ChatModel
+from qwen_awq.errors import ConfigError
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import Tokenizer, load_tokenizer
 
@@ -22,6 +23,9 @@ def resolve_model_path(path: str | Path | None) -> Path:
         from qwen_awq.models.gguf_import import import_gguf  # needs the gguf package
 
         return import_gguf(path)
+    if path.is_file():
+        raise ConfigError(f"{path} is a file, not a model: pass a model folder (config.json and *.safetensors "
+                          "weights) or a .gguf file")
     return path
 
 

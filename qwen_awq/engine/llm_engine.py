@@ -25,16 +25,28 @@ GiB = 1 << 30
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's context length
-    max_waiting: int = 1024  # queued sequences beyond this are refused with Overloaded
-    kv_cache_memory: int | None = None  # bytes; default: gpu_memory_utilization of free GPU memory, 1 GiB on CPU
-    gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (Qwen's per-chunk asymmetric scheme)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # vLLM's name: True disables CUDA-graph capture of decode steps
+    """Engine settings; fields with help metadata are `qwen-awq serve` flags (cli_args.add_config_args)."""
+
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "token budget of one engine step (long prompts prefill in chunks of this size)"})
+    max_model_len: int | None = field(default=None, metadata={  # None: the model's context length
+        "help": "context length (default: the model's, or what the KV cache holds if less)"})
+    max_waiting: int = field(default=1024, metadata={  # queued sequences beyond this are refused with Overloaded
+        "flags": ("--max-queue", "--max-waiting"),
+        "help": "most waiting sequences; beyond it requests get 503 (OpenAI routes) or 429 (TGI routes) with "
+                "Retry-After"})
+    kv_cache_memory: int | None = field(default=None, metadata={  # bytes
+        "unit": "bytes", "help": "KV-cache size, e.g. 2GiB (default: a share of free GPU memory, 1 GiB on CPU)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "share of free GPU memory for the KV cache when --kv-cache-memory is absent"})
+    kv_cache_dtype: str = field(default="auto", metadata={  # "int8": Qwen's per-chunk asymmetric scheme
+        "choices": ("auto", "int8"), "help": "auto: the model dtype; int8: Qwen's per-chunk quantized KV cache"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "flags": ("--no-prefix-caching",), "help": "do not share KV blocks of common prefixes"})
+    enforce_eager: bool = field(default=False, metadata={  # vLLM's name: no CUDA-graph capture of decode steps
+        "help": "run decode steps eagerly instead of replaying captured CUDA graphs"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -25,6 +25,13 @@ PENALTY_RANGE = 2.0
 # generation_config max_new_tokens); chat-style surfaces use it, vLLM-compatible ones keep max_tokens=16.
 REPLY_MAX_TOKENS = 512
 
+
+
+def _cli(text: str, fallback: str) -> dict[str, str]:
+    """Field metadata for the CLI's sampling flags (cli_args.py): help text with the chat-style default."""
+    return {"help": f"{text} (default: the model's generation_config, else {fallback})"}
+
+
 # Hugging Face generation_config key -> SamplingParams field (do_sample is handled separately).
 _HF_KEYS = {
     "temperature": "temperature",
@@ -43,19 +50,27 @@ class SamplingParams:
     """vLLM-compatible sampling parameters; `stop` also accepts a single string."""
 
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # 1 means off
-    top_k: int = 0  # 0 or -1 mean off; -1 is normalized to 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF semantics, over prompt + output
-    presence_penalty: float = 0.0  # OpenAI semantics, over output only
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 16
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
+    temperature: float = field(default=1.0, metadata=_cli("softmax temperature; 0 = greedy", "1.0"))
+    top_p: float = field(default=1.0, metadata=_cli("nucleus sampling mass in (0, 1]; 1 = off", "1"))
+    top_k: int = field(default=0, metadata=_cli("keep the k most likely tokens; 0 or -1 = off", "0"))
+    min_p: float = field(default=0.0, metadata=_cli("drop tokens below min_p x the top probability; 0 = off", "0"))
+    repetition_penalty: float = field(  # HF semantics, over prompt + output
+        default=1.0, metadata=_cli("HF repetition penalty over prompt and output; 1 = off", "1"))
+    presence_penalty: float = field(  # OpenAI semantics, over output only
+        default=0.0, metadata={"help": "OpenAI presence penalty in [-2, 2] (default: 0)"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "OpenAI frequency penalty in [-2, 2] (default: 0)"})
+    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling"})
+    max_tokens: int = field(default=16, metadata={
+        "flags": ("--max-new-tokens", "--max-tokens"),
+        "help": f"most tokens to generate (default: the model's generation_config max_new_tokens, else "
+                f"{REPLY_MAX_TOKENS}, cut to the context left after the prompt)"})
+    min_tokens: int = field(default=0, metadata={
+        "flags": ("--min-new-tokens", "--min-tokens"),
+        "help": "fewest tokens to generate before a stop token may end the reply (default: 0)"})
+    stop: list[str] = field(default_factory=list, metadata={
+        "help": "stop string (repeatable); trimmed from the output"})
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = field(default=False, metadata={"help": "keep generating past end-of-sequence tokens"})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token

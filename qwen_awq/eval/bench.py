@@ -64,10 +64,12 @@ def bench_decode(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> dict
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from qwen_awq.cli_args import config_kwargs
     from qwen_awq.engine.llm import LLM
+    from qwen_awq.engine.llm_engine import EngineConfig
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.input_len + args.output_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+              **config_kwargs(EngineConfig, args))
     result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(json.dumps(result) if args.json else
           f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} total "
@@ -86,15 +88,15 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def register_bench(bench_sub: Any) -> None:
-    from qwen_awq.cli import add_model_args, parse_bytes
+    from qwen_awq.cli_args import add_config_args, add_model_args
+    from qwen_awq.engine.llm_engine import EngineConfig
 
     t = bench_sub.add_parser("throughput", help="offline throughput over random prompts (vLLM-style)")
     add_model_args(t)
     t.add_argument("--num-prompts", type=int, default=32, help="number of requests (default 32)")
     t.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     t.add_argument("--output-len", type=int, default=128, help="generated tokens per request (default 128)")
-    t.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
-    t.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV cache size, e.g. 2GiB")
+    add_config_args(t, EngineConfig, only=("max_num_seqs", "kv_cache_memory"))
     t.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_bench_throughput)
