@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("bundled_model")  # the CLI's default model, built once before these run
+
 
 def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen_awq.cli", *args], input=stdin, capture_output=True,

@@ -63,8 +63,8 @@ def test_errors(llm, qwen_dir):
         llm.generate([[1] * 510], SamplingParams(max_tokens=10))
 
 
-def test_default_model_answers_paris():
-    llm = LLM(device=DEVICE, max_model_len=512, kv_cache_memory=2**26)
+def test_default_model_answers_paris(bundled_model):
+    llm = LLM(device=DEVICE, max_model_len=512, kv_cache_memory=2**26)  # the default model
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=24))[0]
     assert "Paris" in out.outputs[0].text and out.outputs[0].finish_reason == "stop"
