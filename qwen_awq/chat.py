@@ -1,14 +1,19 @@
-"""Chat prompts: Qwen's `make_context`/`chat()` semantics (ChatML, piecewise injection-safe encoding, history
-window) and, for folders whose tokenizer_config.json has a Jinja chat_template, that template."""
+"""Chat: Qwen's `make_context`/`chat()` semantics (ChatML, piecewise injection-safe encoding, history window)
+and, for folders whose tokenizer_config.json has a Jinja chat_template, that template; `ChatModel`, the decoder
+with `generate`, `chat` and `chat_stream` as methods (what `qwen_awq.load` returns)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import QwenAwqError, TokenizerError
+from qwen_awq.generation import TextStream, generate, reply_params
+from qwen_awq.models.decoder import Decoder
 from qwen_awq.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -107,22 +112,39 @@ def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
     return make_context(tokenizer, query, history, system, max_window_size)[1]
 
 
-def window_size(model: Any) -> int:
+def window_size(model: Decoder) -> int:
     """The model's chat-history window in tokens (generation_config's max_window_size, else Qwen's default)."""
     return model.generation_config.max_window_size or DEFAULT_WINDOW
 
 
-def chat_stream(model: Any, tokenizer: Tokenizer, query: str, history: History | None = None,
+def chat_stream(model: Decoder, tokenizer: Tokenizer, query: str, history: History | None = None,
                 system: str = DEFAULT_SYSTEM, **sampling: Any) -> Iterator[str]:
-    """Yield the reply's text as it is generated; the turn ends at <|im_end|>/<|im_start|>/<|endoftext|>."""
-    from qwen_awq.generation import TextStream, default_params
+    """Yield the reply's text as it is generated; the turn ends at <|im_end|>/<|im_start|>/<|endoftext|>.
 
+    Sampling settings default to the model's (see `reply_params`); keywords override them.
+    """
     _, ids = make_context(tokenizer, query, history, system, window_size(model))
-    yield from TextStream(model, tokenizer, ids, default_params(model, **sampling))
+    yield from TextStream(model, tokenizer, ids, reply_params(model, tokenizer, len(ids), **sampling))
 
 
-def chat(model: Any, tokenizer: Tokenizer, query: str, history: History | None = None,
+def chat(model: Decoder, tokenizer: Tokenizer, query: str, history: History | None = None,
          system: str = DEFAULT_SYSTEM, **sampling: Any) -> tuple[str, History]:
     """Qwen's `model.chat`: (stripped response, history + [(query, response)])."""
     response = "".join(chat_stream(model, tokenizer, query, history, system, **sampling)).strip()
     return response, [*(history or []), (query, response)]
+
+
+class ChatModel(Decoder):
+    """The decoder with HF's `generate` and Qwen's `chat` / `chat_stream` as methods."""
+
+    def generate(self, input_ids: torch.Tensor | list[int], params: SamplingParams | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        return generate(self, input_ids, params, **kwargs)
+
+    def chat(self, tokenizer: Tokenizer, query: str, history: History | None = None, system: str = DEFAULT_SYSTEM,
+             **sampling: Any) -> tuple[str, History]:
+        return chat(self, tokenizer, query, history, system, **sampling)
+
+    def chat_stream(self, tokenizer: Tokenizer, query: str, history: History | None = None,
+                    system: str = DEFAULT_SYSTEM, **sampling: Any) -> Iterator[str]:
+        return chat_stream(self, tokenizer, query, history, system, **sampling)

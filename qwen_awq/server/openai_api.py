@@ -1,8 +1,8 @@
 """OpenAI-compatible routes (vLLM's server is the reference): /v1/chat/completions, /v1/completions and
 /v1/models.
 
-Absent sampling fields take the model's generation_config.json values. max_tokens defaults: chat, the room
-left in the context capped by the model's max_new_tokens; completions, 16 (vLLM's default). response_format
+Absent sampling fields take the model's generation_config.json values. max_tokens defaults: chat, the model's
+max_new_tokens (else 512) cut to the room left in the context; completions, 16 (vLLM's default). response_format
 json_object/json_schema is accepted but not enforced (no constrained decoding).
 """
 from __future__ import annotations
@@ -19,8 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from qwen_awq.chat import window_size
 from qwen_awq.engine.llm_engine import CompletionOutput, RequestOutput
-from qwen_awq.engine.sampling_params import SamplingParams
-from qwen_awq.generation import QWEN_FALLBACKS, default_params
+from qwen_awq.engine.sampling_params import REPLY_MAX_TOKENS, SamplingParams
 from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
 from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error
 from qwen_awq.server.protocol import (
@@ -44,8 +43,8 @@ PASSED = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "
 DONE = "data: [DONE]\n\n"
 
 
-def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    extra_stop: tuple[str, ...] = (), room: int | None = None) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
         raise APIError(Kind.INVALID, "stream_options is only allowed with stream=true",
                        param="stream_options")
@@ -55,8 +54,9 @@ def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int, lo
         raise APIError(Kind.INVALID, f"n={req.n} exceeds this server's queue of "
                        f"{state.engine.engine.scheduler.max_waiting} sequences (--max-queue)", param="n")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return default_params(state.model, **{name: getattr(req, name) for name in PASSED},
-                          max_tokens=max_tokens, logprobs=logprobs, stop=stop + list(extra_stop))
+    return SamplingParams.from_defaults(state.model.generation_config, room=room, default_max_tokens=REPLY_MAX_TOKENS,
+                                        **{name: getattr(req, name) for name in PASSED},
+                                        max_tokens=max_tokens, logprobs=logprobs, stop=stop + list(extra_stop))
 
 
 @dataclass
@@ -83,15 +83,11 @@ def chat_job(state: ServerState, req: ChatRequest) -> Job:
     tools, legacy = offered_tools(req)
     ids = chat_prompt_ids(state.tokenizer, req.messages, tools, window_size(state.model))
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if asked is None:
-        room = state.engine.max_model_len - len(ids)
-        cap = state.model.generation_config.max_new_tokens or (
-            QWEN_FALLBACKS["max_new_tokens"] if state.model.cfg.family == "qwen" else None)
-        asked = max(1, min(cap, room) if cap else room)  # no room: let the length check explain with numbers
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(Kind.INVALID, "top_logprobs requires logprobs=true", param="top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(state, req, asked, top, STOP_WORDS if tools else ())
+    params = sampling_params(state, req, asked, top, STOP_WORDS if tools else (),
+                             room=state.engine.max_model_len - len(ids))
     return Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, top, tools, legacy)
 
 

@@ -46,7 +46,7 @@ def legacy_params(state: ServerState, extra: dict[str, Any]) -> SamplingParams:
     if best_of is not None and best_of != extra.get("n", 1):
         raise APIError(Kind.INVALID, "best_of other than n is not supported", param="best_of")
     try:
-        params = SamplingParams.from_generation_config(None, **extra)
+        params = SamplingParams.from_defaults(None, **extra)
     except (TypeError, ValueError) as e:  # SamplingError is a ValueError; TypeError: a wrong kind of value
         raise APIError(Kind.INVALID, f"invalid sampling parameters: {e}") from None
     if params.stop_token_ids:
