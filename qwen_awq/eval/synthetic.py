@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.config import ModelConfig, QuantConfig, load_config
+from qwen_awq.models.config import ModelConfig, QuantConfig
 from qwen_awq.models.decoder import Decoder
-from qwen_awq.models.names import WEIGHT_MAPS
+from qwen_awq.models.family import family_of, load_config
 from qwen_awq.models.shards import MAX_SHARD_BYTES, build_atomically, write_sharded
 from qwen_awq.quant import export
 
@@ -92,7 +92,7 @@ def checkpoint_tensors(model: Decoder) -> Iterator[tuple[str, torch.Tensor]]:
     if cfg.quant is not None:
         yield from export.checkpoint_tensors(model)
         return
-    for canonical, parts in WEIGHT_MAPS[cfg.family].modules(cfg.num_layers).items():
+    for canonical, parts in family_of(cfg).weights.modules(cfg.num_layers).items():
         module = model.get_submodule(canonical)
         for suffix, tensor in module.named_parameters(recurse=False):
             sizes = export.split_sizes(cfg, canonical, len(parts)) if len(parts) > 1 else [tensor.shape[0]]
