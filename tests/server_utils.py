@@ -135,3 +135,17 @@ def from_schema(schema: dict[str, Any], defs: dict[str, Any], name: str = "", de
     simple = {"number": st.floats(-3, 3) | st.sampled_from([0, 1, -1e30]), "string": st.text(max_size=12),
               "boolean": st.booleans(), "null": st.none()}
     return simple.get(kind, JSON_ANY)
+
+
+def write_smollm2_tiny(folder: Any) -> Any:
+    """A tiny random Llama folder with the bundled SmolLM2's tokenizer.json and Jinja chat template (49152 ids)."""
+    import shutil
+
+    from checkpoints import write_llama_checkpoint
+
+    from qwen_awq.default_model import default_fp_dir
+
+    write_llama_checkpoint(folder, vocab_size=49152, overrides={"bos_token_id": 1, "eos_token_id": 2})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_fp_dir() / name, folder / name)
+    return folder

@@ -206,7 +206,7 @@ def _parse(raw: bytes) -> Any:
         return pydantic_core.from_json(raw, allow_inf_nan=False)
     except ValueError as e:
         hint = ""
-        if "surrogate" in str(e):
+        if "surrogate" in str(e) or "end of hex escape" in str(e):  # jiter's words for an unpaired \ud800
             hint = " (a lone UTF-16 surrogate escape such as \\ud800 is not a character)"
         elif "recursion limit" in str(e):
             hint = " (it nests deeper than 200 levels)"

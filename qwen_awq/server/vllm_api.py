@@ -75,8 +75,10 @@ async def tokenize(state: ServerState, data: Any) -> Response:
         ids = await runner.encode_prompt(req.prompt, refuse_long=False)
     else:
         ids = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages or [], [], runner.chat_window)
-    body = Tokenized(count=len(ids), max_model_len=runner.max_model_len, tokens=ids)
-    return Response(body.model_dump_json(), media_type="application/json")
+    def reply() -> str:  # a megabyte of text is a million ids: validate and write them off the event loop
+        return Tokenized(count=len(ids), max_model_len=runner.max_model_len, tokens=ids).model_dump_json()
+
+    return Response(await runner.offload(reply), media_type="application/json")
 
 
 @router.post("/detokenize", openapi_extra=body_doc(DetokenizeRequest), responses={200: {"model": Detokenized}})
