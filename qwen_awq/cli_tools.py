@@ -70,7 +70,7 @@ def register_tools(sub: Any) -> None:
     q.add_argument("--max-shard-size", type=parse_bytes, default=2 << 30, help="largest safetensors shard (2GiB)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
     q.set_defaults(func=cmd_quantize)
-    e = sub.add_parser("eval", help="evaluation: perplexity", description="Evaluate a model.")
+    e = sub.add_parser("eval", help="evaluation: perplexity and benchmark suites", description="Evaluate a model.")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     p = esub.add_parser("ppl", help="perplexity over non-overlapping windows of a text")
     add_model_args(p)
@@ -79,3 +79,6 @@ def register_tools(sub: Any) -> None:
     p.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval_ppl)
+    from qwen_awq.eval.suites import register_suites  # mmlu, ceval, gsm8k, humaneval, profile, compare
+
+    register_suites(esub)

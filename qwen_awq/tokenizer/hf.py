@@ -160,6 +160,10 @@ class HFTokenizer:
             raise TokenizerError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text, for libraries that build their own view of the vocabulary (llguidance)."""
+        return self._tok.to_str()
+
     def token_to_id(self, text: str) -> int:
         found = self._tok.token_to_id(text)
         if found is None:
