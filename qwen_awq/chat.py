@@ -3,6 +3,8 @@ and, for folders whose tokenizer_config.json has a Jinja chat_template, that tem
 with `generate`, `chat` and `chat_stream` as methods (what `qwen_awq.load` returns)."""
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -103,11 +105,59 @@ def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
     return "" if token_id is None else tokenizer.decode([token_id])
 
 
+def _hide_specials(value: Any, pattern: re.Pattern[str], hidden: list[str], nonce: str) -> Any:
+    """A message's content (text, or a list of {"text": ...} parts) with special-token text swapped for
+    sentinels that no template filter changes (private-use marks around digits)."""
+    def hide(match: re.Match[str]) -> str:
+        hidden.append(match.group())
+        return f"\ue000{nonce}.{len(hidden) - 1}\ue001"
+
+    if isinstance(value, str):
+        return pattern.sub(hide, value)
+    if isinstance(value, list):
+        return [part | {"text": pattern.sub(hide, part["text"])}
+                if isinstance(part, dict) and isinstance(part.get("text"), str) else part for part in value]
+    return value
+
+
+def encode_template(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+                    ) -> list[int]:
+    """The folder's chat template as ids in which only the template's own markup makes special tokens.
+
+    Special-token text inside message contents is hidden behind sentinels (with a random nonce, so a message
+    cannot forge one) before rendering, so every special token left in the rendering is markup. The rendering
+    is split at those; the text between is encoded as plain text with the sentinels put back. Encoding splits
+    at special tokens anyway, so a conversation whose contents hold no special text gets exactly the ids of
+    encoding the whole rendering (transformers' apply_chat_template).
+    """
+    by_text = {tokenizer.decode([i]): i for i in tokenizer.special_ids}
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True)) or "(?!)")
+    nonce, hidden = str(secrets.randbelow(10**12)), []
+    safe = [m | {"content": _hide_specials(m.get("content"), pattern, hidden, nonce)} for m in messages]
+    text = render_template(tokenizer, safe, add_generation_prompt)
+    sentinel = re.compile(f"\ue000{nonce}\\.(\\d+)\ue001")
+    auto = tokenizer.encode("", allowed_special=set())  # the BOS the tokenizer prepends to every encode, if any
+
+    def plain(piece: str) -> list[int]:
+        ids = tokenizer.encode(sentinel.sub(lambda m: hidden[int(m.group(1))], piece), allowed_special=set())
+        return ids[len(auto):]
+
+    ids: list[int] = []
+    start = 0
+    for match in pattern.finditer(text):
+        ids += plain(text[start:match.start()]) if match.start() > start else []
+        ids.append(by_text[match.group()])
+        start = match.end()
+    ids += plain(text[start:]) if start < len(text) else []
+    return ids if ids[:len(auto)] == auto else auto + ids  # as encode: one BOS, the template's or the tokenizer's
+
+
 def encode_messages(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
                     max_window_size: int = DEFAULT_WINDOW) -> list[int]:
-    """Prompt ids for a conversation: the folder's chat_template if it has one, else Qwen's ChatML layout."""
+    """Prompt ids for a conversation: the folder's chat_template if it has one, else Qwen's ChatML layout.
+    Either way message contents are plain text: special-token text in them never becomes a control token."""
     if tokenizer.chat_template:
-        return tokenizer.encode(render_template(tokenizer, messages), allowed_special="all")
+        return encode_template(tokenizer, messages)
     system, history, query = messages_to_history(messages)
     return make_context(tokenizer, query, history, system, max_window_size)[1]
 

@@ -1,5 +1,6 @@
 """`qwen-awq bench serve`: load a running server's /v1/completions with streaming requests (ignore_eos, exact
-input and output lengths) at several concurrencies; report vLLM benchmark_serving's metrics.
+input and output lengths) at several concurrencies; report vLLM benchmark_serving's metrics. With `--soak
+DURATION`, a soak test instead (eval/soak.py): a fixed request rate with random disconnects and cancels.
 
 Metrics: request and output-token throughput; TTFT, TPOT = (latency - TTFT) / (output tokens - 1), ITL (gaps
 between streamed chunks) and end-to-end latency, each as mean, median and p99. The HTTP client is a small
@@ -209,6 +210,10 @@ def _concurrencies(text: str) -> list[int]:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from qwen_awq.eval.soak import cmd_soak
+
+        return cmd_soak(args)
     levels = asyncio.run(bench(args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -232,4 +237,25 @@ def register_bench_serve(bench_subparsers) -> None:
     p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--soak", type=_duration, default=None, metavar="DURATION",
+                   help="soak test for DURATION (e.g. 10m, 90s): a fixed request rate with random disconnects and "
+                   "cancels; reports errors by class, p99 latency and RSS drift, KV blocks held at the end")
+    p.add_argument("--request-rate", type=float, default=1.0, help="soak: requests per second (default 1)")
+    p.add_argument("--disconnect-frac", type=float, default=0.15,
+                   help="soak: share of streams the client drops mid-stream (default 0.15)")
+    p.add_argument("--cancel-frac", type=float, default=0.15,
+                   help="soak: share of non-streaming requests the client abandons before the reply (default 0.15)")
     p.set_defaults(func=cmd_bench_serve)
+
+
+def _duration(text: str) -> float:
+    """Seconds from '10m', '90s', '1h' or a plain number of seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 10m, 90s or 1h, got {text!r}")
+    return seconds

@@ -26,7 +26,10 @@ def register_serve(subparsers) -> None:
                    help="model name clients send (default: the folder name)")
     add_config_args(p.add_argument_group("engine"), EngineConfig)
     p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
-                   help="largest request body (default 16MiB)")
+                   help="largest request body (default: 64 bytes per context token, at least 1MiB)")
+    p.add_argument("--no-special-tokens-in-prompts", action="store_true",
+                   help="encode special-token text in raw prompts (/v1/completions, TGI, vLLM /generate, "
+                   "/tokenize) as plain text; chat message contents are always plain text")
     p.set_defaults(func=cmd_serve)
 
 
@@ -60,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qwen_awq.cli_args import load_for_cli
     from qwen_awq.engine.async_engine import AsyncEngine
     from qwen_awq.engine.llm_engine import LLMEngine
-    from qwen_awq.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+    from qwen_awq.server.app import create_app
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
@@ -68,8 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_cli(args)
     engine = LLMEngine(model, tokenizer, config)
     print(engine.kv_report, file=sys.stderr)
-    app = build_app(AsyncEngine(engine), served_name(args), api_key=args.api_key,
-                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(AsyncEngine(engine), served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     special_tokens_in_prompts=not args.no_special_tokens_in_prompts)
     page, api = urls(args.host, args.port)
     print(f"Web chat: {page}\nAPI:      {api} (OpenAI), {page} (TGI), {page}generate (vLLM)", file=sys.stderr,
           flush=True)
