@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from qwen_awq.cli_args import add_model_args, add_sampling_args, load_for_cli, sampling_overrides
+from qwen_awq.cli_args import Parser, add_model_args, add_sampling_args, load_for_cli, sampling_overrides
 from qwen_awq.errors import QwenAwqError
 
 
@@ -79,13 +79,6 @@ def _register_bench(sub: Any) -> None:
     bench_sub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     register_bench(bench_sub)
     register_bench_serve(bench_sub)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (usage is one `--help` away) and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,13 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "
 TYPES = {"int": int, "float": float, "str": str, "Path": Path}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one `--help` away) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_bytes(text: str) -> int:
     """'2GiB', '512MiB', '1.5GB' or a plain number of bytes."""
     m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)

