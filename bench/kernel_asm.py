@@ -7,15 +7,11 @@ and on the GPU machine the same report comes from the launched kernel (bench_ker
 
 from __future__ import annotations
 
-import collections
-import os
-import re
-import subprocess
-import tempfile
-
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from qwen_awq.eval.bench_kernels_sweep import sass_report as _sass_report
 
 
 def compile_offline(fn, signature: dict, constexprs: dict, div16: tuple[str, ...] = (), num_warps: int = 4,
@@ -29,45 +25,8 @@ def compile_offline(fn, signature: dict, constexprs: dict, div16: tuple[str, ...
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _tool(name: str) -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
 def sass_report(compiled) -> dict:
-    """Registers, spill bytes and a histogram of SASS opcodes of a compiled kernel's cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
-    return {"regs": int(regs.group(1)) if regs else None, "stack": int(stack.group(1)) if stack else None,
-            "ops": dict(ops.most_common()), "loops": loop_histograms(sass), "sass": sass, "usage": usage}
-
-
-def loop_histograms(sass: str) -> list[dict]:
-    """Opcode counts of each loop body: the instructions between a backward branch's target and the branch."""
-    rows = []
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", line)
-        if m:
-            rows.append((int(m.group(1), 16), m.group(3).split(".")[0], m.group(4)))
-    loops = []
-    for addr, op, rest in rows:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
-        if target and int(target.group(1), 16) < addr:
-            start = int(target.group(1), 16)
-            body = collections.Counter(o for a, o, _ in rows if start <= a <= addr)
-            loops.append({"start": hex(start), "end": hex(addr), "n": sum(body.values()),
-                          "ops": dict(body.most_common())})
-    return loops
+    return _sass_report(compiled.asm["cubin"])
 
 
 GEMV_SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sz_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",

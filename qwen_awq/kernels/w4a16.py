@@ -172,7 +172,8 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    splits = -(-(k // _CHUNK) // (cfg.lanes * cfg.chunks))
+    chunks = min(cfg.chunks, w.group_size // _CHUNK)  # a lane's chunks must share one group
+    splits = -(-(k // _CHUNK) // (cfg.lanes * chunks))
     rows, progs = _grid_rows(n, m, splits, cfg, _num_sms(x.device))
     if splits > 1 and progs * m > w.locks.numel():
         raise ConfigError(f"GEMV grid needs {progs * m} split-K counters, the layer has {w.locks.numel()}")
@@ -180,7 +181,7 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
     gemv_kernel[(progs, splits, m)](
         x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
-        G=w.group_size, BLOCK_N=cfg.block_n, LANES=cfg.lanes, CHUNKS=cfg.chunks, PREFETCH=cfg.prefetch,
+        G=w.group_size, BLOCK_N=cfg.block_n, LANES=cfg.lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BF16_SCALES=w.scale_dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=1)
     return out.view(*x.shape[:-1], n)

@@ -35,11 +35,11 @@ def scale_zero(sz, BF16_SCALES: tl.constexpr):
 @jit
 def load_x(x_ptr, offs, mask, up_offset, SILU: tl.constexpr):
     """fp32 activations at offs; with SILU, x is a gate_up row and the value is silu(gate[k]) * up[k]."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + up_offset + offs, mask=mask, other=0.0).to(tl.float32)
-        return g / (1.0 + tl.exp(-g)) * u
-    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * u
+    return x
 
 
 @jit

@@ -18,9 +18,11 @@ MAGIC_FP16, MAGIC_BF16 = 0x64006400, 0x43004300
 def _half(u, HI: tl.constexpr, BF16: tl.constexpr):
     if HI:
         u = u >> 16
-    if BF16:
-        return u.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return u.to(tl.int16).to(tl.float16, bitcast=True)
+    if BF16:  # one return per function: Triton 3.6 rejects returns of different types, constexpr or not
+        v = u.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        v = u.to(tl.int16).to(tl.float16, bitcast=True)
+    return v
 
 
 @jit
@@ -46,11 +48,14 @@ def _minus_zero(a, zz, USE_ASM: tl.constexpr, BF16: tl.constexpr):
     zb = zz[:, None] + tl.zeros_like(a)
     if USE_ASM:  # elementwise on packed pairs, so correct in any register layout
         if BF16:
-            return tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, zb],
-                                             dtype=tl.bfloat16, is_pure=True, pack=2)
-        return tl.inline_asm_elementwise("sub.f16x2 $0, $1, $2;", "=r,r,r", [a, zb],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-    return (a.to(tl.float32) - zb.to(tl.float32)).to(a.dtype)  # exact; the interpreter mis-adds bf16
+            d = tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, zb],
+                                          dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            d = tl.inline_asm_elementwise("sub.f16x2 $0, $1, $2;", "=r,r,r", [a, zb],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        d = (a.to(tl.float32) - zb.to(tl.float32)).to(a.dtype)  # exact; the interpreter mis-adds bf16
+    return d
 
 
 @jit
