@@ -21,10 +21,14 @@ from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.quant.packing import dequantize_repacked
 
 Gc, Mc = kern.GemvConfig, kern.MmaConfig
-GEMV_GRID = [Gc(), Gc(prefetch=False), Gc(block_n=4), Gc(block_n=16, chunks=1), Gc(chunks=1),
-             Gc(progs_per_sm=2), Gc(progs_per_sm=8), Gc(block_n=4, num_warps=2, progs_per_sm=8)]
-MMA16_GRID = [Mc(), Mc(num_warps=4), Mc(block_n=64, num_warps=4), Mc(block_n=256), Mc(num_stages=4),
-              Mc(num_stages=2), Mc(waves=2), Mc(waves=8)]
+# Registers (ptxas, Triton 3.6, sm_90) set how many programs fit an SM: (8, 32, 2) 127 -> 4 of 4 warps,
+# chunks=4 ~200 -> 2, (16, 32, 4, 8 warps) 203 -> 1; progs_per_sm beyond that runs in waves.
+GEMV_GRID = [Gc(), Gc(prefetch=False), Gc(chunks=4, prefetch=False, progs_per_sm=2),
+             Gc(chunks=4, prefetch=False, progs_per_sm=4), Gc(block_n=4, chunks=4, progs_per_sm=2),
+             Gc(block_n=16, chunks=4, prefetch=False, num_warps=8, progs_per_sm=1), Gc(block_n=4, progs_per_sm=5),
+             Gc(progs_per_sm=2), Gc(progs_per_sm=8)]
+MMA16_GRID = [Mc(), Mc(num_warps=4), Mc(block_n=256), Mc(block_n=256, waves=2), Mc(block_n=64, num_warps=4),
+              Mc(num_stages=4), Mc(num_stages=2), Mc(waves=2), Mc(waves=8)]
 MMA_GRID = {
     32: [Mc(block_m=32), Mc(block_m=32, block_n=64, num_warps=4), Mc(block_m=32, block_n=256),
          Mc(block_m=32, num_warps=4)],
@@ -42,7 +46,7 @@ def candidates(m: int) -> list[tuple[str, object]]:
     """(kind, config) pairs worth timing at M = m (bucket tops; the 16-row MMA tiles cover M = 1..16)."""
     out: list[tuple[str, object]] = []
     if m in GEMV_MS:
-        out += [("gemv", c) for c in (GEMV_GRID if m == 1 else GEMV_GRID[:3])]
+        out += [("gemv", c) for c in (GEMV_GRID if m == 1 else GEMV_GRID[:4])]
     if m in (1, 16):
         out += [("mma", c) for c in MMA16_GRID]
     out += [("mma", c) for c in MMA_GRID.get(m, [])]
