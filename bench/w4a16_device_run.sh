@@ -9,5 +9,5 @@ shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "$TEST_TIMEOUT" python3 -m pytest -q -rf tests/test_w4a16_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -25
-python3 -m qwen_awq.eval.bench_kernels --out "$OUT/awq_kernel_H200_w4a16.json" "$@" 2>&1 | tee "$OUT/bench.log" \
+timeout "${BENCH_TIMEOUT:-285}" python3 -m qwen_awq.eval.bench_kernels --out "$OUT/awq_kernel_H200_w4a16.json" "$@" 2>&1 | tee "$OUT/bench.log" \
   | grep -v "^sweep " | tail -60
