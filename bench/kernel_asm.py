@@ -47,12 +47,14 @@ def report_w4a16(gemv_configs, mma_configs) -> None:
 
     for cfg in gemv_configs:
         consts = {"G": 128, "EVEN_N": True, "SILU": False, "HAS_BIAS": False, "SPLIT": True, "BF16_SCALES": False,
+                  "BLOCK_M": 1,
                   **{k: v for k, v in cfg.items() if k != "num_warps"}}
         c = compile_offline(gemv_kernel, GEMV_SIG, consts, DIV16, num_warps=cfg["num_warps"], num_stages=1)
         _print_report("gemv", cfg, c)
     for cfg in mma_configs:
         consts = {"G": 128, "SILU": False, "HAS_BIAS": False, "SPLIT": True, "BF16": False, "BF16_SCALES": False,
-                  "USE_ASM": True, **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
+                  "USE_ASM": True, "SCALE_W": False,
+                  **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}}
         c = compile_offline(mma_kernel, MMA_SIG, consts, DIV16, num_warps=cfg["num_warps"],
                             num_stages=cfg.get("num_stages", 3))
         _print_report("mma", cfg, c)

@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash bench/w4a16_device_run.sh [test_timeout_s] [bench_args...]
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 QWEN_AWQ_TEST_DEVICE=cuda OMP_NUM_THREADS=4
-TEST_TIMEOUT=${1:-150}
+TEST_TIMEOUT=${1:-90}
 shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -55,12 +55,16 @@ CASES = [
     Case("gemv", 1, 640, 40, 64, config=(("lanes", 8), ("chunks", 2), ("block_n", 16))),  # K tail masked
     Case("gemv", 2, 384, 48, 128, "bf16", silu=True, config=(("lanes", 2), ("chunks", 2), ("prefetch", False))),
     Case("gemv", 1, 128, 64, 128, "bf16", bias=True, scales="bf16", config=(("lanes", 4), ("chunks", 1))),
-    Case("gemv", 3, 256, 200, 64, bias=True, layout="strided", config=G),
+    Case("gemv", 3, 256, 56, 64, bias=True, layout="strided", config=G),
+    Case("gemv", 3, 256, 40, 64, bias=True, config=(("lanes", 2), ("chunks", 2), ("block_m", 2))),  # ragged M
+    Case("gemv", 4, 256, 16, 128, "bf16", silu=True, config=(("lanes", 4), ("chunks", 1), ("block_m", 4),
+                                                            ("block_n", 4), ("prefetch", False))),
     Case("mma", 1, 256, 72, 64, bias=True, config=(("block_n", 32), ("block_k", 64))),
     Case("mma", 3, 256, 200, 32, layout="strided", config=(("block_n", 64),), split=3),
     Case("mma", 16, 128, 64, 32, bias=True, scales="bf16", config=(("block_n", 16),), split=1),
     Case("mma", 17, 384, 40, 128, silu=True, config=(("block_n", 16),), split=3),
     Case("mma", 33, 256, 136, 64, bias=True, config=(("block_m", 32), ("block_n", 32))),
+    Case("mma", 5, 256, 72, 64, config=(("block_n", 32), ("scale_w", True)), split=2),
     Case("dense", 33, 256, 200, 64, bias=True),
     Case("dense", 5, 256, 72, 128, "bf16", silu=True),
     Case("dequant", 0, 256, 200, 64),
@@ -76,14 +80,18 @@ CASES = [
 # (K, N): qkv, o, gate_up, down.
 GPU_CASES = [
     Case("mma", 3, 256, 200, 64, "bf16", bias=True, config=(("block_n", 64),)),
+    Case("mma", 7, 384, 200, 128, "bf16", bias=True, config=(("block_n", 64), ("scale_w", True))),
+    Case("mma", 20, 256, 136, 64, silu=True, config=(("block_m", 32), ("block_n", 64), ("scale_w", True))),
+    Case("gemv", 3, 512, 200, 128, "bf16", config=(("lanes", 128), ("chunks", 1), ("block_n", 16),
+                                                     ("block_m", 2), ("prefetch", False)), layout="3d"),
     Case("mma", 40, 384, 72, 128, "bf16", silu=True, config=(("block_m", 64), ("block_n", 64))),
     Case("dequant", 0, 256, 200, 32, "bf16"),
     Case("dequant", 0, 384, 40, 128, "bf16", scales="bf16"),
     Case("norm", 2, 0, 96, dtype="bf16", layout="strided"),
     Case("norm", 5, 0, 4096, dtype="bf16"),
     Case("gemv", 1, 4096, 12288, bias=True),  # Qwen-7B's real shapes; the sweep checks every config at them too
-    Case("gemv", 1, 11008, 4096, "bf16", silu=True),
-    Case("mma", 4, 11008, 4096, "bf16", silu=True),
+    Case("gemv", 1, 11008, 4096, dtype="bf16", silu=True),
+    Case("mma", 4, 11008, 4096, dtype="bf16", silu=True),
     Case("mma", 64, 4096, 22016),
     Case("auto", 4096, 4096, 4096, bias=True),
 ]

@@ -21,34 +21,42 @@ from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.quant.packing import dequantize_repacked
 
 Gc, Mc = kern.GemvConfig, kern.MmaConfig
-# Registers (ptxas, Triton 3.6, sm_90) set how many programs fit an SM: (8, 32, 2) 127 -> 4 of 4 warps,
-# chunks=4 ~200 -> 2, (16, 32, 4, 8 warps) 203 -> 1; progs_per_sm beyond that runs in waves.
-GEMV_GRID = [Gc(), Gc(prefetch=False), Gc(chunks=4, prefetch=False, progs_per_sm=2),
-             Gc(chunks=4, prefetch=False, progs_per_sm=4), Gc(block_n=4, chunks=4, progs_per_sm=2),
-             Gc(block_n=16, chunks=4, prefetch=False, num_warps=8, progs_per_sm=1), Gc(block_n=4, progs_per_sm=5),
-             Gc(progs_per_sm=2), Gc(progs_per_sm=8)]
-MMA16_GRID = [Mc(), Mc(num_warps=4), Mc(block_n=256), Mc(block_n=256, waves=2), Mc(block_n=64, num_warps=4),
-              Mc(num_stages=4), Mc(num_stages=2), Mc(waves=2), Mc(waves=8)]
-MMA_GRID = {
-    32: [Mc(block_m=32), Mc(block_m=32, block_n=64, num_warps=4), Mc(block_m=32, block_n=256),
-         Mc(block_m=32, num_warps=4)],
-    64: [Mc(block_m=64), Mc(block_m=64, block_n=64, num_warps=4), Mc(block_m=64, block_n=256, waves=2),
-         Mc(block_m=64, num_stages=4, waves=2)],
-    128: [Mc(block_m=128, waves=2), Mc(block_m=64, waves=2), Mc(block_m=128, block_n=64, num_warps=4, waves=2)],
-    256: [Mc(block_m=128, waves=2), Mc(block_m=64, waves=2)],
-    512: [Mc(block_m=128, waves=1)],
+# First H200 sweep (bench/results/awq_kernel_H200_w4a16_sweep1.md): at M <= 16 every kernel was bound by bytes in
+# flight per SM, not by instructions; the best GEMV held no split-K and few warps per SM. These candidates spread
+# a program's K range over all its warps (lanes > 32) so each loop step loads 16-32 KB: registers (ptxas, Triton
+# 3.6, sm_90) 162-168 -> 3 programs of 4 warps per SM; block_m > 1 unpacks each weight once for several x rows.
+GEMV_GRID = {
+    1: [Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=3),
+        Gc(block_n=8, lanes=128, chunks=2, prefetch=False, progs_per_sm=3),
+        Gc(block_n=8, lanes=128, chunks=1, prefetch=True, progs_per_sm=3),
+        Gc(block_n=16, lanes=256, chunks=1, prefetch=False, num_warps=8, progs_per_sm=1),
+        Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=6),
+        Gc(block_n=4, chunks=4, progs_per_sm=2)],  # the first sweep's best
+    2: [Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=2, block_m=2),
+        Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=2)],
+    4: [Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=2, block_m=4),
+        Gc(block_n=4, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=4)],
 }
-GEMV_MS, DENSE_MIN_SWEPT = (1, 2, 4), 32
+M16 = dict(block_n=64, num_warps=4)  # the first sweep's best tile at M = 1..64
+MMA_GRID = {
+    1: [Mc(**M16), Mc(**M16, num_stages=4, waves=5), Mc(**M16, scale_w=True, waves=5)],
+    16: [Mc(**M16), Mc(**M16, num_stages=4, waves=5), Mc(**M16, scale_w=True, waves=5),
+         Mc(**M16, num_stages=5, waves=8), Mc(block_n=128, num_warps=8, waves=2)],
+    32: [Mc(block_m=32, **M16), Mc(block_m=32, **M16, scale_w=True), Mc(block_m=32, block_n=128)],
+    64: [Mc(block_m=64, **M16), Mc(block_m=64, **M16, scale_w=True),
+         Mc(block_m=64, block_n=128, num_warps=8, scale_w=True)],
+    128: [Mc(block_m=128, **M16, waves=2), Mc(block_m=128, block_n=128, num_warps=8, scale_w=True, waves=2),
+          Mc(block_m=64, **M16, scale_w=True, waves=2)],
+    256: [Mc(block_m=128, block_n=128, num_warps=8, scale_w=True, waves=2),
+          Mc(block_m=128, **M16, scale_w=True, waves=2)],
+}
+DENSE_MIN_SWEPT = 32
 SWEPT_MS = (1, 2, 4, 16, 32, 64, 128, 256, 512)
 
 
 def candidates(m: int) -> list[tuple[str, object]]:
     """(kind, config) pairs worth timing at M = m (bucket tops; the 16-row MMA tiles cover M = 1..16)."""
-    out: list[tuple[str, object]] = []
-    if m in GEMV_MS:
-        out += [("gemv", c) for c in (GEMV_GRID if m == 1 else GEMV_GRID[:4])]
-    if m in (1, 16):
-        out += [("mma", c) for c in MMA16_GRID]
+    out: list[tuple[str, object]] = [("gemv", c) for c in GEMV_GRID.get(m, [])]
     out += [("mma", c) for c in MMA_GRID.get(m, [])]
     if m >= DENSE_MIN_SWEPT:
         out.append(("dense", None))
@@ -115,9 +123,13 @@ def tuned_table(results: list[dict]) -> dict:
 
 
 def sweep(bw: float, gen: torch.Generator) -> dict:
+    """Time every candidate at every shape; install the winners for this card, so that the table that follows
+    in the same run measures the dispatcher with them."""
     results = [r for k, n in bk.SHAPES for r in _sweep_shape(k, n, gen)]
     table = tuned_table(results)
     print("TUNED table for qwen_awq/kernels/w4a16_tuned.py:", repr(table), sep="\n", flush=True)
+    kern.TUNED[torch.cuda.get_device_name()] = {"table": table}
+    kern.choose.cache_clear()
     return {"results": results, "table": {repr(key): val for key, val in table.items()}, "copy_GBps": bw}
 
 

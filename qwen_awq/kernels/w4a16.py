@@ -36,18 +36,20 @@ def _pow2(name: str, value: int) -> None:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """GEMV launch: rows per loop step, K lanes x 32-k chunks per lane (the K range a program holds), warps,
-    register prefetch of the next rows, and programs per SM to aim for (rows per program follow from it)."""
+    """GEMV launch: rows per loop step, K lanes x 32-k chunks per lane (the K range a program holds; lanes
+    beyond 32 spread over warps), warps, register prefetch of the next rows, programs per SM to aim for (rows
+    per program follow from it) and x rows per program."""
 
-    block_n: int = 8
-    lanes: int = 32
-    chunks: int = 2
+    block_n: int = 16
+    lanes: int = 128
+    chunks: int = 1
     num_warps: int = 4
-    prefetch: bool = True
-    progs_per_sm: int = 4
+    prefetch: bool = False
+    progs_per_sm: int = 3
+    block_m: int = 1  # x rows per program: the weights are unpacked once for all of them
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "lanes", "chunks", "num_warps"):
+        for name in ("block_n", "lanes", "chunks", "num_warps", "block_m"):
             _pow2(f"GemvConfig.{name}", getattr(self, name))
         if self.progs_per_sm < 1:
             raise ConfigError(f"GemvConfig.progs_per_sm must be >= 1, found {self.progs_per_sm}")
@@ -56,14 +58,15 @@ class GemvConfig:
 @dataclass(frozen=True)
 class MmaConfig:
     """Tensor-core launch: x rows (>= 16, the dot's smallest side), weight rows, K tile (capped at the group
-    size), warps, pipeline stages, and split-K aiming at waves programs per SM."""
+    size), warps, pipeline stages, split-K aiming at waves programs per SM, where the scale applies."""
 
     block_m: int = 16
-    block_n: int = 128
+    block_n: int = 64
     block_k: int = 128
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
     waves: int = 4
+    scale_w: bool = False  # scale the weights before the dot (else the fp32 accumulator per K tile)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -156,9 +159,9 @@ def _use_asm(x: Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _grid_rows(n: int, m: int, splits: int, cfg: GemvConfig, sms: int) -> tuple[int, int]:
+def _grid_rows(n: int, m_groups: int, splits: int, cfg: GemvConfig, sms: int) -> tuple[int, int]:
     """(rows per program, programs along N) so that about progs_per_sm programs land on each SM."""
-    target = max(1, cfg.progs_per_sm * sms // (splits * m))
+    target = max(1, cfg.progs_per_sm * sms // (splits * m_groups))
     rows = -(-n // target)
     rows = -(-rows // cfg.block_n) * cfg.block_n  # whole loop steps
     return rows, -(-n // rows)
@@ -166,7 +169,7 @@ def _grid_rows(n: int, m: int, splits: int, cfg: GemvConfig, sms: int) -> tuple[
 
 def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
                config: GemvConfig | None = None) -> Tensor:
-    """y (..., N) on the CUDA-core GEMV: one program row per x row, so for M = 1 (M > 1 rereads the weights)."""
+    """y (..., N) on the CUDA-core GEMV: for M = 1 and a few rows (block_m x rows share each unpacked weight)."""
     x2d = _check(x, w, silu)
     cfg, (m, n, k) = config or GemvConfig(), (x2d.shape[0], w.n, w.k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -174,16 +177,17 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
         return out.view(*x.shape[:-1], n)
     chunks = min(cfg.chunks, w.group_size // _CHUNK)  # a lane's chunks must share one group
     splits = -(-(k // _CHUNK) // (cfg.lanes * chunks))
-    rows, progs = _grid_rows(n, m, splits, cfg, _num_sms(x.device))
-    if splits > 1 and progs * m > w.locks.numel():
-        raise ConfigError(f"GEMV grid needs {progs * m} split-K counters, the layer has {w.locks.numel()}")
+    groups = -(-m // cfg.block_m)
+    rows, progs = _grid_rows(n, groups, splits, cfg, _num_sms(x.device))
+    if splits > 1 and progs * groups > w.locks.numel():
+        raise ConfigError(f"GEMV grid needs {progs * groups} split-K counters, the layer has {w.locks.numel()}")
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    gemv_kernel[(progs, splits, m)](
+    gemv_kernel[(progs, splits, groups)](
         x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
         G=w.group_size, BLOCK_N=cfg.block_n, LANES=cfg.lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        BF16_SCALES=w.scale_dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=1)
+        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1)
     return out.view(*x.shape[:-1], n)
 
 
@@ -210,7 +214,7 @@ def w4a16_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = F
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, per_split, split, MAGIC_BF16 if bf16 else MAGIC_FP16,
         G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SILU=silu,
         HAS_BIAS=bias is not None, SPLIT=split > 1, BF16=bf16, BF16_SCALES=w.scale_dtype == torch.bfloat16,
-        USE_ASM=_use_asm(x), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        USE_ASM=_use_asm(x), SCALE_W=cfg.scale_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
 
 

@@ -1,4 +1,4 @@
-"""CUDA-core W4A16 GEMV for decode (M = 1, and small M by one program row per x row) on the repacked layout.
+"""CUDA-core W4A16 GEMV for decode (M = 1, and a few x rows per program for small M) on the repacked layout.
 
 Each program keeps one K range of x in registers (CHUNKS x 32 consecutive k per lane) and streams its output
 rows past it: a lane loads 16 bytes per chunk (4 words = 32 k of one row), so the k reduction stays in-thread
@@ -54,46 +54,76 @@ def _words(w):
 
 
 @jit
-def _x_slots(x_ptr, ck3, cmask, up_offset, SILU: tl.constexpr):
-    """x for each (word j, slot i) of a lane's chunks, k = 32 * chunk + 8j + (0, 2, 4, 6, 1, 3, 5, 7)[i]
-    (AWQ_ORDER), as a flat tuple j-major; sum_k C_k x_k per chunk (C = 256 for even slots, 16 for odd ones)
-    and sum_k x_k per lane."""
+def _x_slots(x_ptr, stride_xm, m0, M, ck3, cmask, up_offset, SILU: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For each of BLOCK_M x rows: x at every (word j, slot i) of a lane's chunks, k = 32 * chunk + 8j +
+    (0, 2, 4, 6, 1, 3, 5, 7)[i] (AWQ_ORDER), flat (row, j, i)-major; sum_k C_k x_k per chunk (C = 256 for even
+    slots, 16 for odd ones) and sum_k x_k per lane, one per row. Rows past M read 0."""
     xs = ()
-    even = tl.zeros(ck3.shape, tl.float32)
-    odd = tl.zeros(ck3.shape, tl.float32)
-    for v in tl.static_range(32):  # v = 8j + i
-        off = 8 * (v // 8) + (v % 8 // 4) + 2 * (v % 4)  # slot i holds k offset 2 (i % 4) + i // 4
-        x = load_x(x_ptr, ck3 * 32 + off, cmask, up_offset, SILU)  # (LANES, 1, CHUNKS)
-        xs = xs + (x,)
-        if v % 2 == 0:
-            even += x
-        else:
-            odd += x
-    return xs, 256.0 * even + 16.0 * odd, tl.sum(even + odd, axis=2)
+    csums = ()
+    xsums = ()
+    for m in tl.static_range(BLOCK_M):
+        ptr = x_ptr + (m0 + m) * stride_xm
+        mask = cmask & (ck3 * 0 + m0 + m < M)  # a tensor compare: the interpreter rejects scalar masks
+        even = tl.zeros(ck3.shape, tl.float32)
+        odd = tl.zeros(ck3.shape, tl.float32)
+        for v in tl.static_range(32):  # v = 8j + i
+            off = 8 * (v // 8) + (v % 8 // 4) + 2 * (v % 4)  # slot i holds k offset 2 (i % 4) + i // 4
+            x = load_x(ptr, ck3 * 32 + off, mask, up_offset, SILU)  # (LANES, 1, CHUNKS)
+            xs = xs + (x,)
+            if v % 2 == 0:
+                even += x
+            else:
+                odd += x
+        csums = csums + (256.0 * even + 16.0 * odd,)
+        xsums = xsums + (tl.sum(even + odd, axis=2),)
+    return xs, csums, xsums
 
 
 @jit
-def _word_dot(w, xs, J: tl.constexpr, acc, magic_256, magic_16):
-    """acc + sum over word J's 8 slots of x_k (C_k + q_k): one FFMA chain, two nibbles per shift."""
+def _word_dot(w, xs, J: tl.constexpr, accs, magic_256, magic_16, BLOCK_M: tl.constexpr):
+    """accs[m] + sum over word J's 8 slots of x_k (C_k + q_k): the nibbles are unpacked once for all rows of x,
+    each row's products chain on its own accumulator."""
     for p in tl.static_range(4):  # slots (2p, 2p + 1) sit in bits 8p..8p+7
         e, o = _slots(w, 15 - 8 * p, magic_256, magic_16)
-        acc = acc + e * xs[8 * J + 2 * p]
-        acc = acc + o * xs[8 * J + 2 * p + 1]
-    return acc
+        new = ()
+        for m in tl.static_range(BLOCK_M):
+            acc = accs[m] + e * xs[32 * m + 8 * J + 2 * p]
+            new = new + (acc + o * xs[32 * m + 8 * J + 2 * p + 1],)
+        accs = new
+    return accs
 
 
 @jit
-def _dot_rows(w, sz, xs, csum, xsum, magic_256, magic_16, BF16_SCALES: tl.constexpr):
-    """(BLOCK_N,) partial dot products of BLOCK_N rows with this program's K range of x; a lane's chunks share
-    one group, so the scale and zero apply once per lane and row."""
+def _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per x row, the (BLOCK_N,) partial dot products of BLOCK_N weight rows with this program's K range; a
+    lane's chunks share one group, so the scale and zero apply once per lane and row."""
     w0, w1, w2, w3 = _words(w)
-    acc = _word_dot(w0, xs, 0, -csum, magic_256, magic_16)  # starts at -sum C_k x_k: no separate subtraction
-    acc = _word_dot(w1, xs, 1, acc, magic_256, magic_16)
-    acc = _word_dot(w2, xs, 2, acc, magic_256, magic_16)
-    acc = _word_dot(w3, xs, 3, acc, magic_256, magic_16)  # (LANES, BLOCK_N, CHUNKS): sum_k x_k q_k
+    accs = ()
+    for m in tl.static_range(BLOCK_M):  # start at -sum C_k x_k: no separate subtraction
+        accs = accs + (-csums[m] + tl.zeros((1, w.shape[1], 1), tl.float32),)
+    accs = _word_dot(w0, xs, 0, accs, magic_256, magic_16, BLOCK_M)
+    accs = _word_dot(w1, xs, 1, accs, magic_256, magic_16, BLOCK_M)
+    accs = _word_dot(w2, xs, 2, accs, magic_256, magic_16, BLOCK_M)
+    accs = _word_dot(w3, xs, 3, accs, magic_256, magic_16, BLOCK_M)  # (LANES, BLOCK_N, CHUNKS): sum_k x_k q_k
     s, z = scale_zero(sz, BF16_SCALES)  # (LANES, BLOCK_N)
-    part = s * (tl.sum(acc, axis=2) - z * xsum)
-    return tl.sum(part, axis=0)  # one warp shuffle tree per row
+    ys = ()
+    for m in tl.static_range(BLOCK_M):
+        part = s * (tl.sum(accs[m], axis=2) - z * xsums[m])
+        ys = ys + (tl.sum(part, axis=0),)  # one shuffle tree per row
+    return ys
+
+
+@jit
+def _finish_rows(ys, out_ptr, part_ptr, bias_ptr, rows, row_end, m0, M, N, split,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Store each x row's (BLOCK_N,) results: the output, or this split's partials (split, M, N)."""
+    for m in tl.static_range(BLOCK_M):
+        idx = (m0 + m) * N + rows
+        mask = (rows < row_end) & (rows * 0 + m0 + m < M)
+        if SPLIT:
+            tl.store(part_ptr + split * M * N + idx, ys[m], mask=mask)
+        else:
+            store_out(ys[m], out_ptr, bias_ptr, idx, rows, mask, HAS_BIAS)
 
 
 @jit
@@ -101,14 +131,15 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                 M, N, KW, KG, stride_xm, up_offset, rows_per_prog, n_splits, magic_256, magic_16,
                 G: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr,
                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr):
-    """Grid (row programs, K splits, M): rows [pid_n * rows_per_prog, +rows_per_prog) of x row pid_m over
-    K chunks [pid_k * LANES * CHUNKS, +LANES * CHUNKS), a chunk being 4 words = 32 k; 32 CHUNKS <= G."""
+                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Grid (row programs, K splits, x row groups): rows [pid_n * rows_per_prog, +rows_per_prog) of x rows
+    [pid_m * BLOCK_M, +BLOCK_M) over K chunks [pid_k * LANES * CHUNKS, +LANES * CHUNKS), a chunk being
+    4 words = 32 k; 32 CHUNKS <= G."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m0 = pid_m * BLOCK_M
     lane = tl.arange(0, LANES)[:, None, None]
     ck3 = (pid_k * LANES + lane) * CHUNKS + tl.arange(0, CHUNKS)[None, None, :]  # (LANES, 1, CHUNKS)
-    cmask = ck3 < KW // 4
-    xs, csum, xsum = _x_slots(x_ptr + pid_m * stride_xm, ck3, cmask, up_offset, SILU)
+    xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M)
     # Lanes past K read the last chunk instead of being masked (x = 0 there): no predicates, no zero fills.
     last = tl.minimum(ck3, KW // 4 - 1)
     kw = last[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # (LANES, 1, CHUNKS, 4) word index
@@ -127,22 +158,20 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
             nw, nsz = _row_block(w_ptrs + step * KW, sz_ptrs + step * KG, rows + step, row_end, EVEN_N)
         else:
             w, sz = _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N)
-        y = _dot_rows(w, sz, xs, csum, xsum, magic_256, magic_16, BF16_SCALES)
+        ys = _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES, BLOCK_M)
         if PREFETCH:
             w, sz = nw, nsz
         w_ptrs += BLOCK_N * KW
         sz_ptrs += BLOCK_N * KG
-        idx = pid_m * N + rows
-        if SPLIT:
-            tl.store(part_ptr + pid_k * M * N + idx, y, mask=rows < row_end)
-        else:
-            store_out(y, out_ptr, bias_ptr, idx, rows, rows < row_end, HAS_BIAS)
+        _finish_rows(ys, out_ptr, part_ptr, bias_ptr, rows, row_end, m0, M, N, pid_k, HAS_BIAS, SPLIT, BLOCK_M)
     if SPLIT:
         tile = pid_m * tl.num_programs(0) + pid_n
         if arrive(lock_ptr, tile, n_splits):
             for r in range(row0, row_end, BLOCK_N):
                 rows = r + tl.arange(0, BLOCK_N)
-                idx = pid_m * N + rows
-                y = sum_partials(part_ptr, idx, rows < row_end, M * N, n_splits, tl.zeros((BLOCK_N,), tl.float32))
-                store_out(y, out_ptr, bias_ptr, idx, rows, rows < row_end, HAS_BIAS)
+                for m in tl.static_range(BLOCK_M):
+                    idx = (m0 + m) * N + rows
+                    mask = (rows < row_end) & (rows * 0 + m0 + m < M)
+                    y = sum_partials(part_ptr, idx, mask, M * N, n_splits, tl.zeros((BLOCK_N,), tl.float32))
+                    store_out(y, out_ptr, bias_ptr, idx, rows, mask, HAS_BIAS)
             release(lock_ptr, tile)

@@ -59,6 +59,22 @@ def _minus_zero(a, zz, USE_ASM: tl.constexpr, BF16: tl.constexpr):
 
 
 @jit
+def _times_scale(d, s, USE_ASM: tl.constexpr, BF16: tl.constexpr):
+    """(q - z) * s[:, None] in d's dtype: the weights the reference dequantizes (fp16: the same rounding)."""
+    if USE_ASM:
+        sb = s[:, None].to(d.dtype) + tl.zeros_like(d)
+        if BF16:
+            w = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [d, sb],
+                                          dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            w = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [d, sb],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        w = (d.to(tl.float32) * s[:, None]).to(d.dtype)
+    return w
+
+
+@jit
 def _weights(qw_ptr, sz_ptr, rows, it, N, KW, KG, magic, G: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, BF16: tl.constexpr, BF16_SCALES: tl.constexpr):
     """K tile `it` of BLOCK_N rows: (q - z) in x's dtype (BLOCK_N, BLOCK_K) and the fp32 scales (BLOCK_N,)."""
@@ -80,8 +96,10 @@ def mma_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                M, N, KW, KG, stride_xm, up_offset, iters_per_split, n_splits, magic,
                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                SILU: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr,
-               BF16_SCALES: tl.constexpr, USE_ASM: tl.constexpr):
-    """Grid (N tiles, M tiles, K splits); BLOCK_K divides G, so each K tile has one scale per row."""
+               BF16_SCALES: tl.constexpr, USE_ASM: tl.constexpr, SCALE_W: tl.constexpr):
+    """Grid (N tiles, M tiles, K splits); BLOCK_K divides G, so each K tile has one scale per row. SCALE_W
+    scales the weights before the dot (one packed multiply per two weights) so the MMAs accumulate in place
+    and can overlap the next tile's dequantization; otherwise the fp32 accumulator takes the scale per tile."""
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,7 +116,10 @@ def mma_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
             xt = load_x(x_ptrs, offs_k[:, None], m_ok, up_offset, True).to(a.dtype)  # (BLOCK_K, BLOCK_M)
         else:
             xt = tl.load(x_ptrs + offs_k[:, None], mask=m_ok, other=0.0)
-        acc += s[:, None] * tl.dot(a, xt)
+        if SCALE_W:
+            acc = tl.dot(_times_scale(a, s, USE_ASM, BF16), xt, acc)
+        else:
+            acc += s[:, None] * tl.dot(a, xt)
     idx = offs_m[None, :] * N + rows[:, None]  # (BLOCK_N, BLOCK_M): out is (M, N)
     mask = m_ok & (rows[:, None] < N)
     tile = pid_m * tl.num_programs(0) + pid_n
