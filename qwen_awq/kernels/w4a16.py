@@ -76,15 +76,19 @@ class MmaConfig:
 
 
 Choice = tuple[str, "GemvConfig | MmaConfig | None"]  # ("gemv" | "mma" | "dense", config)
-DENSE_MIN_M = 256  # default: from here on dequantize + cuBLAS (the sweep's table overrides per card)
+DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
 
 
 def default_choice(m: int) -> Choice:
+    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned)."""
     if m == 1:
-        return "gemv", GemvConfig()
+        return "gemv", GemvConfig(block_n=8, prefetch=True)
+    if m == 2:
+        return "gemv", GemvConfig(block_n=8, block_m=2)
     if m >= DENSE_MIN_M:
         return "dense", None
-    return "mma", MmaConfig(block_m=min(max(16, 1 << (m - 1).bit_length()), 64))
+    block_m = min(max(16, 1 << (m - 1).bit_length()), 64)  # next power of two in 16..64
+    return "mma", MmaConfig(block_m=block_m, waves=5 if m <= 16 else 4 if m <= 64 else 2, scale_w=True)
 
 
 def m_bucket(m: int) -> int:
@@ -176,7 +180,8 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
     if m == 0:
         return out.view(*x.shape[:-1], n)
     chunks = min(cfg.chunks, w.group_size // _CHUNK)  # a lane's chunks must share one group
-    splits = -(-(k // _CHUNK) // (cfg.lanes * chunks))
+    lanes = min(cfg.lanes, max(32, triton.next_power_of_2(-(-(k // _CHUNK) // chunks))))  # no lanes past K
+    splits = -(-(k // _CHUNK) // (lanes * chunks))
     groups = -(-m // cfg.block_m)
     rows, progs = _grid_rows(n, groups, splits, cfg, _num_sms(x.device))
     if splits > 1 and progs * groups > w.locks.numel():
@@ -185,7 +190,7 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
     gemv_kernel[(progs, splits, groups)](
         x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
-        G=w.group_size, BLOCK_N=cfg.block_n, LANES=cfg.lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
+        G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1)
     return out.view(*x.shape[:-1], n)
