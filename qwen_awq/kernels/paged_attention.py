@@ -1,0 +1,244 @@
+"""Paged decode attention over the KV pool (one query token per sequence) as a Triton kernel.
+
+Each program streams one (sequence, kv head, context split)'s keys and values once, straight from the block table,
+only up to the sequence's length; all query heads of a GQA group share the loads. int8 codes stay int8 until the
+registers: scale * (code - zero) is folded into per-token factors of the scores and the weights. Few sequences split
+the context (flash-decoding) and a second kernel merges the partial softmaxes. The grid depends on shapes alone
+(batch, heads, table width), so one CUDA graph serves every length up to its table width; no host syncs.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.paged_reference import PagedKV, paged_attention_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the dispatchers take the reference
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: softmax(s) = 2^(s log2 e - max)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+_INTERPRETER_SMS = 4  # stands in for the SM count when the Triton interpreter runs on CPU tensors
+MAX_SPLITS = 64  # the merge kernel holds every split of a head in one tile
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernel. splits None: enough (sequence, kv head, split) programs for `waves`
+    programs per SM, each split at least min_split_tokens long (tuned on an H200: bench/attention_bench.py)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    splits: int | None = None
+    waves: int = 4
+    min_split_tokens: int = 256
+    use_dot: bool | None = None  # None: tensor cores for GQA groups, CUDA-core dot products for MHA
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ConfigError(f"DecodeConfig.{name} must be a positive power of two, found {value}")
+        if self.block_n < 16 or self.num_stages < 1 or self.waves < 1 or self.min_split_tokens < 1:
+            raise ConfigError(f"DecodeConfig needs block_n >= 16 and positive stages/waves/split length: {self}")
+        if self.splits is not None and not 1 <= self.splits <= MAX_SPLITS:
+            raise ConfigError(f"DecodeConfig.splits must be in 1..{MAX_SPLITS}, found {self.splits}")
+
+
+def _jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _scores(q, x, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """q (GP, D), keys or codes x (N, D) -> q x^T (GP, N) fp32: tensor cores, or (GP = 1) a CUDA-core reduction."""
+    if USE_DOT:
+        return tl.dot(q.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)))
+    return tl.sum(q.to(tl.float32) * x.to(tl.float32), 1)[None, :]
+
+
+@_jit
+def _weighted(p, x, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Weights p (GP, N), values or codes x (N, D) -> p x (GP, D) fp32."""
+    if USE_DOT:
+        return tl.dot(p.to(DOT_DTYPE), x.to(DOT_DTYPE))
+    return tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * x.to(tl.float32), 0)[None, :]
+
+
+@_jit
+def _decode_kernel(
+    Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads,
+    stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, INT8: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    kvh, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(LENS + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N  # this split's share of the real length
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * G + g  # (GP,) the query heads of this kv head (rows past G are padding)
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    qsum = tl.sum(q.to(tl.float32), 1)  # (GP,) for the int8 zero-point term of the scores
+    m = tl.full((GP,), float("-inf"), tl.float32)  # running max of the log2-scaled scores
+    l_sum = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, HEAD_DIM), tl.float32)
+    corr = tl.zeros((GP,), tl.float32)  # int8 (CUDA-core path): sum of weight * scale * zero, taken off acc
+    table = TABLES + b.to(tl.int64) * stride_tb
+    k_base, v_base = K + kvh * s_head, V + kvh * s_head
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        blk = tl.load(table + offs // BS, mask=valid, other=0).to(tl.int64)
+        rows = blk * s_blk + (offs % BS) * s_tok  # (N,) element offset of each token's row
+        k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+        v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+        s = _scores(q, k, USE_DOT, DOT_DTYPE)  # (GP, N)
+        if INT8:
+            zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
+            ks = tl.load(KSZ + zr, mask=valid, other=0.0)
+            kz = tl.load(KSZ + zr + 1, mask=valid, other=0.0)
+            s = ks[None, :] * (s - kz[None, :] * qsum[:, None])  # q . scale (c - zero)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])  # (GP, N)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        if INT8:
+            vs = tl.load(VSZ + zr, mask=valid, other=0.0)
+            vz = tl.load(VSZ + zr + 1, mask=valid, other=0.0)
+            if USE_DOT:  # dequantize: p * scale would fall into fp16's subnormals as a dot operand
+                v = vs[:, None] * (v.to(tl.float32) - vz[:, None])
+            else:  # fp32 throughout: weight the codes, subtract the zero points once at the end
+                p = p * vs[None, :]
+                corr = corr * alpha + tl.sum(p * vz[None, :], 1)
+        acc = acc * alpha[:, None] + _weighted(p, v, BLOCK_N, USE_DOT, DOT_DTYPE)
+        m = m_new
+    if INT8:
+        acc = acc - corr[:, None]
+    if SPLITS == 1:
+        out = acc / tl.where(l_sum == 0, 1.0, l_sum)[:, None]
+        ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
+    else:
+        part = (b * num_heads + heads) * SPLITS + split  # (GP,) rows of the (B, H, SPLITS) partials
+        tl.store(OUT + part[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < G)[:, None])
+        tl.store(PART_M + part, m, mask=g < G)
+        tl.store(PART_L + part, l_sum, mask=g < G)
+
+
+@_jit
+def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, stride_ob, stride_oh,
+                  SPLITS: tl.constexpr, SP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the context splits."""
+    row = tl.program_id(0)  # b * num_heads + h
+    s = tl.arange(0, SP)
+    d = tl.arange(0, HEAD_DIM)
+    live = s < SPLITS
+    m = tl.load(PART_M + row * SPLITS + s, mask=live, other=float("-inf"))
+    l_sum = tl.load(PART_L + row * SPLITS + s, mask=live, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # empty splits (m = -inf) weigh 0
+    acc = tl.load(PART + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+    den = tl.sum(w * l_sum, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(den == 0, 1.0, den)
+    b, h = row // num_heads, row % num_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def kv_strides(x: Tensor, block_size: int, block_major: bool) -> tuple[int, int, int]:
+    """(block, token-in-block, head) element strides of a pool tensor; the last dim must be contiguous."""
+    if x.stride(-1) != 1:
+        raise ValueError("the paged kernels need the pool's last dimension contiguous")
+    if block_major:  # (blocks, Hkv, block_size, .)
+        return x.stride(0), x.stride(2), x.stride(1)
+    return block_size * x.stride(0), x.stride(0), x.stride(1)  # (slots, Hkv, .)
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand type of tl.dot: the model dtype, except bf16 under the CPU interpreter, whose bf16 dot reads the
+    raw storage as integers (fp32 is exact there); the GPU bench checks bf16 on tensor cores."""
+    if dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def triton_supports(x: Tensor, num_heads: int, kv: PagedKV) -> bool:
+    """Whether the paged kernels take activations x (q or qkv) and this pool (else the dispatchers run the
+    reference): CUDA, fp16/bf16 in the pool's dtype or int8 codes, a power-of-two head_dim, whole GQA groups."""
+    d = kv.head_dim
+    return (triton is not None and x.is_cuda and kv.k.is_cuda and x.dtype in _TRITON_DTYPES
+            and (kv.int8 or kv.k.dtype == x.dtype) and d >= 16 and d & (d - 1) == 0
+            and num_heads % kv.num_kv_heads == 0)
+
+
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, config: DecodeConfig, sms: int) -> int:
+    """Context splits from shapes alone: (batch * kv_heads * splits) ~ waves x SMs programs."""
+    if config.splits is not None:
+        return config.splits
+    want = -(-config.waves * sms // (batch * kv_heads))
+    return max(1, min(want, max_tokens // config.min_split_tokens, MAX_SPLITS))
+
+
+def paged_decode_attention_triton(
+    q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
+    config: DecodeConfig | None = None,
+) -> Tensor:
+    """q (B, H, D), one token per sequence (rotated, LogN-scaled) -> (B, H, D): row b attends to the first
+    context_lens[b] >= 1 tokens of block_tables[b] (B, W), which must name blocks for all of them."""
+    cfg = config or DecodeConfig()
+    (bsz, heads, d), hkv = q.shape, kv.num_kv_heads
+    group = heads // hkv
+    use_dot = group > 1 if cfg.use_dot is None else cfg.use_dot or group > 1
+    gp = max(16, triton.next_power_of_2(group)) if use_dot else 1  # tl.dot needs 16 rows
+    splits = choose_splits(bsz, hkv, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
+    out = torch.empty_like(q)
+    target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
+    part_m = target if splits == 1 else q.new_empty((bsz, heads, splits), dtype=torch.float32)
+    part_l = target if splits == 1 else torch.empty_like(part_m)
+    ksz = kv.k_sz if kv.int8 else kv.k  # never read when INT8 is False
+    vsz = kv.v_sz if kv.int8 else kv.v
+    s_blk, s_tok, s_head = kv_strides(kv.k, kv.block_size, kv.block_major)
+    z_strides = kv_strides(ksz, kv.block_size, kv.block_major)
+    if kv_strides(kv.v, kv.block_size, kv.block_major) != (s_blk, s_tok, s_head) or q.stride(-1) != 1:
+        raise ValueError("k and v must share strides, and q's last dimension must be contiguous")
+    _decode_kernel[(hkv, bsz, splits)](
+        q, kv.k, kv.v, ksz, vsz, block_tables, context_lens, target, part_m, part_l, scale * LOG2E, heads,
+        q.stride(0), q.stride(1), block_tables.stride(0), s_blk, s_tok, s_head, *z_strides,
+        out.stride(0), out.stride(1), G=group, GP=gp, HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n,
+        SPLITS=splits, INT8=kv.int8, USE_DOT=use_dot, DOT_DTYPE=dot_dtype(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, out.stride(0), out.stride(1),
+                                      SPLITS=splits, SP=triton.next_power_of_2(splits), HEAD_DIM=d, num_warps=4)
+    return out
+
+
+def paged_decode_attention(
+    q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
+    config: DecodeConfig | None = None,
+) -> Tensor:
+    """Decode attention (B, H, D) -> (B, H, D): the Triton kernel on CUDA, else the gather reference."""
+    if triton_supports(q, q.shape[1], kv):
+        return paged_decode_attention_triton(q, kv, block_tables, context_lens, scale, config)
+    cu = torch.arange(q.shape[0] + 1, device=q.device)
+    return paged_attention_reference(q, kv, block_tables, cu, context_lens, 1, scale)
