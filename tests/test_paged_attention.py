@@ -47,7 +47,7 @@ class Case:
     block_size: int = 4
     block: int = 16  # block_n of decode/prefill
     splits: int | None = None
-    use_dot: bool | None = None
+    use_dot: bool = False
     layout: str = "slot"  # slot: (slots, Hkv, D) as KVPool stores it | block: (blocks, Hkv, block_size, D)
     shared: bool = False  # rotary int8: one range per (sequence, head) over the chunk
     head_dim: int = 32
@@ -65,9 +65,10 @@ CASES = [
     Case("decode", 4, 4, "bf16", splits=2, block_size=8),
     Case("decode", 4, 4, int8=True, block_size=8),
     Case("decode", 4, 4, int8=True, splits=3, use_dot=True),
+    Case("decode", 4, 4, splits=2, use_dot=True, block=32),
     Case("decode", 8, 2, "bf16", int8=True, splits=4, block_size=16),
     Case("decode", 6, 2, layout="block", splits=2, block_size=8, head_dim=64),
-    Case("decode", 4, 4, int8=True, layout="block", block_size=32),
+    Case("decode", 4, 4, int8=True, layout="block", block_size=32, splits=2),
     Case("prefill", 4, 4),
     Case("prefill", 6, 2, block_size=8, block=32),
     Case("prefill", 4, 2, "bf16", int8=True),
@@ -292,14 +293,17 @@ def test_cpu_dispatch_takes_reference(case: Case) -> None:
 
 
 def test_reference_quantize_matches_engine_chunk_scheme() -> None:
-    """The shared-range int8 write is the engine's quantize_chunk; per-token ranges are its one-token chunks."""
+    """The shared-range int8 write is the engine's quantize_chunk; per-token ranges are its one-token chunks.
+    (On the CPU the engine's `/ 255` is a true division: the scale may differ by an ulp, a code by one.)"""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(9, 3, 16, generator=gen).half()
+    x = torch.randn(9, 3, 64, generator=gen).half()
     seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     for group, n in ((seq, 3), (torch.arange(9), 9)):
         codes, sz = quantize(x, group, n)
         engine_codes, engine_sz = quantize_chunk(x, group, n)
-        assert torch.equal(codes, engine_codes) and torch.equal(sz, engine_sz)
+        assert torch.allclose(sz, engine_sz, rtol=2.4e-7, atol=0)
+        assert int((codes.int() - engine_codes.int()).abs().max()) <= 1
+        assert float((codes != engine_codes).float().mean()) < 0.01
 
 
 @pytest.mark.parametrize("int8", [False, True])

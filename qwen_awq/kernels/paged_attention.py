@@ -40,8 +40,8 @@ class DecodeConfig:
     num_stages: int = 2
     splits: int | None = None
     waves: int = 4
-    min_split_tokens: int = 256
-    use_dot: bool | None = None  # None: tensor cores for GQA groups, CUDA-core dot products for MHA
+    min_split_tokens: int = 64
+    use_dot: bool = False  # MHA on tensor cores too (GQA groups always use them)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps"):
@@ -58,45 +58,61 @@ def _jit(fn):
     return fn if triton is None else triton.jit(fn)
 
 
-@_jit
-def _scores(q, x, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """q (GP, D), keys or codes x (N, D) -> q x^T (GP, N) fp32: tensor cores, or (GP = 1) a CUDA-core reduction."""
-    if USE_DOT:
-        return tl.dot(q.to(DOT_DTYPE), tl.trans(x.to(DOT_DTYPE)))
-    return tl.sum(q.to(tl.float32) * x.to(tl.float32), 1)[None, :]
+# The running max starts at -1e30 (a literal in the kernels: Triton reads no plain globals): finite, so a lane
+# or row that saw only masked scores rescales by 2^0 instead of 2^(-inf + inf) = NaN.
 
 
 @_jit
-def _weighted(p, x, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Weights p (GP, N), values or codes x (N, D) -> p x (GP, D) fp32."""
-    if USE_DOT:
-        return tl.dot(p.to(DOT_DTYPE), x.to(DOT_DTYPE))
-    return tl.sum(tl.reshape(p, (BLOCK_N,))[:, None] * x.to(tl.float32), 0)[None, :]
+def codes_f32(x):
+    """uint8 codes -> fp32 without the int-to-float instruction (a quarter-rate unit): the fp32 with bits
+    0x4B000000 | c is exactly 2^23 + c, so one OR and one subtraction give c."""
+    return (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @_jit
-def _decode_kernel(
-    Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads,
-    stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
-    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr, INT8: tl.constexpr, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-):
-    kvh, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _split_range(LENS, b, split, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens [lo, hi) of sequence b that this split reads: its share of the real length, in whole tiles."""
     ctx = tl.load(LENS + b).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N  # this split's share of the real length
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, ctx)
-    g = tl.arange(0, GP)
+    return lo, tl.minimum(lo + chunk, ctx)
+
+
+@_jit
+def _finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, live, split, num_splits, num_heads, stride_ob,
+            stride_oh, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr):
+    """acc (GP, D), m/l_sum (GP,) of heads (GP,) -> the output rows, or this split's partial softmax."""
     d = tl.arange(0, HEAD_DIM)
-    heads = kvh * G + g  # (GP,) the query heads of this kv head (rows past G are padding)
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
-    qsum = tl.sum(q.to(tl.float32), 1)  # (GP,) for the int8 zero-point term of the scores
-    m = tl.full((GP,), float("-inf"), tl.float32)  # running max of the log2-scaled scores
-    l_sum = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, HEAD_DIM), tl.float32)
-    corr = tl.zeros((GP,), tl.float32)  # int8 (CUDA-core path): sum of weight * scale * zero, taken off acc
+    if IS_SPLIT:
+        part = (b * num_heads + heads) * num_splits + split  # (GP,) rows of the (B, H, splits) partials
+        tl.store(OUT + part[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
+        tl.store(PART_M + part, m, mask=live)
+        tl.store(PART_L + part, l_sum, mask=live)
+    else:
+        out = acc / tl.where(l_sum == 0, 1.0, l_sum)[:, None]
+        ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=live[:, None])
+
+
+@_jit
+def _decode_mha_kernel(
+    Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
+    stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr, IS_SPLIT: tl.constexpr,
+):
+    """One query head per kv head, on CUDA cores. Each of the tile's BLOCK_N lanes keeps its own running max,
+    sum and (N, D) accumulator, so the loop has no cross-warp reduction; the lanes merge once at the end."""
+    h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo, hi = _split_range(LENS, b, split, num_splits, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale_log2  # (D,) scores in log2 units
+    qsum = tl.sum(q, 0)  # for the int8 zero-point term
+    m = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    l_sum = tl.zeros((BLOCK_N,), tl.float32)
+    corr = tl.zeros((BLOCK_N,), tl.float32)  # int8: weight * scale * zero per lane, taken off acc at the end
+    acc = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     table = TABLES + b.to(tl.int64) * stride_tb
-    k_base, v_base = K + kvh * s_head, V + kvh * s_head
+    k_base, v_base = K + h * s_head, V + h * s_head
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         valid = offs < hi
@@ -104,53 +120,94 @@ def _decode_kernel(
         rows = blk * s_blk + (offs % BS) * s_tok  # (N,) element offset of each token's row
         k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
         v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
-        s = _scores(q, k, USE_DOT, DOT_DTYPE)  # (GP, N)
+        if INT8:
+            k, v = codes_f32(k), codes_f32(v)
+        s = tl.sum(q[None, :] * k.to(tl.float32), 1)  # (N,)
+        if INT8:
+            zr = blk * z_blk + (offs % BS) * z_tok + h * z_head
+            s = tl.load(KSZ + zr, mask=valid, other=0.0) * (s - tl.load(KSZ + zr + 1, mask=valid, other=0.0) * qsum)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        l_sum = l_sum * alpha + p
+        if INT8:  # weight the codes; the zero points come off once at the end
+            p = p * tl.load(VSZ + zr, mask=valid, other=0.0)
+            corr = corr * alpha + p * tl.load(VSZ + zr + 1, mask=valid, other=0.0)
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        m = m_new
+    top = tl.max(m[None, :], 1)  # (1,)
+    w = tl.exp2(m - top)  # (N,) each lane's rescale to the common max
+    out = tl.sum(w[:, None] * acc, 0)[None, :]  # (1, D)
+    if INT8:
+        out = out - tl.sum((w * corr)[None, :], 1)[:, None]
+    heads = h + tl.arange(0, 1)
+    _finish(OUT, PART_M, PART_L, out, top, tl.sum((w * l_sum)[None, :], 1), b, heads, heads < num_heads, split,
+            num_splits, num_heads, stride_ob, stride_oh, HEAD_DIM, IS_SPLIT)
+
+
+@_jit
+def _decode_gqa_kernel(
+    Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
+    stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    INT8: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """The G query heads of one kv head (padded to GP >= 16 rows) on tensor cores: each tile is loaded once."""
+    kvh, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo, hi = _split_range(LENS, b, split, num_splits, BLOCK_N)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * G + g  # (GP,) rows past G are padding
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    q = q.to(DOT_DTYPE)
+    qsum = tl.sum(q.to(tl.float32), 1)  # (GP,) for the int8 zero-point term
+    m = tl.full((GP,), -1.0e30, tl.float32)
+    l_sum = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, HEAD_DIM), tl.float32)
+    table = TABLES + b.to(tl.int64) * stride_tb
+    k_base, v_base = K + kvh * s_head, V + kvh * s_head
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < hi
+        blk = tl.load(table + offs // BS, mask=valid, other=0).to(tl.int64)
+        rows = blk * s_blk + (offs % BS) * s_tok
+        k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+        v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+        if INT8:
+            k = codes_f32(k)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # (GP, N); int8 codes are exact in fp16/bf16
         if INT8:
             zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
             ks = tl.load(KSZ + zr, mask=valid, other=0.0)
-            kz = tl.load(KSZ + zr + 1, mask=valid, other=0.0)
-            s = ks[None, :] * (s - kz[None, :] * qsum[:, None])  # q . scale (c - zero)
+            s = ks[None, :] * (s - tl.load(KSZ + zr + 1, mask=valid, other=0.0)[None, :] * qsum[:, None])
+            # dequantize v: weight * scale would fall into fp16's subnormals as a dot operand
+            v = tl.load(VSZ + zr, mask=valid, other=0.0)[:, None] * (
+                codes_f32(v) - tl.load(VSZ + zr + 1, mask=valid, other=0.0)[:, None])
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])  # (GP, N)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        if INT8:
-            vs = tl.load(VSZ + zr, mask=valid, other=0.0)
-            vz = tl.load(VSZ + zr + 1, mask=valid, other=0.0)
-            if USE_DOT:  # dequantize: p * scale would fall into fp16's subnormals as a dot operand
-                v = vs[:, None] * (v.to(tl.float32) - vz[:, None])
-            else:  # fp32 throughout: weight the codes, subtract the zero points once at the end
-                p = p * vs[None, :]
-                corr = corr * alpha + tl.sum(p * vz[None, :], 1)
-        acc = acc * alpha[:, None] + _weighted(p, v, BLOCK_N, USE_DOT, DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
         m = m_new
-    if INT8:
-        acc = acc - corr[:, None]
-    if SPLITS == 1:
-        out = acc / tl.where(l_sum == 0, 1.0, l_sum)[:, None]
-        ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(g < G)[:, None])
-    else:
-        part = (b * num_heads + heads) * SPLITS + split  # (GP,) rows of the (B, H, SPLITS) partials
-        tl.store(OUT + part[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < G)[:, None])
-        tl.store(PART_M + part, m, mask=g < G)
-        tl.store(PART_L + part, l_sum, mask=g < G)
+    _finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, g < G, split, num_splits, num_heads, stride_ob,
+            stride_oh, HEAD_DIM, IS_SPLIT)
 
 
 @_jit
-def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, stride_ob, stride_oh,
-                  SPLITS: tl.constexpr, SP: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, num_splits, stride_ob, stride_oh,
+                  SP: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the context splits."""
     row = tl.program_id(0)  # b * num_heads + h
     s = tl.arange(0, SP)
     d = tl.arange(0, HEAD_DIM)
-    live = s < SPLITS
-    m = tl.load(PART_M + row * SPLITS + s, mask=live, other=float("-inf"))
-    l_sum = tl.load(PART_L + row * SPLITS + s, mask=live, other=0.0)
+    live = s < num_splits
+    m = tl.load(PART_M + row * num_splits + s, mask=live, other=float("-inf"))
+    l_sum = tl.load(PART_L + row * num_splits + s, mask=live, other=0.0)
     top = tl.max(m, 0)
-    w = tl.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # empty splits (m = -inf) weigh 0
-    acc = tl.load(PART + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+    w = tl.exp2(m - top)  # empty splits (m = -1e30, l = 0) weigh nothing
+    acc = tl.load(PART + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
     den = tl.sum(w * l_sum, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(den == 0, 1.0, den)
     b, h = row // num_heads, row % num_heads
@@ -207,8 +264,6 @@ def paged_decode_attention_triton(
     cfg = config or DecodeConfig()
     (bsz, heads, d), hkv = q.shape, kv.num_kv_heads
     group = heads // hkv
-    use_dot = group > 1 if cfg.use_dot is None else cfg.use_dot or group > 1
-    gp = max(16, triton.next_power_of_2(group)) if use_dot else 1  # tl.dot needs 16 rows
     splits = choose_splits(bsz, hkv, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
     out = torch.empty_like(q)
     target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
@@ -216,20 +271,22 @@ def paged_decode_attention_triton(
     part_l = target if splits == 1 else torch.empty_like(part_m)
     ksz = kv.k_sz if kv.int8 else kv.k  # never read when INT8 is False
     vsz = kv.v_sz if kv.int8 else kv.v
-    s_blk, s_tok, s_head = kv_strides(kv.k, kv.block_size, kv.block_major)
-    z_strides = kv_strides(ksz, kv.block_size, kv.block_major)
-    if kv_strides(kv.v, kv.block_size, kv.block_major) != (s_blk, s_tok, s_head) or q.stride(-1) != 1:
+    strides = kv_strides(kv.k, kv.block_size, kv.block_major)
+    if kv_strides(kv.v, kv.block_size, kv.block_major) != strides or q.stride(-1) != 1:
         raise ValueError("k and v must share strides, and q's last dimension must be contiguous")
-    _decode_kernel[(hkv, bsz, splits)](
-        q, kv.k, kv.v, ksz, vsz, block_tables, context_lens, target, part_m, part_l, scale * LOG2E, heads,
-        q.stride(0), q.stride(1), block_tables.stride(0), s_blk, s_tok, s_head, *z_strides,
-        out.stride(0), out.stride(1), G=group, GP=gp, HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n,
-        SPLITS=splits, INT8=kv.int8, USE_DOT=use_dot, DOT_DTYPE=dot_dtype(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (q, kv.k, kv.v, ksz, vsz, block_tables, context_lens, target, part_m, part_l, scale * LOG2E, heads,
+            splits, q.stride(0), q.stride(1), block_tables.stride(0), *strides,
+            *kv_strides(ksz, kv.block_size, kv.block_major), out.stride(0), out.stride(1))
+    meta = dict(HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n, INT8=kv.int8, IS_SPLIT=splits > 1,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if group == 1 and not cfg.use_dot:
+        _decode_mha_kernel[(hkv, bsz, splits)](*args, **meta)
+    else:  # tl.dot needs 16 rows: the group is padded
+        gp = max(16, triton.next_power_of_2(group))
+        _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, DOT_DTYPE=dot_dtype(q.dtype), **meta)
     if splits > 1:
-        _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, out.stride(0), out.stride(1),
-                                      SPLITS=splits, SP=triton.next_power_of_2(splits), HEAD_DIM=d, num_warps=4)
+        _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
+                                      SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
     return out
 
 

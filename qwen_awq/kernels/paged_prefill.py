@@ -12,7 +12,16 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.paged_attention import LOG2E, _jit, dot_dtype, kv_strides, tl, triton, triton_supports
+from qwen_awq.kernels.paged_attention import (
+    LOG2E,
+    _jit,
+    codes_f32,
+    dot_dtype,
+    kv_strides,
+    tl,
+    triton,
+    triton_supports,
+)
 from qwen_awq.kernels.paged_reference import PagedKV, paged_attention_reference
 
 
@@ -41,7 +50,7 @@ def _kv_tile(base, SZ, rows, zr, valid, d, INT8: tl.constexpr, DOT_DTYPE: tl.con
     if INT8:
         scale = tl.load(SZ + zr, mask=valid, other=0.0)
         zero = tl.load(SZ + zr + 1, mask=valid, other=0.0)
-        x = scale[:, None] * (x.to(tl.float32) - zero[:, None])
+        x = scale[:, None] * (codes_f32(x) - zero[:, None])
     return x.to(DOT_DTYPE)
 
 

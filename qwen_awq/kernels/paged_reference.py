@@ -72,14 +72,15 @@ def quantize(x: Tensor, group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]
     """x (T, Hkv, D) -> uint8 codes (T, Hkv, D), (scale, zero) (T, Hkv, 2); each (group, head) shares one range.
 
     group (T,) names each token's group: the token itself (per-token scales) or its sequence's chunk (Qwen's
-    per-written-chunk scheme, as engine/kv_cache.py quantize_chunk).
+    per-written-chunk scheme, as engine/kv_cache.py quantize_chunk, which equals this on CUDA; on the CPU its
+    `/ 255` is a true division, at most one fp32 ulp off the scale).
     """
     xf = x.float()
     idx = group[:, None].expand(-1, x.shape[1])  # (T, Hkv)
     init = xf.new_full((num_groups, x.shape[1]), float("inf"))
     lo = init.scatter_reduce(0, idx, xf.amin(-1), "amin")  # (groups, Hkv)
     hi = (-init).scatter_reduce(0, idx, xf.amax(-1), "amax")
-    scale = ((hi - lo) / INT8_LEVELS).clamp_min(MIN_SCALE)
+    scale = ((hi - lo) * (1.0 / INT8_LEVELS)).clamp_min(MIN_SCALE)  # what `/ 255` computes on CUDA tensors
     zero = -lo / scale
     sz = torch.stack([scale, zero], dim=-1)[group]  # (T, Hkv, 2)
     codes = torch.round(xf / sz[..., :1] + sz[..., 1:]).clamp(0, INT8_LEVELS).to(torch.uint8)

@@ -31,14 +31,14 @@ def _rotate(X, heads, live, half, cos, sin, HALF: tl.constexpr):
 @_jit
 def _codes(x, scale, zero, levels):
     """fp32 round-half-even(x / scale + zero) clamped to 0..levels, as uint8 (the reference's torch.round)."""
-    y = tl.math.div_rn(x.to(tl.float32), scale[:, None]) + zero[:, None]
+    y = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(scale[:, None], x.shape)) + zero[:, None]
     return tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), levels).to(tl.uint8)  # ROUND_MAGIC
 
 
 @_jit
-def _quantize_store(dst, sz_dst, x1, x2, lo, hi, live, levels, min_scale, HALF: tl.constexpr):
+def _quantize_store(dst, sz_dst, x1, x2, lo, hi, live, levels, inv_levels, min_scale, HALF: tl.constexpr):
     """Halves (BH, D/2) -> uint8 codes at dst, (scale, zero) at sz_dst; lo/hi (BH,) the range to cover."""
-    scale = tl.maximum(tl.math.div_rn(hi - lo, levels), min_scale)
+    scale = tl.maximum((hi - lo) * inv_levels, min_scale)
     zero = tl.math.div_rn(-lo, scale)
     tl.store(dst, _codes(x1, scale, zero, levels), mask=live[:, None])
     tl.store(dst + HALF, _codes(x2, scale, zero, levels), mask=live[:, None])
@@ -78,7 +78,7 @@ def _chunk_range_kernel(QKV, COS, SIN, SEQ, RANGE, stride_t, H: tl.constexpr, HK
 
 @_jit
 def _rotary_kv_kernel(
-    QKV, COS, SIN, LOGN, SLOTS, QOUT, KC, VC, KSZ, VSZ, SEQ, RANGE, levels, min_scale,
+    QKV, COS, SIN, LOGN, SLOTS, QOUT, KC, VC, KSZ, VSZ, SEQ, RANGE, levels, inv_levels, min_scale,
     stride_t, stride_qo, s_blk, s_tok, s_head, z_blk, z_tok, z_head,
     H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
     NQ: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr, SHARED: tl.constexpr,
@@ -116,8 +116,8 @@ def _rotary_kv_kernel(
             else:
                 kl, kh = _row_range(k1, k2)
                 vl, vh = _row_range(v1, v2)
-            _quantize_store(KC + base, KSZ + zb, k1, k2, kl, kh, live, levels, min_scale, HALF)
-            _quantize_store(VC + base, VSZ + zb, v1, v2, vl, vh, live, levels, min_scale, HALF)
+            _quantize_store(KC + base, KSZ + zb, k1, k2, kl, kh, live, levels, inv_levels, min_scale, HALF)
+            _quantize_store(VC + base, VSZ + zb, v1, v2, vl, vh, live, levels, inv_levels, min_scale, HALF)
         else:
             out_dtype = KC.dtype.element_ty
             tl.store(KC + base, k1.to(out_dtype), mask=live[:, None])
@@ -153,7 +153,7 @@ def rotary_kv_write_triton(
     strides = kv_strides(kv.k, kv.block_size, kv.block_major) + kv_strides(ksz, kv.block_size, kv.block_major)
     _rotary_kv_kernel[(t, nq + nkv)](
         qkv, cos, sin, cos if logn is None else logn, slot_mapping, q, kv.k, kv.v, ksz, vsz,
-        slot_mapping if chunk_seq is None else chunk_seq, rng, float(INT8_LEVELS), MIN_SCALE,
+        slot_mapping if chunk_seq is None else chunk_seq, rng, float(INT8_LEVELS), 1.0 / INT8_LEVELS, MIN_SCALE,
         qkv.stride(0), q.stride(0), *strides,
         H=num_heads, HKV=hkv, HALF=d // 2, BS=kv.block_size, BLOCK_H=BLOCK_H, NQ=nq, HAS_LOGN=logn is not None,
         INT8=kv.int8, SHARED=shared, enable_fp_fusion=False,
