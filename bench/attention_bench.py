@@ -152,20 +152,21 @@ def sweep_decode(setup: DecodeSetup, budget: float) -> tuple[DecodeConfig, list[
         if left(budget) > 100:  # leave time for prefill and rotary
             rows.append({**asdict(cfg), "ms": setup.kernel(cfg)})
 
-    for block_n in (32, 64, 128):
+    for block_n in (32, 64, 128):  # tensor cores: the loads feed tl.dot, so Triton pipelines them (cp.async)
+        for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+            run(DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, use_dot=True))
+    for block_n in (32, 64, 128):  # CUDA cores, per-lane softmax: no pipelining but a register prefetch
         for warps in (4, 8):
-            for stages in (1, 2, 3):
-                run(DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages))
+            for prefetch in (True, False):
+                run(DecodeConfig(block_n=block_n, num_warps=warps, num_stages=1, use_dot=False, prefetch=prefetch))
     if not rows:
         return DecodeConfig(), rows
     best = min(rows, key=lambda r: r["ms"])
-    base = DecodeConfig(block_n=best["block_n"], num_warps=best["num_warps"], num_stages=best["num_stages"])
+    base = DecodeConfig(**{k: best[k] for k in ("block_n", "num_warps", "num_stages", "use_dot", "prefetch")})
     for splits in (2, 4):
         run(replace(base, splits=splits))
-    for block_n, stages in ((32, 2), (64, 2), (64, 3)):
-        run(DecodeConfig(block_n=block_n, num_warps=4, num_stages=stages, use_dot=True))
     best = min(rows, key=lambda r: r["ms"])
-    fields = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "splits", "use_dot")}
+    fields = {k: best[k] for k in ("block_n", "num_warps", "num_stages", "splits", "use_dot", "prefetch")}
     return DecodeConfig(**fields), rows
 
 
@@ -287,7 +288,7 @@ def sweep_lines(res: dict) -> list[str]:
         rows, nbytes = sorted(res["sweep"].get(kv, []), key=lambda r: r["ms"]), res["sweep"].get(f"{kv}_bytes", 1)
         for r in rows[:5]:
             lines.append(f"- {kv}: block_n {r['block_n']}, warps {r['num_warps']}, stages {r['num_stages']}, "
-                         f"splits {r['splits']}, dot {r['use_dot']}: {r['ms'] * 1e3:.1f} us, "
+                         f"splits {r['splits']}, dot {r['use_dot']}, prefetch {r['prefetch']}: {r['ms'] * 1e3:.1f} us, "
                          f"{100 * gbps(nbytes, r['ms']) / copy:.1f}% of copy")
         if rows:
             lines.append(f"- {kv}: slowest of {len(rows)}: {rows[-1]['ms'] * 1e3:.1f} us")
@@ -364,7 +365,8 @@ def main() -> None:
 
     res["copy_gbps"] = copy_bandwidth(sizes.device)
     res["checks"] = attention_checks(gen, sizes)
-    res["graph_checks"] = {f"int8={i}": graph_check(i, gen, sizes) for i in (False, True)}
+    res["graph_checks"] = {f"int8={i}-dot={d}": graph_check(i, gen, sizes, DecodeConfig(use_dot=d))
+                           for i in (False, True) for d in (False, True)}
     save("checks")
     res["rotary_checks"] = rotary_checks(gen, sizes)
     save("rotary checks")

@@ -74,7 +74,7 @@ def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _attention_errors(kind: str, heads: int, kv_heads: int, dtype: torch.dtype, int8: bool,
-                      ctx: list[int], qlens: list[int], gen: torch.Generator) -> dict:
+                      ctx: list[int], qlens: list[int], gen: torch.Generator, cfg: DecodeConfig | None = None) -> dict:
     tables, slots = random_tables(ctx, gen)
     kv = random_pool(slots, kv_heads, dtype, int8, gen)[0]
     dev = gen.device
@@ -84,7 +84,7 @@ def _attention_errors(kind: str, heads: int, kv_heads: int, dtype: torch.dtype, 
     scale = HEAD_DIM ** -0.5 * 1.7  # sharper than 1/sqrt(D): weights far from uniform
     ref = paged_attention_reference(q.double(), _as64(kv), tables, cu, lens, max(qlens), scale)
     if kind == "decode":
-        out = paged_decode_attention_triton(q, kv, tables, lens, scale)
+        out = paged_decode_attention_triton(q, kv, tables, lens, scale, cfg)
     else:
         out = paged_prefill_attention_triton(q, kv, tables, cu, lens, max(qlens), scale)
     gather = paged_attention_reference(q, kv, tables, cu, lens, max(qlens), scale)
@@ -104,6 +104,10 @@ def attention_checks(gen: torch.Generator, sizes: Sizes) -> dict:
             cases[f"decode-{n}x{top}-{name}"] = _attention_errors("decode", heads, kv_heads, dtype, int8,
                                                                   decode_ctx, [1] * n, gen)
             cases[f"prefill-{name}"] = _attention_errors("prefill", heads, kv_heads, dtype, int8, pctx, pq, gen)
+    for int8 in (False, True):  # the CUDA-core MHA kernel (the default is the tensor-core one)
+        cases[f"decode-{n}x{top}-cudacore-{'int8' if int8 else 'fp16'}"] = _attention_errors(
+            "decode", sizes.heads, sizes.heads, torch.float16, int8, decode_ctx, [1] * n, gen,
+            DecodeConfig(use_dot=False))
     for splits in (2, 8):  # forced splits on the headline shape
         tables, slots = random_tables(decode_ctx, gen)
         kv = random_pool(slots, sizes.heads, torch.float16, False, gen)[0]

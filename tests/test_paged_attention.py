@@ -51,19 +51,20 @@ class Case:
     layout: str = "slot"  # slot: (slots, Hkv, D) as KVPool stores it | block: (blocks, Hkv, block_size, D)
     shared: bool = False  # rotary int8: one range per (sequence, head) over the chunk
     head_dim: int = 32
+    prefetch: bool = True
 
     @property
     def id(self) -> str:
         kv = "int8" if self.int8 else self.dtype
         return (f"{self.kind}-h{self.heads}kv{self.kv_heads}-d{self.head_dim}-{self.dtype}-{kv}-bs{self.block_size}"
-                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-{self.layout}-shared{self.shared}")
+                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-pf{self.prefetch}-{self.layout}-shared{self.shared}")
 
 
 CASES = [
     Case("decode", 4, 4),
     Case("decode", 8, 2, splits=3),
-    Case("decode", 4, 4, "bf16", splits=2, block_size=8),
-    Case("decode", 4, 4, int8=True, block_size=8),
+    Case("decode", 4, 4, "bf16", splits=2, block_size=8, prefetch=False),
+    Case("decode", 4, 4, int8=True, block_size=8, prefetch=False),
     Case("decode", 4, 4, int8=True, splits=3, use_dot=True),
     Case("decode", 4, 4, splits=2, use_dot=True, block=32),
     Case("decode", 8, 2, "bf16", int8=True, splits=4, block_size=16),
@@ -170,7 +171,7 @@ def _attention_case(kern: dict, case: Case, gen: torch.Generator, device: str, p
                  *(None if x is None else x.to(device) for x in (kv.k_sz, kv.v_sz)))
     tables, lens = tables.to(device), torch.tensor(ctx, device=device)
     if case.kind == "decode":
-        cfg = DecodeConfig(block_n=case.block, splits=case.splits, use_dot=case.use_dot)
+        cfg = DecodeConfig(block_n=case.block, splits=case.splits, use_dot=case.use_dot, prefetch=case.prefetch)
         out = kern["decode"](q.to(device), kv, tables, lens, scale, cfg)
     else:
         cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], device=device)

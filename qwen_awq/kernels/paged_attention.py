@@ -37,11 +37,12 @@ class DecodeConfig:
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     splits: int | None = None
     waves: int = 4
     min_split_tokens: int = 64
-    use_dot: bool = False  # MHA on tensor cores too (GQA groups always use them)
+    use_dot: bool = True  # MHA on tensor cores too (GQA groups always use them): Triton pipelines loads into dots
+    prefetch: bool = True  # CUDA-core MHA: load the next tile before computing this one
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps"):
@@ -95,13 +96,35 @@ def _finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, live, split, num_split
 
 
 @_jit
+def _mha_tile(k_base, v_base, KSZ, VSZ, table, offs, hi, h, s_blk, s_tok, z_blk, z_tok, z_head,
+              HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr):
+    """Tokens offs (N,) of one head: keys and values (N, D) as stored, int8 (scale, zero) (N,) each (else 0)."""
+    valid = offs < hi
+    d = tl.arange(0, HEAD_DIM)
+    blk = tl.load(table + offs // BS, mask=valid, other=0).to(tl.int64)
+    rows = blk * s_blk + (offs % BS) * s_tok  # (N,) element offset of each token's row
+    k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+    v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+    if INT8:
+        zr = blk * z_blk + (offs % BS) * z_tok + h * z_head
+        ks, kz = tl.load(KSZ + zr, mask=valid, other=0.0), tl.load(KSZ + zr + 1, mask=valid, other=0.0)
+        vs, vz = tl.load(VSZ + zr, mask=valid, other=0.0), tl.load(VSZ + zr + 1, mask=valid, other=0.0)
+    else:
+        ks = tl.zeros((BLOCK_N,), tl.float32)
+        kz, vs, vz = ks, ks, ks
+    return k, v, ks, kz, vs, vz
+
+
+@_jit
 def _decode_mha_kernel(
     Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
     stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr, IS_SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One query head per kv head, on CUDA cores. Each of the tile's BLOCK_N lanes keeps its own running max,
-    sum and (N, D) accumulator, so the loop has no cross-warp reduction; the lanes merge once at the end."""
+    sum and (N, D) accumulator, so the loop has no cross-warp reduction; the lanes merge once at the end.
+    PREFETCH loads tile i + 1 before computing tile i (the compiler does not pipeline loads that feed no dot)."""
     h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi = _split_range(LENS, b, split, num_splits, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -113,29 +136,37 @@ def _decode_mha_kernel(
     acc = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     table = TABLES + b.to(tl.int64) * stride_tb
     k_base, v_base = K + h * s_head, V + h * s_head
+    lanes = tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        k, v, ks, kz, vs, vz = _mha_tile(k_base, v_base, KSZ, VSZ, table, lo + lanes, hi, h, s_blk, s_tok, z_blk,
+                                         z_tok, z_head, HEAD_DIM, BS, BLOCK_N, INT8)
     for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        valid = offs < hi
-        blk = tl.load(table + offs // BS, mask=valid, other=0).to(tl.int64)
-        rows = blk * s_blk + (offs % BS) * s_tok  # (N,) element offset of each token's row
-        k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
-        v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
+        valid = start + lanes < hi
+        if PREFETCH:  # the next tile (all masked past the end: no traffic)
+            nk, nv, nks, nkz, nvs, nvz = _mha_tile(k_base, v_base, KSZ, VSZ, table, start + BLOCK_N + lanes, hi, h,
+                                                   s_blk, s_tok, z_blk, z_tok, z_head, HEAD_DIM, BS, BLOCK_N, INT8)
+        else:
+            k, v, ks, kz, vs, vz = _mha_tile(k_base, v_base, KSZ, VSZ, table, start + lanes, hi, h, s_blk, s_tok,
+                                             z_blk, z_tok, z_head, HEAD_DIM, BS, BLOCK_N, INT8)
         if INT8:
-            k, v = codes_f32(k), codes_f32(v)
-        s = tl.sum(q[None, :] * k.to(tl.float32), 1)  # (N,)
+            kf, vf = codes_f32(k), codes_f32(v)
+        else:
+            kf, vf = k.to(tl.float32), v.to(tl.float32)
+        s = tl.sum(q[None, :] * kf, 1)  # (N,)
         if INT8:
-            zr = blk * z_blk + (offs % BS) * z_tok + h * z_head
-            s = tl.load(KSZ + zr, mask=valid, other=0.0) * (s - tl.load(KSZ + zr + 1, mask=valid, other=0.0) * qsum)
+            s = ks * (s - kz * qsum)  # q . scale (c - zero)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m, s)
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new)
         l_sum = l_sum * alpha + p
         if INT8:  # weight the codes; the zero points come off once at the end
-            p = p * tl.load(VSZ + zr, mask=valid, other=0.0)
-            corr = corr * alpha + p * tl.load(VSZ + zr + 1, mask=valid, other=0.0)
-        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+            p = p * vs
+            corr = corr * alpha + p * vz
+        acc = acc * alpha[:, None] + p[:, None] * vf
         m = m_new
+        if PREFETCH:
+            k, v, ks, kz, vs, vz = nk, nv, nks, nkz, nvs, nvz
     top = tl.max(m[None, :], 1)  # (1,)
     w = tl.exp2(m - top)  # (N,) each lane's rescale to the common max
     out = tl.sum(w[:, None] * acc, 0)[None, :]  # (1, D)
@@ -280,7 +311,7 @@ def paged_decode_attention_triton(
     meta = dict(HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n, INT8=kv.int8, IS_SPLIT=splits > 1,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if group == 1 and not cfg.use_dot:
-        _decode_mha_kernel[(hkv, bsz, splits)](*args, **meta)
+        _decode_mha_kernel[(hkv, bsz, splits)](*args, PREFETCH=cfg.prefetch, **meta)
     else:  # tl.dot needs 16 rows: the group is padded
         gp = max(16, triton.next_power_of_2(group))
         _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, DOT_DTYPE=dot_dtype(q.dtype), **meta)
