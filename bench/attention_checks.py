@@ -73,8 +73,16 @@ def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).abs().max() / ref.abs().max())
 
 
-def _attention_errors(kind: str, heads: int, kv_heads: int, dtype: torch.dtype, int8: bool,
-                      ctx: list[int], qlens: list[int], gen: torch.Generator, cfg: DecodeConfig | None = None) -> dict:
+def _attention_errors(*args) -> dict:
+    """_attention_case, or a failed case that records the exception."""
+    try:
+        return _attention_case(*args)
+    except Exception as exc:  # noqa: BLE001 - a failure is a result here
+        return {"kernel": float("inf"), "tol": 0.0, "ok": False, "error": repr(exc)[:400]}
+
+
+def _attention_case(kind: str, heads: int, kv_heads: int, dtype: torch.dtype, int8: bool,
+                    ctx: list[int], qlens: list[int], gen: torch.Generator, cfg: DecodeConfig | None = None) -> dict:
     tables, slots = random_tables(ctx, gen)
     kv = random_pool(slots, kv_heads, dtype, int8, gen)[0]
     dev = gen.device
@@ -104,10 +112,13 @@ def attention_checks(gen: torch.Generator, sizes: Sizes) -> dict:
             cases[f"decode-{n}x{top}-{name}"] = _attention_errors("decode", heads, kv_heads, dtype, int8,
                                                                   decode_ctx, [1] * n, gen)
             cases[f"prefill-{name}"] = _attention_errors("prefill", heads, kv_heads, dtype, int8, pctx, pq, gen)
-    for int8 in (False, True):  # the CUDA-core MHA kernel (the default is the tensor-core one)
-        cases[f"decode-{n}x{top}-cudacore-{'int8' if int8 else 'fp16'}"] = _attention_errors(
-            "decode", sizes.heads, sizes.heads, torch.float16, int8, decode_ctx, [1] * n, gen,
-            DecodeConfig(use_dot=False))
+    variants = [("cudacore", False, DecodeConfig(use_dot=False)), ("cudacore", True, DecodeConfig(use_dot=False)),
+                ("tensorcore", True, DecodeConfig(use_dot=True)), ("twopass", True, DecodeConfig(
+                    use_dot=False, two_pass=True, block_n=32, num_warps=8, num_stages=1)),
+                ("plain-u8", True, DecodeConfig(use_dot=False, asm=False, block_n=32, num_warps=8, num_stages=1))]
+    for name, int8, cfg in variants:  # the MHA kernels besides each storage's default
+        cases[f"decode-{n}x{top}-{name}-{'int8' if int8 else 'fp16'}"] = _attention_errors(
+            "decode", sizes.heads, sizes.heads, torch.float16, int8, decode_ctx, [1] * n, gen, cfg)
     for splits in (2, 8):  # forced splits on the headline shape
         tables, slots = random_tables(decode_ctx, gen)
         kv = random_pool(slots, sizes.heads, torch.float16, False, gen)[0]

@@ -52,12 +52,13 @@ class Case:
     shared: bool = False  # rotary int8: one range per (sequence, head) over the chunk
     head_dim: int = 32
     prefetch: bool = True
+    two_pass: bool = False
 
     @property
     def id(self) -> str:
         kv = "int8" if self.int8 else self.dtype
         return (f"{self.kind}-h{self.heads}kv{self.kv_heads}-d{self.head_dim}-{self.dtype}-{kv}-bs{self.block_size}"
-                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-pf{self.prefetch}-{self.layout}-shared{self.shared}")
+                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-pf{self.prefetch}-2p{self.two_pass}-{self.layout}-shared{self.shared}")
 
 
 CASES = [
@@ -70,6 +71,8 @@ CASES = [
     Case("decode", 8, 2, "bf16", int8=True, splits=4, block_size=16),
     Case("decode", 6, 2, layout="block", splits=2, block_size=8, head_dim=64),
     Case("decode", 4, 4, int8=True, layout="block", block_size=32, splits=2),
+    Case("decode", 4, 4, int8=True, two_pass=True, splits=3),
+    Case("decode", 4, 4, "bf16", int8=True, two_pass=True, block_size=8, block=32),
     Case("prefill", 4, 4),
     Case("prefill", 6, 2, block_size=8, block=32),
     Case("prefill", 4, 2, "bf16", int8=True),
@@ -171,7 +174,8 @@ def _attention_case(kern: dict, case: Case, gen: torch.Generator, device: str, p
                  *(None if x is None else x.to(device) for x in (kv.k_sz, kv.v_sz)))
     tables, lens = tables.to(device), torch.tensor(ctx, device=device)
     if case.kind == "decode":
-        cfg = DecodeConfig(block_n=case.block, splits=case.splits, use_dot=case.use_dot, prefetch=case.prefetch)
+        cfg = DecodeConfig(block_n=case.block, splits=case.splits, use_dot=case.use_dot, prefetch=case.prefetch,
+                           two_pass=case.two_pass)
         out = kern["decode"](q.to(device), kv, tables, lens, scale, cfg)
     else:
         cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], device=device)

@@ -8,25 +8,28 @@ the context (flash-decoding) and a second kernel merges the partial softmaxes. T
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.paged_common import (
+    LOG2E,
+    codes_f32,
+    dot_dtype,
+    finish,
+    jit,
+    kv_strides,
+    num_sms,
+    split_range,
+    tl,
+    triton,
+    triton_supports,
+    use_asm,
+)
 from qwen_awq.kernels.paged_reference import PagedKV, paged_attention_reference
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the dispatchers take the reference
-    triton = None
-    tl = None
-
-LOG2E = 1.4426950408889634  # the kernels use exp2: softmax(s) = 2^(s log2 e - max)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16)
-_INTERPRETER_SMS = 4  # stands in for the SM count when the Triton interpreter runs on CPU tensors
 MAX_SPLITS = 64  # the merge kernel holds every split of a head in one tile
 
 
@@ -43,6 +46,8 @@ class DecodeConfig:
     min_split_tokens: int = 64
     use_dot: bool = True  # MHA on tensor cores too (GQA groups always use them): Triton pipelines loads into dots
     prefetch: bool = True  # CUDA-core MHA: load the next tile before computing this one
+    two_pass: bool = False  # CUDA-core int8 MHA: scores and their max first, then the values (no rescaling)
+    asm: bool = True  # int8: codes to fp32 with one PRMT each (inline PTX; off under the CPU interpreter)
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps"):
@@ -55,47 +60,21 @@ class DecodeConfig:
             raise ConfigError(f"DecodeConfig.splits must be in 1..{MAX_SPLITS}, found {self.splits}")
 
 
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
+# Defaults per KV storage from the H200 sweep (bench/results/paged_attention_H200.md): fp16 K/V streams at copy
+# bandwidth on tensor cores; int8 is bound by the instructions per code, fewest on CUDA cores.
+FP16_DEFAULT = DecodeConfig()
+INT8_DEFAULT = DecodeConfig(block_n=32, num_warps=8, num_stages=1, use_dot=False, prefetch=False)
+
+
+def default_config(int8: bool) -> DecodeConfig:
+    return INT8_DEFAULT if int8 else FP16_DEFAULT
 
 
 # The running max starts at -1e30 (a literal in the kernels: Triton reads no plain globals): finite, so a lane
 # or row that saw only masked scores rescales by 2^0 instead of 2^(-inf + inf) = NaN.
 
 
-@_jit
-def codes_f32(x):
-    """uint8 codes -> fp32 without the int-to-float instruction (a quarter-rate unit): the fp32 with bits
-    0x4B000000 | c is exactly 2^23 + c, so one OR and one subtraction give c."""
-    return (x.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@_jit
-def _split_range(LENS, b, split, num_splits, BLOCK_N: tl.constexpr):
-    """Tokens [lo, hi) of sequence b that this split reads: its share of the real length, in whole tiles."""
-    ctx = tl.load(LENS + b).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    return lo, tl.minimum(lo + chunk, ctx)
-
-
-@_jit
-def _finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, live, split, num_splits, num_heads, stride_ob,
-            stride_oh, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr):
-    """acc (GP, D), m/l_sum (GP,) of heads (GP,) -> the output rows, or this split's partial softmax."""
-    d = tl.arange(0, HEAD_DIM)
-    if IS_SPLIT:
-        part = (b * num_heads + heads) * num_splits + split  # (GP,) rows of the (B, H, splits) partials
-        tl.store(OUT + part[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
-        tl.store(PART_M + part, m, mask=live)
-        tl.store(PART_L + part, l_sum, mask=live)
-    else:
-        out = acc / tl.where(l_sum == 0, 1.0, l_sum)[:, None]
-        ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=live[:, None])
-
-
-@_jit
+@jit
 def _mha_tile(k_base, v_base, KSZ, VSZ, table, offs, hi, h, s_blk, s_tok, z_blk, z_tok, z_head,
               HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr):
     """Tokens offs (N,) of one head: keys and values (N, D) as stored, int8 (scale, zero) (N,) each (else 0)."""
@@ -115,18 +94,18 @@ def _mha_tile(k_base, v_base, KSZ, VSZ, table, offs, hi, h, s_blk, s_tok, z_blk,
     return k, v, ks, kz, vs, vz
 
 
-@_jit
+@jit
 def _decode_mha_kernel(
     Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
     stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, INT8: tl.constexpr, IS_SPLIT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ASM: tl.constexpr,
 ):
     """One query head per kv head, on CUDA cores. Each of the tile's BLOCK_N lanes keeps its own running max,
     sum and (N, D) accumulator, so the loop has no cross-warp reduction; the lanes merge once at the end.
     PREFETCH loads tile i + 1 before computing tile i (the compiler does not pipeline loads that feed no dot)."""
     h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo, hi = _split_range(LENS, b, split, num_splits, BLOCK_N)
+    lo, hi = split_range(LENS, b, split, num_splits, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale_log2  # (D,) scores in log2 units
     qsum = tl.sum(q, 0)  # for the int8 zero-point term
@@ -149,7 +128,7 @@ def _decode_mha_kernel(
             k, v, ks, kz, vs, vz = _mha_tile(k_base, v_base, KSZ, VSZ, table, start + lanes, hi, h, s_blk, s_tok,
                                              z_blk, z_tok, z_head, HEAD_DIM, BS, BLOCK_N, INT8)
         if INT8:
-            kf, vf = codes_f32(k), codes_f32(v)
+            kf, vf = codes_f32(k, ASM), codes_f32(v, ASM)
         else:
             kf, vf = k.to(tl.float32), v.to(tl.float32)
         s = tl.sum(q[None, :] * kf, 1)  # (N,)
@@ -173,20 +152,65 @@ def _decode_mha_kernel(
     if INT8:
         out = out - tl.sum((w * corr)[None, :], 1)[:, None]
     heads = h + tl.arange(0, 1)
-    _finish(OUT, PART_M, PART_L, out, top, tl.sum((w * l_sum)[None, :], 1), b, heads, heads < num_heads, split,
+    finish(OUT, PART_M, PART_L, out, top, tl.sum((w * l_sum)[None, :], 1), b, heads, heads < num_heads, split,
             num_splits, num_heads, stride_ob, stride_oh, HEAD_DIM, IS_SPLIT)
 
 
-@_jit
+@jit
+def _decode_int8_two_pass_kernel(
+    Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, SCORES, scale_log2, num_heads, num_splits,
+    stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh, stride_sr,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, IS_SPLIT: tl.constexpr, ASM: tl.constexpr,
+):
+    """int8 MHA on CUDA cores in two passes over the split: the scores (kept in SCORES, (B * H, table tokens)
+    fp32, about 1.5% of the codes' bytes) and their max, then the values with final softmax weights, so the
+    (N, D) accumulator is never rescaled and each token takes one exp2."""
+    h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    lo, hi = split_range(LENS, b, split, num_splits, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale_log2  # (D,) scores in log2 units
+    qsum = tl.sum(q, 0)
+    table = TABLES + b.to(tl.int64) * stride_tb
+    k_base, v_base = K + h * s_head, V + h * s_head
+    srow = SCORES + (b * num_heads + h).to(tl.int64) * stride_sr
+    lanes = tl.arange(0, BLOCK_N)
+    m = tl.full((BLOCK_N,), -1.0e30, tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        k, _, ks, kz, _, _ = _mha_tile(k_base, k_base, KSZ, KSZ, table, start + lanes, hi, h, s_blk, s_tok, z_blk,
+                                       z_tok, z_head, HEAD_DIM, BS, BLOCK_N, True)
+        s = ks * (tl.sum(q[None, :] * codes_f32(k, ASM), 1) - kz * qsum)  # q . scale (c - zero)
+        s = tl.where(start + lanes < hi, s, float("-inf"))
+        tl.store(srow + start + lanes, s, mask=start + lanes < hi)
+        m = tl.maximum(m, s)
+    top = tl.max(m[None, :], 1)  # (1,)
+    tl.debug_barrier()  # the scores other threads of this program stored
+    l_sum = tl.zeros((BLOCK_N,), tl.float32)
+    corr = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        _, v, _, _, vs, vz = _mha_tile(v_base, v_base, VSZ, VSZ, table, start + lanes, hi, h, s_blk, s_tok, z_blk,
+                                       z_tok, z_head, HEAD_DIM, BS, BLOCK_N, True)
+        p = tl.exp2(tl.load(srow + start + lanes, mask=start + lanes < hi, other=float("-inf")) - top)
+        l_sum += p
+        p = p * vs
+        acc += p[:, None] * codes_f32(v, ASM)
+        corr += p * vz
+    out = tl.sum(acc, 0)[None, :] - tl.sum(corr[None, :], 1)[:, None]  # (1, D)
+    heads = h + tl.arange(0, 1)
+    finish(OUT, PART_M, PART_L, out, top, tl.sum(l_sum[None, :], 1), b, heads, heads < num_heads, split,
+           num_splits, num_heads, stride_ob, stride_oh, HEAD_DIM, IS_SPLIT)
+
+
+@jit
 def _decode_gqa_kernel(
     Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
     stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT8: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INT8: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
 ):
     """The G query heads of one kv head (padded to GP >= 16 rows) on tensor cores: each tile is loaded once."""
     kvh, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lo, hi = _split_range(LENS, b, split, num_splits, BLOCK_N)
+    lo, hi = split_range(LENS, b, split, num_splits, BLOCK_N)
     g = tl.arange(0, GP)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * G + g  # (GP,) rows past G are padding
@@ -206,7 +230,7 @@ def _decode_gqa_kernel(
         k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
         v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
         if INT8:
-            k = codes_f32(k)
+            k = codes_f32(k, ASM)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # (GP, N); int8 codes are exact in fp16/bf16
         if INT8:
             zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
@@ -214,7 +238,7 @@ def _decode_gqa_kernel(
             s = ks[None, :] * (s - tl.load(KSZ + zr + 1, mask=valid, other=0.0)[None, :] * qsum[:, None])
             # dequantize v: weight * scale would fall into fp16's subnormals as a dot operand
             v = tl.load(VSZ + zr, mask=valid, other=0.0)[:, None] * (
-                codes_f32(v) - tl.load(VSZ + zr + 1, mask=valid, other=0.0)[:, None])
+                codes_f32(v, ASM) - tl.load(VSZ + zr + 1, mask=valid, other=0.0)[:, None])
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -222,11 +246,11 @@ def _decode_gqa_kernel(
         l_sum = l_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
         m = m_new
-    _finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, g < G, split, num_splits, num_heads, stride_ob,
+    finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, g < G, split, num_splits, num_heads, stride_ob,
             stride_oh, HEAD_DIM, IS_SPLIT)
 
 
-@_jit
+@jit
 def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, num_splits, stride_ob, stride_oh,
                   SP: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the context splits."""
@@ -245,39 +269,6 @@ def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, num_splits, stride_ob, s
     tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
-def kv_strides(x: Tensor, block_size: int, block_major: bool) -> tuple[int, int, int]:
-    """(block, token-in-block, head) element strides of a pool tensor; the last dim must be contiguous."""
-    if x.stride(-1) != 1:
-        raise ValueError("the paged kernels need the pool's last dimension contiguous")
-    if block_major:  # (blocks, Hkv, block_size, .)
-        return x.stride(0), x.stride(2), x.stride(1)
-    return block_size * x.stride(0), x.stride(0), x.stride(1)  # (slots, Hkv, .)
-
-
-def dot_dtype(dtype: torch.dtype):
-    """Operand type of tl.dot: the model dtype, except bf16 under the CPU interpreter, whose bf16 dot reads the
-    raw storage as integers (fp32 is exact there); the GPU bench checks bf16 on tensor cores."""
-    if dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
-        return tl.float32
-    return tl.float16 if dtype == torch.float16 else tl.bfloat16
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
-
-
-def triton_supports(x: Tensor, num_heads: int, kv: PagedKV) -> bool:
-    """Whether the paged kernels take activations x (q or qkv) and this pool (else the dispatchers run the
-    reference): CUDA, fp16/bf16 in the pool's dtype or int8 codes, a power-of-two head_dim, whole GQA groups."""
-    d = kv.head_dim
-    return (triton is not None and x.is_cuda and kv.k.is_cuda and x.dtype in _TRITON_DTYPES
-            and (kv.int8 or kv.k.dtype == x.dtype) and d >= 16 and d & (d - 1) == 0
-            and num_heads % kv.num_kv_heads == 0)
-
-
 def choose_splits(batch: int, kv_heads: int, max_tokens: int, config: DecodeConfig, sms: int) -> int:
     """Context splits from shapes alone: (batch * kv_heads * splits) ~ waves x SMs programs."""
     if config.splits is not None:
@@ -292,7 +283,7 @@ def paged_decode_attention_triton(
 ) -> Tensor:
     """q (B, H, D), one token per sequence (rotated, LogN-scaled) -> (B, H, D): row b attends to the first
     context_lens[b] >= 1 tokens of block_tables[b] (B, W), which must name blocks for all of them."""
-    cfg = config or DecodeConfig()
+    cfg = config or default_config(kv.int8)
     (bsz, heads, d), hkv = q.shape, kv.num_kv_heads
     group = heads // hkv
     splits = choose_splits(bsz, hkv, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
@@ -308,13 +299,17 @@ def paged_decode_attention_triton(
     args = (q, kv.k, kv.v, ksz, vsz, block_tables, context_lens, target, part_m, part_l, scale * LOG2E, heads,
             splits, q.stride(0), q.stride(1), block_tables.stride(0), *strides,
             *kv_strides(ksz, kv.block_size, kv.block_major), out.stride(0), out.stride(1))
-    meta = dict(HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n, INT8=kv.int8, IS_SPLIT=splits > 1,
+    meta = dict(HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n, IS_SPLIT=splits > 1, ASM=cfg.asm and use_asm(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if group == 1 and not cfg.use_dot:
-        _decode_mha_kernel[(hkv, bsz, splits)](*args, PREFETCH=cfg.prefetch, **meta)
+    if group == 1 and not cfg.use_dot and kv.int8 and cfg.two_pass:
+        scores = q.new_empty((bsz * heads, block_tables.shape[1] * kv.block_size), dtype=torch.float32)
+        _decode_int8_two_pass_kernel[(hkv, bsz, splits)](*args[:10], scores, *args[10:], scores.stride(0), **meta)
+    elif group == 1 and not cfg.use_dot:
+        _decode_mha_kernel[(hkv, bsz, splits)](*args, INT8=kv.int8, PREFETCH=cfg.prefetch, **meta)
     else:  # tl.dot needs 16 rows: the group is padded
         gp = max(16, triton.next_power_of_2(group))
-        _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, DOT_DTYPE=dot_dtype(q.dtype), **meta)
+        _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, INT8=kv.int8, DOT_DTYPE=dot_dtype(q.dtype),
+                                               **meta)
     if splits > 1:
         _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
                                       SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)

@@ -12,15 +12,16 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.paged_attention import (
+from qwen_awq.kernels.paged_common import (
     LOG2E,
-    _jit,
     codes_f32,
     dot_dtype,
+    jit,
     kv_strides,
     tl,
     triton,
     triton_supports,
+    use_asm,
 )
 from qwen_awq.kernels.paged_reference import PagedKV, paged_attention_reference
 
@@ -30,7 +31,7 @@ class PrefillConfig:
     """Launch shape of the prefill kernel (tuned on an H200: bench/attention_bench.py)."""
 
     block_m: int = 64
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
 
@@ -43,23 +44,23 @@ class PrefillConfig:
             raise ConfigError(f"PrefillConfig.num_stages must be positive, found {self.num_stages}")
 
 
-@_jit
-def _kv_tile(base, SZ, rows, zr, valid, d, INT8: tl.constexpr, DOT_DTYPE: tl.constexpr):
+@jit
+def _kv_tile(base, SZ, rows, zr, valid, d, INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr):
     """(N, D) keys or values of one kv head for the tile's tokens, dequantized (Qwen's int8) in registers."""
     x = tl.load(base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
     if INT8:
         scale = tl.load(SZ + zr, mask=valid, other=0.0)
         zero = tl.load(SZ + zr + 1, mask=valid, other=0.0)
-        x = scale[:, None] * (codes_f32(x) - zero[:, None])
+        x = scale[:, None] * (codes_f32(x, ASM) - zero[:, None])
     return x.to(DOT_DTYPE)
 
 
-@_jit
+@jit
 def _prefill_kernel(
     Q, K, V, KSZ, VSZ, TABLES, LENS, CU, OUT, scale_log2,
     stride_qt, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ot, stride_oh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    INT8: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
 ):
     tile, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(CU + b).to(tl.int32)
@@ -86,8 +87,8 @@ def _prefill_kernel(
             blk = tl.load(table + offs // BS, mask=valid, other=0).to(tl.int64)
             rows = blk * s_blk + (offs % BS) * s_tok
             zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
-            k = _kv_tile(k_base, KSZ, rows, zr, valid, d, INT8, DOT_DTYPE)  # (N, D)
-            v = _kv_tile(v_base, VSZ, rows, zr, valid, d, INT8, DOT_DTYPE)
+            k = _kv_tile(k_base, KSZ, rows, zr, valid, d, INT8, DOT_DTYPE, ASM)  # (N, D)
+            v = _kv_tile(v_base, VSZ, rows, zr, valid, d, INT8, DOT_DTYPE, ASM)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # (M, N)
             s = tl.where((offs[None, :] <= qpos[:, None]) & valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -125,7 +126,7 @@ def paged_prefill_attention_triton(
         q, kv.k, kv.v, ksz, vsz, block_tables, context_lens, cu_seqlens, out, scale * LOG2E,
         q.stride(0), q.stride(1), block_tables.stride(0), s_blk, s_tok, s_head, *z_strides,
         out.stride(0), out.stride(1), G=group, HEAD_DIM=d, BS=kv.block_size, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, INT8=kv.int8, DOT_DTYPE=dot_dtype(q.dtype),
+        BLOCK_N=cfg.block_n, INT8=kv.int8, DOT_DTYPE=dot_dtype(q.dtype), ASM=use_asm(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

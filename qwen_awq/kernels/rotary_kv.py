@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qwen_awq.kernels.paged_attention import _jit, kv_strides, tl, triton, triton_supports
+from qwen_awq.kernels.paged_common import jit, kv_strides, tl, triton, triton_supports
 from qwen_awq.kernels.paged_reference import INT8_LEVELS, MIN_SCALE, PagedKV, rotary_kv_write_reference
 
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: (x + M) - M rounds an fp32 |x| < 2^22 half-to-even (literal in _codes)
 BLOCK_H = 8  # heads per program: (8, D/2) tiles keep one token's q in a few programs
 
 
-@_jit
+@jit
 def _rotate(X, heads, live, half, cos, sin, HALF: tl.constexpr):
     """Rows `heads` of one token's q or k block at X -> the rotated halves (BH, D/2), rounded to X's dtype."""
     ptrs = X + heads[:, None] * (2 * HALF) + half[None, :]
@@ -28,14 +28,14 @@ def _rotate(X, heads, live, half, cos, sin, HALF: tl.constexpr):
     return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
 
 
-@_jit
+@jit
 def _codes(x, scale, zero, levels):
     """fp32 round-half-even(x / scale + zero) clamped to 0..levels, as uint8 (the reference's torch.round)."""
     y = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(scale[:, None], x.shape)) + zero[:, None]
     return tl.minimum(tl.maximum((y + 12582912.0) - 12582912.0, 0.0), levels).to(tl.uint8)  # ROUND_MAGIC
 
 
-@_jit
+@jit
 def _quantize_store(dst, sz_dst, x1, x2, lo, hi, live, levels, inv_levels, min_scale, HALF: tl.constexpr):
     """Halves (BH, D/2) -> uint8 codes at dst, (scale, zero) at sz_dst; lo/hi (BH,) the range to cover."""
     scale = tl.maximum((hi - lo) * inv_levels, min_scale)
@@ -46,13 +46,13 @@ def _quantize_store(dst, sz_dst, x1, x2, lo, hi, live, levels, inv_levels, min_s
     tl.store(sz_dst + 1, zero, mask=live)
 
 
-@_jit
+@jit
 def _row_range(x1, x2):
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     return tl.minimum(tl.min(x1, 1), tl.min(x2, 1)), tl.maximum(tl.max(x1, 1), tl.max(x2, 1))
 
 
-@_jit
+@jit
 def _chunk_range_kernel(QKV, COS, SIN, SEQ, RANGE, stride_t, H: tl.constexpr, HKV: tl.constexpr,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """RANGE (B, Hkv, 4) <- per (sequence, head) min/max of the rotated k and of v over the step's chunk."""
@@ -76,7 +76,7 @@ def _chunk_range_kernel(QKV, COS, SIN, SEQ, RANGE, stride_t, H: tl.constexpr, HK
     tl.atomic_max(dst + 3, v_hi, mask=live)
 
 
-@_jit
+@jit
 def _rotary_kv_kernel(
     QKV, COS, SIN, LOGN, SLOTS, QOUT, KC, VC, KSZ, VSZ, SEQ, RANGE, levels, inv_levels, min_scale,
     stride_t, stride_qo, s_blk, s_tok, s_head, z_blk, z_tok, z_head,
