@@ -8,8 +8,8 @@ import json
 import lm_eval
 import pytest
 import torch
+from reference import dense_greedy
 
-from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import load_tokenizer
 
@@ -96,8 +96,7 @@ def test_generate_until_equals_greedy_decoding(evaluated):
     out, model, tok = evaluated
     for doc, sample in zip(GEN_DOCS, _samples(out, "tiny_gen"), strict=True):
         ids = tok.encode(doc["prompt"])
-        full = model.generate(ids, SamplingParams(temperature=0.0, max_tokens=6), tokenizer=tok)[0].tolist()
-        new = full[len(ids):]
+        new = dense_greedy(model, ids, 6, vocab=tok.vocab_size, stop_ids=frozenset(tok.stop_token_ids))
         new = new[:min((i for i, t in enumerate(new) if t in tok.stop_token_ids), default=len(new))]
         text = tok.decode(new)
         cut = min((text.index(s) for s in ("\n", ".") if s in text), default=len(text))

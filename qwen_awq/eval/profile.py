@@ -16,6 +16,7 @@ import torch
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import ConfigError
 from qwen_awq.eval.report import PUBLISHED_PROFILE
+from qwen_awq.generation import generate
 
 CARD_LENGTHS = (2048, 8192)  # the model card's columns
 WARMUP_TOKENS = 8  # one short run first: CUDA context, kernel selection and allocator growth are not timed
@@ -34,7 +35,7 @@ def _peak_bytes(device: torch.device) -> int:
 
 def _generate(model: Any, start_id: int, new_tokens: int) -> int:
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    out = model.generate([start_id], params)  # (1, 1 + new_tokens)
+    out = generate(model, [start_id], params)  # (1, 1 + new_tokens)
     return out.shape[1] - 1
 
 
