@@ -40,11 +40,17 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return path
 
 
-def load(path: str | Path | None, dtype: str | torch.dtype = "auto",
-         device: str | torch.device = "auto") -> tuple[Decoder, Tokenizer]:
-    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer."""
-    from qwen_awq.models.loader import load_model
+def load(path: str | Path | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+         threads: int | None = None) -> tuple[Decoder, Tokenizer]:
+    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer.
+
+    On the CPU, torch's thread count follows qwen_awq.threads (free cores; `threads` or OMP_NUM_THREADS override).
+    """
+    from qwen_awq.models.loader import load_model, resolve_device
+    from qwen_awq.threads import apply_thread_policy
     from qwen_awq.tokenizer import load_tokenizer
 
+    if resolve_device(device).type == "cpu":
+        apply_thread_policy(threads)  # before a first-run quantization, which is CPU work too
     folder = resolve_model_path(path)
     return load_model(folder, dtype=dtype, device=device), load_tokenizer(folder)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qwen_awq.errors import QwenAwqError
+from qwen_awq.threads import THREADS_HELP, use_threads
 
 # flag, SamplingParams field (None: HF-style alias handled by default_params), type, help
 SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
@@ -45,6 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "Instruct in 4-bit AWQ, converted on first use and cached)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed a one-line usage error
         return int(e.code or 0)
     try:
+        if getattr(args, "threads", None) is not None:  # --threads N acts like OMP_NUM_THREADS=N (qwen_awq.threads)
+            use_threads(args.threads)
         return args.func(args)
     except QwenAwqError as e:
         print(f"error: {e}", file=sys.stderr)
