@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from qwen_awq.engine.sampling_params import SamplingParams  # noqa: E402
-from qwen_awq.models.config import load_config  # noqa: E402
 from qwen_awq.models.decoder import Decoder  # noqa: E402
+from qwen_awq.models.family import load_config  # noqa: E402
 
 QWEN_7B = {"architectures": ["QWenLMHeadModel"], "hidden_size": 4096, "intermediate_size": 22016, "kv_channels": 128,
            "layer_norm_epsilon": 1e-6, "max_position_embeddings": 8192, "num_attention_heads": 32,

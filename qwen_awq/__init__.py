@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     import torch
 
-    from qwen_awq.models.decoder import Decoder
+    from qwen_awq.chat import ChatModel
     from qwen_awq.tokenizer import Tokenizer
 
 
@@ -28,29 +28,17 @@ def __getattr__(name: str):
 
 def resolve_model_path(path: str | Path | None) -> Path:
     """A model folder, a .gguf file (imported once into the cache) or None for the bundled default model."""
-    if path is None:
-        from qwen_awq.default_model import default_model_dir
+    from qwen_awq.loading import resolve_model_path
 
-        return default_model_dir()
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        from qwen_awq.models.gguf_import import import_gguf
-
-        return import_gguf(path)
-    return path
+    return resolve_model_path(path)
 
 
 def load(path: str | Path | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-         threads: int | None = None) -> tuple[Decoder, Tokenizer]:
+         threads: int | None = None) -> tuple[ChatModel, Tokenizer]:
     """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer.
 
     On the CPU, torch's thread count follows qwen_awq.threads (free cores; `threads` or OMP_NUM_THREADS override).
     """
-    from qwen_awq.models.loader import load_model, resolve_device
-    from qwen_awq.threads import apply_thread_policy
-    from qwen_awq.tokenizer import load_tokenizer
+    from qwen_awq.loading import load
 
-    if resolve_device(device).type == "cpu":
-        apply_thread_policy(threads)  # before a first-run quantization, which is CPU work too
-    folder = resolve_model_path(path)
-    return load_model(folder, dtype=dtype, device=device), load_tokenizer(folder)
+    return load(path, dtype, device, threads)

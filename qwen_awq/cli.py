@@ -1,6 +1,8 @@
 """The `qwen-awq` command line: chat, generate, quantize, eval, serve and bench.
 
-User errors print one line and exit with status 2; sampling flags mirror SamplingParams' fields.
+User errors print one line and exit with status 2. Sub-commands register themselves from their own modules;
+the flags they share (and those generated from config dataclasses) live in cli_args.py, so no sub-command
+imports this module.
 """
 from __future__ import annotations
 
@@ -10,81 +12,22 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from qwen_awq.cli_args import Parser, add_model_args, add_sampling_args, load_for_cli, sampling_overrides
 from qwen_awq.errors import QwenAwqError
-from qwen_awq.threads import THREADS_HELP, use_threads
-
-# flag, SamplingParams field (None: HF-style alias handled by default_params), type, help
-SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--temperature", "temperature", float, "softmax temperature; 0 = greedy (default: the model's config)"),
-    ("--top-p", "top_p", float, "nucleus sampling mass in (0, 1]; 1 = off"),
-    ("--top-k", "top_k", int, "keep the k most likely tokens; 0 = off"),
-    ("--min-p", "min_p", float, "drop tokens below min_p x the top probability; 0 = off"),
-    ("--repetition-penalty", "repetition_penalty", float, "HF repetition penalty over prompt and output; 1 = off"),
-    ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty in [-2, 2]"),
-    ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty in [-2, 2]"),
-    ("--seed", "seed", int, "random seed, for reproducible sampling"),
-    ("--max-new-tokens", "max_new_tokens", int, "most tokens to generate (default: the model's config, or 512)"),
-    ("--min-new-tokens", "min_new_tokens", int, "fewest tokens to generate before a stop token may end the reply"),
-]
-
-
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MiB', '1.5GB' or a plain number of bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 512MiB or a number of bytes)")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder or .gguf file (default: the bundled SmolLM2-135M-"
-                   "Instruct in 4-bit AWQ, converted on first use and cached)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    for flag, dest, typ, help_text in SAMPLING_FLAGS:
-        g.add_argument(flag, dest=dest, type=typ, default=None, help=help_text)
-    g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); trimmed from the output")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-
-
-def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {dest: getattr(args, dest) for _, dest, _, _ in SAMPLING_FLAGS}
-    if args.greedy:
-        out["temperature"] = 0.0
-    out["stop"] = args.stop
-    out["ignore_eos"] = args.ignore_eos or None
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def load_for_cli(args: argparse.Namespace):
-    import qwen_awq
-
-    print("Loading model...", file=sys.stderr, flush=True)
-    return qwen_awq.load(args.model, dtype=args.dtype, device=args.device)
+from qwen_awq.threads import use_threads
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from qwen_awq.chat import make_context
-    from qwen_awq.generation import TextStream, default_params
+    from qwen_awq.generation import TextStream, reply_params
 
+    overrides = sampling_overrides(args)  # bad values are reported before the model loads
     model, tok = load_for_cli(args)
-    params = default_params(model, **sampling_overrides(args))
     if args.chat:
         ids = make_context(tok, args.prompt, system=args.system)[1]
     else:
         ids = tok.encode(args.prompt, allowed_special=set())
-    stream = TextStream(model, tok, ids, params)
+    stream = TextStream(model, tok, ids, reply_params(model, tok, len(ids), **overrides))
     if args.json:
         out = stream.run()
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason},
@@ -137,13 +80,6 @@ def _register_bench(sub: Any) -> None:
     bench_sub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     register_bench(bench_sub)
     register_bench_serve(bench_sub)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (usage is one `--help` away) and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

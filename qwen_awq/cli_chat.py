@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any, TextIO
 
 from qwen_awq.chat import DEFAULT_SYSTEM, chat_stream
+from qwen_awq.cli_args import add_model_args, add_sampling_args, load_for_cli, sampling_overrides
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import QwenAwqError
 
@@ -126,18 +127,13 @@ def run_chat(session: ChatSession, stdin: TextIO, interactive: bool) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qwen_awq.cli import load_for_cli, sampling_overrides
-
-    overrides = sampling_overrides(args)
-    SamplingParams(**{k: v for k, v in overrides.items() if k in {f.name for f in fields(SamplingParams)}})
+    overrides = sampling_overrides(args)  # bad values are reported before the model loads
     model, tok = load_for_cli(args)
     session = ChatSession(model, tok, args.system, overrides, sys.stdout)
     return run_chat(session, sys.stdin, sys.stdin.isatty())
 
 
 def add_chat_parser(sub: Any) -> None:
-    from qwen_awq.cli import add_model_args, add_sampling_args
-
     p = sub.add_parser("chat", help="interactive multi-turn chat (reads one query per line from a pipe)",
                        description="Chat with a model. Type :help inside for commands.")
     add_model_args(p)

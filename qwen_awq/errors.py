@@ -22,6 +22,10 @@ class SamplingError(QwenAwqError, ValueError):
     """A sampling parameter is out of range."""
 
 
+class GrammarError(QwenAwqError, ValueError):
+    """A structured-output spec (JSON schema, regex, choice list, grammar) is invalid or cannot be enforced."""
+
+
 class ContextLengthError(QwenAwqError, ValueError):
     """Prompt plus requested new tokens exceed the model's context length."""
 

@@ -1,155 +1,163 @@
-"""The simple generation path: a batch of equal-length prompts advancing together through a contiguous KV cache.
+"""HF/Qwen-style generation on the engine: `generate` (ids in, ids out, optional HF streamer) and `TextStream`
+(text pieces for one prompt).
 
-`generate` is HF-like (ids in, ids out, optional HF-style streamer); `TextStream` yields text pieces for one prompt.
-The engine (engine/) serves many requests at once; its greedy output equals this path token for token.
+Both run on the model's own small `LLMEngine` (paged KV cache, prefix caching, CUDA graphs on a GPU), built on
+first use and kept on the model, so the package has one step loop: the engine's.
 """
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from qwen_awq.engine.output import OutputTracker, eos_ids, row_stop_ids
-from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, make_generator, sample
-from qwen_awq.engine.sampling_params import SamplingParams
-from qwen_awq.errors import ContextLengthError
-from qwen_awq.models.attention import ContiguousKVCache, ForwardBatch
+from qwen_awq.engine.llm_engine import CompletionOutput, EngineConfig, LLMEngine
+from qwen_awq.engine.output import eos_ids
+from qwen_awq.engine.sampling_params import REPLY_MAX_TOKENS, SamplingParams
+from qwen_awq.engine.sequence import FinishReason
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.tokenizer import Tokenizer
 
-# Qwen-7B-Chat's generation_config.json values, used when a Qwen folder lacks the file (spec: qwen.md).
-QWEN_FALLBACKS = {"do_sample": True, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1, "max_new_tokens": 512}
-HF_NAMES = ("do_sample", "max_new_tokens", "min_new_tokens")
+ENGINE_ATTRIBUTE = "_qwen_awq_engine"  # where a model keeps its own engine
 
 
-def default_params(model: Decoder, **overrides: Any) -> SamplingParams:
-    """The model's generation_config.json defaults (Qwen fallbacks for Qwen folders), then the caller's values.
+class EngineDriver:
+    """Steps one engine from the calling thread for any number of interleaved streams: each step's outputs go
+    to their own request's queue, so iterating one stream never loses another's tokens."""
 
-    Accepts HF names (max_new_tokens, do_sample, min_new_tokens) as well as SamplingParams' own names.
-    """
-    gen = dict(QWEN_FALLBACKS) if model.cfg.family == "qwen" else {}
-    gen |= model.generation_config.as_dict()
-    gen |= {k: overrides.pop(k) for k in HF_NAMES if overrides.get(k) is not None}
-    if overrides.get("temperature") is not None and gen.get("do_sample") is False and overrides["temperature"] > 0:
-        gen["do_sample"] = True
-    return SamplingParams.from_generation_config(gen, **overrides)
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._queues: dict[str, deque[CompletionOutput]] = {}
+        self._ids = itertools.count()
 
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> str:
+        request_id = f"local-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt_ids, params)
+        self._queues[request_id] = deque()
+        return request_id
 
-def check_length(model: Decoder, prompt_len: int, max_new: int) -> int:
-    """Clamp max_new to the context window; refuse prompts that leave no room for one token."""
-    limit = model.cfg.context_length
-    if prompt_len >= limit:
-        raise ContextLengthError(f"the prompt has {prompt_len} tokens but the model's context length is {limit}")
-    return min(max_new, limit - prompt_len)
+    def outputs(self, request_id: str) -> Iterator[CompletionOutput]:
+        """Yield the (n = 1) request's output after every step that changed it; leaving early aborts it."""
+        queue = self._queues[request_id]
+        try:
+            while True:
+                while not queue:
+                    self._step()
+                out = queue.popleft()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            self.cancel([request_id])
 
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[CompletionOutput]:
+        yield from self.outputs(self.submit(prompt_ids, params))
 
-@torch.inference_mode()
-def sample_steps(model: Decoder, prompts: torch.Tensor, params: list[SamplingParams], stop_ids: list[frozenset[int]],
-                 vocab_size: int, max_new: int) -> Iterator[SampleOutput]:
-    """Prefill prompts (B, S), then yield one SampleOutput (B tokens) per step; the caller stops iterating."""
-    cfg, dev = model.cfg, model.device
-    b, s = prompts.shape
-    cache = ContiguousKVCache(cfg.num_layers, b, s + max_new, cfg.num_kv_heads, cfg.head_dim, model.dtype, dev)
-    alpha = model.prefill_alpha(s)
-    generators = [make_generator(p.seed, dev) if p.seed is not None else None for p in params]
-    prompt_lists, outputs = prompts.tolist(), [[] for _ in range(b)]
-    ids, start = prompts.to(dev).reshape(-1), 0
-    for _ in range(max_new):
-        n = ids.numel() // b
-        cache.step(n)
-        positions = torch.arange(start, start + n, device=dev).repeat(b)  # (B*n,)
-        fb = ForwardBatch(positions=positions, ntk_alpha=torch.full((b * n,), alpha, device=dev), attn=cache)
-        hidden = model.forward_tokens(ids, fb).view(b, n, -1)[:, -1]  # (B, hidden)
-        cache.advance()
-        start += n
-        batch = SamplingBatch.build(params, prompt_lists, outputs, vocab_size, dev,
-                                    stop_ids_per_row=[sorted(r) for r in stop_ids])
-        out = sample(model.compute_logits(hidden), batch, generators)
-        for row, token in zip(outputs, out.tokens.tolist(), strict=True):
-            row.append(token)
-        yield out
-        ids = out.tokens
+    def cancel(self, request_ids: list[str]) -> None:
+        """Forget these requests; those still running are aborted (their KV blocks freed)."""
+        for request_id in request_ids:
+            if self._queues.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            # a shallow copy: later steps replace (never mutate) the delta and text fields it holds
+            self._queues[out.request_id].append(replace(out.outputs[0]))
 
 
-def generate(model: Decoder, input_ids: torch.Tensor | list[int], params: SamplingParams | None = None, *,
-             tokenizer: Tokenizer | None = None, streamer: Any = None, **kwargs: Any) -> torch.Tensor:
-    """HF-like: input_ids (B, S) -> (B, S + n) with finished rows padded by their eos id.
-
-    `streamer` is anything with HF's put(ids)/end() (e.g. transformers.TextStreamer). Stop strings need `tokenizer`.
-    """
-    prompts = torch.as_tensor(input_ids).reshape(-1, len(input_ids)) if isinstance(input_ids, list) \
-        else input_ids
-    params = params or default_params(model, **kwargs)
-    eos = eos_ids(tokenizer, model.cfg.eos_token_ids) if tokenizer else frozenset(model.cfg.eos_token_ids)
-    if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer: pass tokenizer=...")
-    max_new = check_length(model, prompts.shape[1], params.max_tokens)
-    b = prompts.shape[0]
-    trackers = [OutputTracker(tokenizer, params, eos, prompts.shape[1], model.cfg.context_length)
-                if tokenizer else None for _ in range(b)]
-    stops = [row_stop_ids(params, eos)] * b
-    pad = min(eos) if eos else 0
-    vocab = tokenizer.vocab_size if tokenizer else model.cfg.vocab_size
-    rows: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    if streamer is not None:
-        streamer.put(prompts.cpu())
-    for out in sample_steps(model, prompts, [params] * b, stops, vocab, max_new):
-        step = out.tokens.tolist()
-        for i in range(b):
-            rows[i].append(pad if done[i] else step[i])
-            if not done[i]:
-                done[i] = _row_done(step[i], trackers[i], stops[i], len(rows[i]), max_new)
-        if streamer is not None:
-            streamer.put(torch.tensor([r[-1] for r in rows]))
-        if all(done):
-            break
-    if streamer is not None:
-        streamer.end()
-    return torch.cat([prompts.cpu(), torch.tensor(rows, dtype=prompts.dtype)], dim=1)
+def model_driver(model: Decoder, tokenizer: Tokenizer | None, num_seqs: int = 1) -> EngineDriver:
+    """The model's own engine driver for up to num_seqs sequences at a time, built on first use; built again for
+    another tokenizer, a larger batch, or when the model moved to another device."""
+    driver: EngineDriver | None = getattr(model, ENGINE_ATTRIBUTE, None)
+    engine = driver.engine if driver is not None else None
+    if (engine is None or engine.tokenizer is not tokenizer or engine.config.max_num_seqs < num_seqs
+            or engine.pool.k.device != model.device):
+        driver = EngineDriver(LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=num_seqs)))
+        setattr(model, ENGINE_ATTRIBUTE, driver)
+    return driver
 
 
-def _row_done(token: int, tracker: OutputTracker | None, stops: frozenset[int], n: int, max_new: int) -> bool:
-    if tracker is not None:
-        tracker.add(token)
-        return tracker.finished
-    return token in stops or n >= max_new
+def reply_params(model: Decoder, tokenizer: Tokenizer | None, prompt_len: int, **overrides: Any) -> SamplingParams:
+    """A reply's sampling settings: the model's generation defaults under the caller's overrides; max_tokens
+    when not given is the model's max_new_tokens, else REPLY_MAX_TOKENS, cut to the context left."""
+    room = model_driver(model, tokenizer).engine.max_model_len - prompt_len
+    return SamplingParams.from_defaults(model.generation_config, room=room, default_max_tokens=REPLY_MAX_TOKENS,
+                                        **overrides)
 
 
 @dataclass
 class GenerationOutput:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
 
 
 class TextStream:
-    """Iterate to get text pieces as they are generated; `output` holds the full result afterwards."""
+    """Iterate to get text pieces as they are generated; `output` holds the full result afterwards.
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, prompt_ids: list[int],
-                 params: SamplingParams) -> None:
-        self.model, self.prompt_ids, self.params = model, prompt_ids, params
-        self.max_new = check_length(model, len(prompt_ids), params.max_tokens)
-        eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
-        self.tracker = OutputTracker(tokenizer, params, eos, len(prompt_ids), model.cfg.context_length)
-        self.vocab = tokenizer.vocab_size
+    The request is checked against the context length when the stream is made, and sent when iterated.
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.driver = model_driver(model, tokenizer)
+        self.driver.engine.check_request(len(prompt_ids), params)
+        self.prompt_ids, self.params = list(prompt_ids), params
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[str]:
-        t = self.tracker
-        prompt = torch.tensor([self.prompt_ids])
-        for out in sample_steps(self.model, prompt, [self.params], [t.stop_ids], self.vocab, self.max_new):
-            piece = t.add(int(out.tokens[0]))
-            if piece:
-                yield piece
-            if t.finished:
-                break
-        self.output = GenerationOutput(t.text, t.token_ids, t.finish_reason or "length")
+        for out in self.driver.stream(self.prompt_ids, self.params):
+            if out.delta_text:
+                yield out.delta_text
+            if out.finish_reason is not None:
+                self.output = GenerationOutput(out.text, out.token_ids, out.finish_reason)
 
     def run(self) -> GenerationOutput:
         for _ in self:
             pass
         assert self.output is not None
         return self.output
+
+
+def generate(model: Decoder, input_ids: torch.Tensor | list[int], params: SamplingParams | None = None, *,
+             tokenizer: Tokenizer | None = None, streamer: Any = None, **kwargs: Any) -> torch.Tensor:
+    """HF-like: input_ids (B, S) -> (B, S + n), rows that finished early padded with their eos id.
+
+    Without `params`, the model's defaults under `kwargs` (HF names such as max_new_tokens and do_sample too).
+    `streamer` is anything with HF's put(ids)/end() (e.g. transformers.TextStreamer), for one prompt. Stop
+    strings need `tokenizer`.
+    """
+    prompts = torch.as_tensor(input_ids)
+    prompts = prompts.reshape(1, -1) if prompts.dim() == 1 else prompts
+    if streamer is not None and prompts.shape[0] != 1:
+        raise ValueError("a streamer follows one prompt; pass input_ids of shape (1, S)")
+    params = params or reply_params(model, tokenizer, prompts.shape[1], **kwargs)
+    driver = model_driver(model, tokenizer, prompts.shape[0])
+    rows = prompts.tolist()
+    for row in rows:
+        driver.engine.check_request(len(row), params)
+    request_ids: list[str] = []
+    try:
+        request_ids += [driver.submit(row, params) for row in rows]
+        if streamer is not None:
+            streamer.put(prompts.cpu())
+        new = [_token_ids(driver.outputs(i), streamer) for i in request_ids]
+    finally:
+        driver.cancel(request_ids)
+    if streamer is not None:
+        streamer.end()
+    eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
+    pad, width = min(eos, default=0), max(map(len, new))
+    padded = torch.tensor([ids + [pad] * (width - len(ids)) for ids in new], dtype=prompts.dtype)
+    return torch.cat([prompts.cpu(), padded], dim=1)
+
+
+def _token_ids(stream: Iterator[CompletionOutput], streamer: Any) -> list[int]:
+    ids: list[int] = []
+    for out in stream:
+        ids = out.token_ids
+        if streamer is not None:
+            streamer.put(torch.tensor(out.delta_token_ids))
+    return list(ids)

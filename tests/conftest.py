@@ -31,6 +31,16 @@ def llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The bundled 4-bit default model: quantized at most once per test run (about a minute on two cores), in
+    this fixture's setup rather than inside whichever test first needs it, and cached under XDG_CACHE_HOME for
+    later runs. Tests that load the default model (in process or through the CLI) ask for it."""
+    from qwen_awq.default_model import default_model_dir
+
+    return default_model_dir(progress=False)
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's chromium driven by Playwright (never a downloaded browser), for the web-page tests."""

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from qwen_awq.engine.async_engine import AsyncEngine
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
-from qwen_awq.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+from qwen_awq.server.app import create_app
 
 START_TIMEOUT_S = 30.0
 
@@ -58,10 +58,12 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(model: Any, tokenizer: Any, name: str = "tiny-qwen", api_key: str | None = None,
-                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **engine_config: Any) -> Iterator[LiveServer]:
+                max_body_bytes: int | None = None, special_tokens_in_prompts: bool = True,
+                **engine_config: Any) -> Iterator[LiveServer]:
     """Serve `model` with an EngineConfig built from `engine_config`; stop the server and engine on exit."""
     engine = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(**engine_config)))
-    app = build_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes)
+    app = create_app(engine, name, api_key=api_key, max_body_bytes=max_body_bytes,
+                     special_tokens_in_prompts=special_tokens_in_prompts)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on", timeout_graceful_shutdown=5))
@@ -80,9 +82,9 @@ def live_server(model: Any, tokenizer: Any, name: str = "tiny-qwen", api_key: st
 
 
 def scrape(url: str) -> dict[str, float]:
-    """GET /metrics as {"name{labels}": value} for the qwen_awq: series."""
+    """GET /metrics as {"name{labels}": value} for the vllm: series (vLLM's metric names)."""
     text = requests.get(url + "/metrics", timeout=10).text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^(qwen_awq:\S+) (\S+)$", text, re.M)}
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(vllm:\S+) (\S+)$", text, re.M)}
 
 
 def metric(values: dict[str, float], name: str, model: str = "tiny-qwen", **labels: str) -> float:
@@ -90,7 +92,7 @@ def metric(values: dict[str, float], name: str, model: str = "tiny-qwen", **labe
     want = {"model_name": model} | labels
     for key, value in values.items():
         series, _, rest = key.partition("{")
-        if series == f"qwen_awq:{name}" and dict(re.findall(r'(\w+)="([^"]*)"', rest)) == want:
+        if series == f"vllm:{name}" and dict(re.findall(r'(\w+)="([^"]*)"', rest)) == want:
             return value
     return 0.0
 
@@ -133,3 +135,17 @@ def from_schema(schema: dict[str, Any], defs: dict[str, Any], name: str = "", de
     simple = {"number": st.floats(-3, 3) | st.sampled_from([0, 1, -1e30]), "string": st.text(max_size=12),
               "boolean": st.booleans(), "null": st.none()}
     return simple.get(kind, JSON_ANY)
+
+
+def write_smollm2_tiny(folder: Any) -> Any:
+    """A tiny random Llama folder with the bundled SmolLM2's tokenizer.json and Jinja chat template (49152 ids)."""
+    import shutil
+
+    from checkpoints import write_llama_checkpoint
+
+    from qwen_awq.default_model import default_fp_dir
+
+    write_llama_checkpoint(folder, vocab_size=49152, overrides={"bos_token_id": 1, "eos_token_id": 2})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_fp_dir() / name, folder / name)
+    return folder

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_awq.default_model import GROUP_SIZE, default_fp_dir, default_model_dir
+from qwen_awq.default_model import GROUP_SIZE, default_fp_dir
 from qwen_awq.eval.corpus import heldout_text
 from qwen_awq.eval.perplexity import perplexity
 from qwen_awq.models.loader import load_model
@@ -25,14 +25,14 @@ def _ppl(folder, ids: list[int], rtn: bool = False) -> float:
     return perplexity(model, ids, ctx=CTX, progress=False).ppl
 
 
-def test_awq_beats_round_to_nearest_on_heldout_text():
+def test_awq_beats_round_to_nearest_on_heldout_text(bundled_model):
     fp_dir = default_fp_dir()
     ids = load_tokenizer(fp_dir).encode(heldout_text(), allowed_special=set(), disallowed_special=())
     ids = ids[: CTX * WINDOWS]
     assert len(ids) == CTX * WINDOWS
     fp = _ppl(fp_dir, ids)
     rtn = _ppl(fp_dir, ids, rtn=True)
-    awq = _ppl(default_model_dir(progress=False), ids)
+    awq = _ppl(bundled_model, ids)
     assert fp < awq < rtn, (fp, awq, rtn)
     # The full held-out split: AWQ closes 51% of RTN's gap to fp32. Demand a third here.
     assert awq - fp < (2 / 3) * (rtn - fp), (fp, awq, rtn)

@@ -11,10 +11,11 @@ from safetensors import safe_open
 
 from qwen_awq.models.config import ModelConfig
 from qwen_awq.models.decoder import Decoder
+from qwen_awq.models.family import scale_groups
 from qwen_awq.models.loader import load_model
 from qwen_awq.quant import awq
 from qwen_awq.quant.export import export_awq
-from qwen_awq.quant.groups import QUANT_LINEARS, scale_groups
+from qwen_awq.quant.groups import QUANT_LINEARS
 from qwen_awq.quant.packing import fake_quantize
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qwen_awq.engine.block_manager import BlockManager, block_hash
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
-from qwen_awq.engine.sequence import Sequence, SequenceStatus
+from qwen_awq.engine.sequence import FinishReason, Sequence, SequenceStatus
 from qwen_awq.errors import Overloaded
 
 
@@ -244,9 +244,9 @@ def engine_step(w: Workload, bm: BlockManager, sched: Scheduler, kv: dict, rng: 
     as_list = [sampled[e.seq.seq_id] for e in batch.sampling]
     for seq in sched.update(batch, as_list if rng.random() < 0.5 else sampled):
         if seq.output_token_ids[-1] == STOP:
-            sched.finish(seq, SequenceStatus.FINISHED_STOPPED)
+            sched.finish(seq, FinishReason.STOP)
         elif seq.num_output_tokens >= seq.max_tokens:
-            sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+            sched.finish(seq, FinishReason.LENGTH)
     check_pool(bm, sched)
 
 
@@ -279,7 +279,7 @@ def test_random_workload_frees_everything_and_matches_reference(w: Workload) -> 
     assert all(bm.ref_count(b) == 0 for b in range(bm.num_blocks))
     for seq in everyone:
         assert seq.is_finished and seq.block_table == []
-        if seq.status is not SequenceStatus.FINISHED_ABORTED:
+        if seq.finish_reason is not FinishReason.ABORT:
             assert seq.output_token_ids == reference_output(seq.prompt_token_ids, seq.max_tokens)
         else:
             assert seq.request_id in aborted

@@ -11,7 +11,7 @@ import qwen_awq
 from qwen_awq import default_model
 from qwen_awq.chat import make_context
 from qwen_awq.errors import AssetMissing
-from qwen_awq.generation import TextStream, default_params
+from qwen_awq.generation import TextStream, reply_params
 
 QUERIES = ["What is the capital of France?", "Tell me one interesting fact about it.",
            "Summarize our conversation in one sentence."]
@@ -28,7 +28,7 @@ def test_generation_defaults_in_folder(bundled):
     assert {k: config[k] for k in ("do_sample", "temperature", "top_p", "eos_token_id")} == {
         "do_sample": True, "temperature": 0.2, "top_p": 0.9, "eos_token_id": 2}
     assert "SmolLM2-135M-Instruct model card" in config["_source"]
-    params = default_params(bundled[0])
+    params = reply_params(*bundled, prompt_len=20)
     assert (params.temperature, params.top_p, params.max_tokens) == (0.2, 0.9, 512)
 
 
@@ -47,7 +47,7 @@ def test_three_turn_chat_is_coherent(bundled, seed):
     history = []
     for turn, query in enumerate(QUERIES):
         _, ids = make_context(tok, query, history)
-        out = TextStream(model, tok, ids, default_params(model, seed=seed)).run()
+        out = TextStream(model, tok, ids, reply_params(model, tok, len(ids), seed=seed)).run()
         assert out.finish_reason == "stop", (turn, out.text)
         assert "\ufffd" not in out.text and not _degenerate(out.text), (turn, out.text)
         if turn == 0:

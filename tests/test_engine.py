@@ -1,4 +1,5 @@
-"""The engine against the simple generate path: batching, chunked prefill, prefix caching, preemption, int8 KV."""
+"""The engine against a dense full-recompute greedy loop: batching, chunked prefill, prefix caching, preemption,
+int8 KV, CUDA graphs."""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +8,14 @@ import threading
 import pytest
 import torch
 from assets import DEVICE
+from reference import dense_greedy
 
 from qwen_awq.engine.async_engine import AsyncEngine
+from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata, dequantize, quantize_chunk
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import Overloaded
-from qwen_awq.generation import TextStream
 from qwen_awq.models.attention import ForwardBatch
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import load_tokenizer
@@ -43,7 +45,8 @@ def _run(engine: LLMEngine, prompts: list[list[int]], params=GREEDY) -> list[lis
 
 
 def _reference(mt, prompts, params=GREEDY):
-    return [TextStream(mt[0], mt[1], p, params).run().token_ids for p in prompts]
+    assert params.greedy and params.ignore_eos
+    return [dense_greedy(mt[0], p, params.max_tokens, vocab=mt[1].vocab_size) for p in prompts]
 
 
 def _engine(mt, **kw) -> LLMEngine:
@@ -128,11 +131,11 @@ def test_int8_kv_logits_close_to_fp_cache(mt):
     assert 0 < rel < 0.05
 
 
-def test_int8_kv_engine_still_answers_paris():
+def test_int8_kv_engine_still_answers_paris(bundled_model):
     import qwen_awq
     from qwen_awq.chat import encode_messages
 
-    model, tok = qwen_awq.load(None, dtype="float32", device=DEVICE)
+    model, tok = qwen_awq.load(None, dtype="float32", device=DEVICE)  # the default model
     engine = LLMEngine(model, tok, EngineConfig(kv_cache_dtype="int8", max_model_len=512, kv_cache_memory=2**26))
     ids = encode_messages(tok, [{"role": "user", "content": "What is the capital of France?"}])
     text = None
@@ -195,6 +198,37 @@ def test_cuda_graph_decode_equals_eager(mt):
     assert eager.runner.graphs is None
     assert got == _run(eager, prompts) == _reference(mt, prompts)
     assert _all_free(graphed)
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on the CPU: replaying re-runs the forward over the static buffers."""
+
+    def __init__(self, graphs: DecodeGraphs, key: tuple[int, int], seen: list) -> None:
+        self.graphs, self.key, self.seen = graphs, key, seen
+
+    def replay(self) -> None:
+        self.seen.append(self.key)
+        b, w = self.key
+        self.graphs.logits[:b].copy_(self.graphs._forward(b, w))
+
+
+def test_decode_graph_buffers_equal_the_oracle_on_cpu(mt):
+    """The CUDA-graph decode path (static StepInput buffers, padded batch sizes and table widths, the scratch
+    block), with each "graph" replayed eagerly, gives the dense oracle's tokens: graph bookkeeping is checked
+    without a GPU."""
+    model, tok = mt
+    long = torch.randint(0, 151000, (505,), generator=torch.Generator().manual_seed(37)).tolist()
+    prompts = _prompts(2, base=38) + [long]
+    engine = _engine(mt, max_num_seqs=4, max_model_len=1024, kv_cache_memory=2**26)
+    n = engine.block_manager.num_blocks
+    engine.pool = engine.runner.pool = KVPool(model.cfg, n + 1, 16, model.dtype, model.device)  # + scratch block
+    graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, 4, 1024 // 16, scratch_block=n)
+    graphs.logits = torch.empty(4, model.cfg.vocab_size)
+    seen: list = []
+    graphs.graphs = {(b, w): _EagerReplay(graphs, (b, w), seen) for b in graphs.sizes for w in graphs.widths}
+    assert _run(engine, prompts) == _reference(mt, prompts)
+    assert {b for b, _ in seen} == {4} and {w for _, w in seen} == {32, 64}  # 3 rows + 1 padding row; both widths
+    assert _all_free(engine)
 
 
 class _CountingGraph:

@@ -1,15 +1,17 @@
-"""The simple generate path, output tracking (stop ids, stop strings, streaming) and Qwen's chat semantics."""
+"""generate / TextStream / chat on the engine against a dense greedy oracle, output tracking (stop ids, stop
+strings, streaming) and Qwen's chat semantics."""
 from __future__ import annotations
 
 import pytest
 import torch
 from assets import DEVICE
+from reference import dense_greedy
 
-from qwen_awq.chat import make_context, messages_to_history
+from qwen_awq.chat import ChatModel, make_context, messages_to_history
 from qwen_awq.engine.output import OutputTracker, eos_ids
-from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.engine.sampling_params import REPLY_MAX_TOKENS, SamplingParams
 from qwen_awq.errors import ContextLengthError, QwenAwqError
-from qwen_awq.generation import TextStream, default_params, generate
+from qwen_awq.generation import TextStream, generate
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import QwenTokenizer
 
@@ -24,7 +26,7 @@ def tok(qwen_vocab):
 
 @pytest.fixture(scope="module")
 def model(qwen_dir):
-    return load_model(qwen_dir, dtype="float32", device=DEVICE)
+    return load_model(qwen_dir, dtype="float32", device=DEVICE, model_class=ChatModel)
 
 
 def test_make_context_worked_example(tok):
@@ -123,10 +125,13 @@ def test_length_limit_and_context_error(model, tok):
 
 
 def test_defaults_come_from_generation_config(model):
-    p = default_params(model)
+    def default_params(**overrides):
+        return SamplingParams.from_defaults(model.generation_config, default_max_tokens=REPLY_MAX_TOKENS, **overrides)
+
+    p = default_params()
     assert (p.top_p, p.top_k, p.repetition_penalty, p.max_tokens, p.greedy) == (0.8, 0, 1.1, 512, False)
-    assert default_params(model, do_sample=False).greedy
-    assert default_params(model, max_new_tokens=3, top_p=0.5).max_tokens == 3
+    assert default_params(do_sample=False).greedy
+    assert default_params(max_new_tokens=3, top_p=0.5).max_tokens == 3
 
 
 def test_chat_and_chat_stream_agree(model, tok):
@@ -134,10 +139,11 @@ def test_chat_and_chat_stream_agree(model, tok):
     streamed = "".join(model.chat_stream(tok, "你好", history=[("hi", "hello")], temperature=0, max_tokens=8))
     assert response == streamed.strip()
     assert history == [("hi", "hello"), ("你好", response)]
-    # Independently of TextStream/OutputTracker: plain generate on make_context's ids, cut at the first stop id.
+    # Independently of the engine: the dense greedy oracle on make_context's ids (with the folder's repetition
+    # penalty 1.1), cut at the first stop id.
     _, ids = make_context(tok, "你好", [("hi", "hello")])
-    new = generate(model, ids, default_params(model, temperature=0, max_tokens=8))[0, len(ids):].tolist()
     stops = eos_ids(tok, model.cfg.eos_token_ids)
+    new = dense_greedy(model, ids, 8, vocab=tok.vocab_size, stop_ids=stops, repetition_penalty=1.1)
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     assert response == tok.decode(new[:cut]).strip()
 

@@ -10,7 +10,8 @@ from checkpoints import write_qwen_checkpoint
 from safetensors.torch import load_file, save_file
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import load_config, load_generation_config
+from qwen_awq.models.config import load_generation_config
+from qwen_awq.models.family import load_config
 from qwen_awq.models.loader import load_model
 
 
@@ -96,3 +97,38 @@ def test_unknown_architecture_and_dtype(tmp_path, qwen_dir):
 def test_cuda_requested_without_gpu(qwen_dir):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         load_model(qwen_dir, device="cuda")
+
+
+def test_quant_format_hooks_run_on_each_layer_of_their_format(qwen_dir):
+    """The after-load slot kernels will use (repacking): called once per AWQ layer; the CPU hook only on CPU."""
+    from dataclasses import replace
+
+    from qwen_awq.models.config import QuantConfig
+    from qwen_awq.models.decoder import Decoder
+    from qwen_awq.quant.formats import AWQ, PLAIN, after_load, quant_format
+    from qwen_awq.quant.linear import AWQLinear
+
+    cfg = replace(load_config(qwen_dir), quant=QuantConfig(group_size=16))
+    assert quant_format(cfg.quant) is AWQ and quant_format(None) is PLAIN
+    model = Decoder(cfg)
+    layers = [m for m in model.modules() if isinstance(m, AWQLinear)]
+    assert len(layers) == 4 * cfg.num_layers
+    seen: list = []
+    after_load(model, replace(AWQ, post_load=seen.append), torch.device("meta"))
+    assert seen == layers and not any(m.cache_dequantized for m in layers)
+    after_load(model, AWQ, torch.device("cpu"))
+    assert all(m.cache_dequantized for m in layers)
+    with pytest.raises(ConfigError, match="'gptq' is not supported"):
+        QuantConfig(method="gptq")
+
+
+def test_every_architecture_has_a_family_record(qwen_dir):
+    from dataclasses import replace
+
+    from qwen_awq.models.family import ARCHITECTURES, FAMILIES, family_of
+
+    assert {f.name for f in ARCHITECTURES.values()} == set(FAMILIES)
+    assert family_of(load_config(qwen_dir)).weights.modules(1)["layers.0.mlp.gate_up_proj"] == (
+        "transformer.h.0.mlp.w2", "transformer.h.0.mlp.w1")  # Qwen's gate is w2
+    with pytest.raises(ConfigError, match="unknown model family 'gpt2'"):
+        family_of(replace(load_config(qwen_dir), family="gpt2"))

@@ -262,22 +262,40 @@ def test_normalization_and_greedy():
     assert not SamplingParams(temperature=0.01).greedy
 
 
-def test_from_generation_config():
+def test_from_defaults():
     qwen = {"do_sample": True, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1, "temperature": 1.0,
             "max_new_tokens": 512, "eos_token_id": 151643}
-    p = SamplingParams.from_generation_config(qwen, temperature=None, seed=3)
+    p = SamplingParams.from_defaults(qwen, temperature=None, seed=3)
     assert (p.top_p, p.top_k, p.repetition_penalty, p.temperature, p.max_tokens, p.seed) == (
         0.8, 0, 1.1, 1.0, 512, 3)
-    assert SamplingParams.from_generation_config({"do_sample": False, "temperature": 0.7}).greedy
-    assert SamplingParams.from_generation_config({"do_sample": False}, temperature=0.5).temperature == 0.5
-    assert SamplingParams.from_generation_config(None, max_tokens=7).max_tokens == 7
+    assert SamplingParams.from_defaults({"do_sample": False, "temperature": 0.7}).greedy
+    assert SamplingParams.from_defaults({"do_sample": False}, temperature=0.5).temperature == 0.5
+    assert SamplingParams.from_defaults(None, max_tokens=7).max_tokens == 7
     from transformers import GenerationConfig
-    obj = SamplingParams.from_generation_config(GenerationConfig(do_sample=True, top_p=0.9))
+    obj = SamplingParams.from_defaults(GenerationConfig(do_sample=True, top_p=0.9))
     assert (obj.top_p, obj.top_k, obj.max_tokens) == (0.9, 0, 16)
     with pytest.raises(SamplingError, match="unknown sampling parameter"):
-        SamplingParams.from_generation_config(qwen, tempreature=0.5)
+        SamplingParams.from_defaults(qwen, tempreature=0.5)
     with pytest.raises(SamplingError, match="top_p"):
-        SamplingParams.from_generation_config({"top_p": 0})
+        SamplingParams.from_defaults({"top_p": 0})
+
+
+def test_from_defaults_max_tokens_and_hf_names():
+    gen = {"do_sample": False, "temperature": 0.7, "max_new_tokens": 300}
+    assert SamplingParams.from_defaults(None).max_tokens == 16  # vLLM's default
+    assert SamplingParams.from_defaults({}, default_max_tokens=512).max_tokens == 512
+    assert SamplingParams.from_defaults(gen, default_max_tokens=512).max_tokens == 300  # the model's wins
+    assert SamplingParams.from_defaults(gen, room=100).max_tokens == 100  # cut to the context left
+    assert SamplingParams.from_defaults(gen, room=-5).max_tokens == 1  # admission then refuses with numbers
+    assert SamplingParams.from_defaults(gen, room=100, max_tokens=200).max_tokens == 200  # asked: never cut
+    assert SamplingParams.from_defaults(gen, max_new_tokens=7, min_new_tokens=2).max_tokens == 7
+    assert SamplingParams.from_defaults(gen, max_new_tokens=7, min_new_tokens=2).min_tokens == 2
+    assert SamplingParams.from_defaults(gen).greedy
+    assert SamplingParams.from_defaults(gen, do_sample=True).temperature == 0.7
+    assert SamplingParams.from_defaults({"temperature": 0.7}, do_sample=False).greedy
+    assert SamplingParams.from_defaults(gen, temperature=0.4).temperature == 0.4  # a temperature means sampling
+    with pytest.raises(SamplingError, match="unknown sampling parameter 'max_new_token'"):
+        SamplingParams.from_defaults(gen, max_new_token=3)
 
 
 def test_build_rejects_out_of_vocab_ids():

@@ -8,7 +8,7 @@ import pytest
 
 from qwen_awq.engine.block_manager import BlockManager
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
-from qwen_awq.engine.sequence import Sequence, SequenceStatus
+from qwen_awq.engine.sequence import FinishReason, Sequence
 from qwen_awq.errors import ConfigError, ContextLengthError, Overloaded
 
 
@@ -35,7 +35,7 @@ def step(sched: Scheduler) -> tuple[ScheduledBatch, list[tuple[int, int, int]]]:
     sampled = {e.seq.seq_id: model(e.seq.token_ids(0, e.end)) for e in batch.sampling}
     for s in sched.update(batch, sampled):
         if s.num_output_tokens >= s.max_tokens:
-            sched.finish(s, SequenceStatus.FINISHED_LENGTH)
+            sched.finish(s, FinishReason.LENGTH)
     return batch, shape
 
 
@@ -58,7 +58,7 @@ def test_chunked_prefill_splits_long_prompt_into_budget_chunks() -> None:
     sched.add(a)
     shapes = [step(sched)[1] for _ in range(5)]
     assert shapes == [[(0, 0, 8)], [(0, 8, 8)], [(0, 16, 4)], [(0, 20, 1)], []]
-    assert a.output_token_ids == expected_output(a) and a.status is SequenceStatus.FINISHED_LENGTH
+    assert a.output_token_ids == expected_output(a) and a.finish_reason is FinishReason.LENGTH
     assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == 64
 
 
@@ -152,7 +152,7 @@ def test_abort_frees_blocks_at_once() -> None:
     step(sched)
     assert sched.block_manager.num_free_blocks == 14
     assert sched.abort("r2") == [b] and sched.block_manager.num_free_blocks == 16
-    assert b.status is SequenceStatus.FINISHED_ABORTED and b.finish_reason == "abort"
+    assert b.finish_reason is FinishReason.ABORT and b.finish_reason == "abort"
     batch = sched.schedule()  # a is mid-prefill when its request is aborted
     assert sched.abort("x") == [a, a2] and sched.block_manager.num_free_blocks == 16
     assert sched.update(batch, {}) == [] and a.num_computed_tokens == 0

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from server_utils import from_schema, live_server, metric, scrape
 
 from qwen_awq import __version__
-from qwen_awq.eval.bench_serve import HTTPError, request_lines, run_level, summarize
+from qwen_awq.eval.bench_serve import run_level, summarize
+from qwen_awq.eval.http_client import HTTPError, request_lines
 from qwen_awq.models.loader import load_model
 from qwen_awq.tokenizer import load_tokenizer
 
@@ -216,6 +217,34 @@ CASES: list[tuple[str, Any, int, str, str | None]] = [
     ("/generate", {"text": "x"}, 422, "needs `inputs` (TGI's /generate) or `prompt`", None),
     ("/tokenize", {}, 400, "exactly one of `prompt`", "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "outside [0, 151851)", "tokens"),
+    # strict types: no number from a string, no boolean from a number or a word
+    (CHAT, {"messages": MSGS, "max_tokens": "10"}, 400, "valid integer", "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_tokens": True}, 400, "valid integer", "max_tokens"),
+    (CMPL, {"prompt": "x", "max_tokens": "10"}, 400, "valid integer", "max_tokens"),
+    (CHAT, {"messages": MSGS, "ignore_eos": "yes"}, 400, "valid boolean", "ignore_eos"),
+    (CMPL, {"prompt": "x", "stream": 1}, 400, "valid boolean", "stream"),
+    ("/generate", {"prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos: Input should be a valid boolean", None),
+    ("/generate", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens: Input should be a valid integer", None),
+    ("/generate", {"prompt": "x", "stop": {"a": 1}}, 400, "invalid sampling parameters: stop", None),
+    ("/", {"inputs": "x", "parameters": {"best_of": 0}}, 422, "best_of: Input should be greater than or equal to 1",
+     None),
+    ("/", {"inputs": "x", "parameters": {"max_new_tokens": "5"}}, 422, "valid integer", None),
+    # seeds above what a generator takes, on every route
+    ("/generate", {"prompt": "x", "seed": 2**70}, 400, "seed: Input should be less than or equal to", None),
+    (CHAT, {"messages": MSGS, "seed": 2**70}, 400, "less than or equal to 18446744073709551615", "seed"),
+    (CMPL, {"prompt": "x", "seed": 2**70}, 400, "less than or equal to 18446744073709551615", "seed"),
+    ("/", {"inputs": "x", "parameters": {"seed": 2**70}}, 422, "less than or equal to", None),
+    # n and best_of
+    ("/generate", {"prompt": "x", "n": 10**9}, 400, "n: Input should be less than or equal to 128", None),
+    (CHAT, {"messages": MSGS, "n": 10**9}, 400, "less than or equal to 128", "n"),
+    (CMPL, {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of must be >= n", "best_of"),
+    (CMPL, {"prompt": "x", "best_of": 2, "stream": True}, 400, "not supported when streaming", "best_of"),
+    # what no JSON parser should be asked to build
+    (CHAT, '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "lone UTF-16 surrogate", None),
+    ("/", '{"inputs": "\\udfff"}', 422, "lone UTF-16 surrogate", None),
+    (CMPL, '{"prompt": ' + "[" * 300 + "]" * 300 + "}", 400, "nests deeper than 200 levels", None),
+    ("/generate_stream", "[" * 300, 422, "nests deeper than 200 levels", None),
+    (CHAT, '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "not valid JSON", None),
 ]
 
 
@@ -296,3 +325,18 @@ def test_fuzzed_bodies_never_get_a_5xx(small_srv, fuzz_routes, data):
     if r.status_code >= 400:
         error = r.json()["error"]
         assert isinstance(error, str if r.status_code in (422, 429) else dict)
+
+
+def test_soak_reports_outcomes_drift_and_the_kv_blocks_left(small_srv):
+    from qwen_awq.eval.soak import SoakPlan, kv_blocks_held, parse_metrics, soak
+
+    plan = SoakPlan(small_srv.url, MODEL, {}, duration=4.0, rate=4.0, disconnect_frac=0.5, cancel_frac=0.5,
+                    output_len=6, input_words=5, rng=random.Random(3))
+    r = asyncio.run(soak(plan))
+    assert r["requests"] == 16 and sum(r["outcomes"].values()) == 16 and r["errors_by_class"] == {}
+    assert r["outcomes"].get("disconnect", 0) >= 1 and r["outcomes"].get("ok", 0) >= 1
+    assert r["kv_blocks_held_at_end"] == 0 and small_srv.all_blocks_free()
+    assert len(r["p99_latency_s_per_window"]) == 6 and all(m > 0 for m in r["rss_mib_per_window"])
+    held = parse_metrics('vllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+                         'vllm:cache_config_info{block_size="16",num_gpu_blocks="40"} 1.0\n')
+    assert kv_blocks_held(held) == 10

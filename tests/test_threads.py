@@ -70,7 +70,7 @@ def test_cli_threads_flag(monkeypatch, capsys):
         seen["env"], seen["torch"] = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
         raise SystemExit(0)
 
-    monkeypatch.setattr("qwen_awq.load", fake_load)
+    monkeypatch.setattr("qwen_awq.loading.load", fake_load)
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "hi", "--threads", "1", "--device", "cpu"])
     assert seen == {"env": "1", "torch": 1}

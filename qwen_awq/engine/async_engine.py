@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from qwen_awq.engine.llm_engine import LLMEngine, RequestOutput
 from qwen_awq.engine.sampling_params import SamplingParams
-from qwen_awq.errors import ContextLengthError, Overloaded
 
 IDLE_WAIT_S = 0.05  # how long the idle step thread sleeps between checks for new work
 
@@ -65,18 +64,8 @@ class AsyncEngine:
             self._thread = None
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise at once what the scheduler would refuse: too long, or a full queue."""
-        want = len(prompt_ids) + params.max_tokens
-        if not prompt_ids:
-            raise ContextLengthError("the prompt is empty")
-        if want > self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{want} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} for the completion). "
-                "Please reduce the prompt or max_tokens.")
-        waiting = self.engine.scheduler.num_waiting + self._pending
-        if waiting + params.n > self.engine.scheduler.max_waiting:
-            raise Overloaded(f"the server is overloaded ({waiting} sequences waiting); retry later")
+        """Raise at once what the engine would refuse (its one admission rule), counting adds on their way."""
+        self.engine.check_request(len(prompt_ids), params, pending=self._pending)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -12,8 +12,8 @@ import itertools
 
 import torch
 
-from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata
-from qwen_awq.models.attention import ForwardBatch
+from qwen_awq.engine.kv_cache import KVPool
+from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
@@ -28,27 +28,17 @@ class DecodeGraphs:
         self.sizes = [s for s in SIZES if s < max_num_seqs] + [max_num_seqs]
         widths = (-(-t // pool.block_size) for t in WIDTH_TOKENS)
         self.widths = [w for w in widths if w < max_blocks] + [max_blocks]
-        n, dev = self.sizes[-1], model.device
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * pool.block_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.alpha = torch.ones(n, dtype=torch.float32, device=dev)
-        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=dev)
-        self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.long, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.long, device=dev)
+        self.static = StepInput.decode_buffers(self.sizes[-1], max_blocks, scratch_block, pool.block_size,
+                                               model.device)
         self.logits: torch.Tensor | None = None  # (n, V), written by every graph
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool_handle = None
         self.replays = 0
 
     def _forward(self, b: int, w: int) -> torch.Tensor:
-        dev = self.model.device
-        ones = torch.ones(b, dtype=torch.long, device=dev)
-        meta = PagedMetadata(slot_mapping=self.slots[:b], block_tables=self.tables[:b, :w],
-                             context_lens=self.context_lens[:b], query_lens=ones,
-                             token_seq=torch.arange(b, device=dev), token_col=ones - 1, max_query_len=1)
-        fb = ForwardBatch(self.positions[:b], self.alpha[:b], PagedAttention(self.pool, meta))
-        return self.model.compute_logits(self.model.forward_tokens(self.input_ids[:b], fb))  # (b, V)
+        step = self.static.rows(b, w)
+        return self.model.compute_logits(self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool)))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -69,23 +59,23 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1] and table_width <= self.max_blocks
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], alpha: list[float], slots: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Logits (n, V) for n decoding sequences; rows past n are padding that touches only the scratch block."""
-        n = len(input_ids)
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Logits (n, V) for a decode step of n sequences; rows past n are padding that touches only the
+        scratch block, as do table columns past a sequence's own blocks."""
+        n, width = step.num_seqs, step.paged.block_tables.shape[1]
         b = next(s for s in self.sizes if s >= n)
-        w = next(w for w in self.widths if w >= max(map(len, tables)))
-        self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
-        pos = torch.tensor(positions)
-        self.positions[:n].copy_(pos, non_blocking=True)
-        self.alpha[:n].copy_(torch.tensor(alpha), non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.slots[n:b].fill_(self.scratch_slot)
-        padded = torch.tensor([row + [self.scratch_block] * (w - len(row)) for row in tables])  # (n, w)
-        self.tables[:n, :w].copy_(padded, non_blocking=True)
-        self.tables[n:b, :w].fill_(self.scratch_block)
-        self.context_lens[:n].copy_(pos + 1, non_blocking=True)
-        self.context_lens[n:b].fill_(1)
+        w = next(w for w in self.widths if w >= width)
+        static, meta = self.static, self.static.paged
+        static.input_ids[:n].copy_(step.input_ids)
+        static.positions[:n].copy_(step.positions)
+        static.ntk_alpha[:n].copy_(step.ntk_alpha)
+        meta.slot_mapping[:n].copy_(step.paged.slot_mapping)
+        meta.slot_mapping[n:b].fill_(self.scratch_slot)
+        meta.block_tables[:n, :width].copy_(step.paged.block_tables)
+        meta.block_tables[:n, width:w].fill_(self.scratch_block)
+        meta.block_tables[n:b, :w].fill_(self.scratch_block)
+        meta.context_lens[:n].copy_(step.paged.context_lens)
+        meta.context_lens[n:b].fill_(1)
         self.graphs[b, w].replay()
         self.replays += 1
         return self.logits[:n]

@@ -17,11 +17,11 @@ TQDM_MIN_PROMPTS = 4  # a bar for a couple of prompts is noise
 class LLM:
     def __init__(self, model: str | None = None, quantization: str | None = None, dtype: str = "auto",
                  device: str = "auto", max_model_len: int | None = None, **engine_kwargs: Any) -> None:
-        import qwen_awq
+        from qwen_awq.loading import load
 
         if quantization not in (None, "awq"):
             raise ConfigError(f"quantization={quantization!r} is not supported; use None or 'awq'")
-        self.model, self.tokenizer = qwen_awq.load(model, dtype=dtype, device=device)
+        self.model, self.tokenizer = load(model, dtype=dtype, device=device)
         if quantization == "awq" and self.model.cfg.quant is None:
             raise ConfigError(f"quantization='awq' but {model} is not an AWQ checkpoint (no quantization_config)")
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len,
@@ -72,9 +72,11 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """Chat completions with the model's chat format, for one conversation or a list of them."""
-        from qwen_awq.chat import encode_messages
+        """Chat completions with the model's chat format, for one conversation or a list of them; Qwen's history
+        window is the model's (generation_config max_window_size), as in the server."""
+        from qwen_awq.chat import encode_messages, window_size
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [encode_messages(self.tokenizer, conv) for conv in conversations]
+        window = window_size(self.model)
+        prompts = [encode_messages(self.tokenizer, conv, window) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)

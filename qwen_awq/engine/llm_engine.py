@@ -12,30 +12,41 @@ from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.output import OutputTracker, eos_ids
-from qwen_awq.engine.sampler import HostSample
+from qwen_awq.engine.sampler import HostSample, make_generator
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
-from qwen_awq.engine.sequence import Sequence, SequenceStatus
+from qwen_awq.engine.sequence import FinishReason, Sequence
 from qwen_awq.errors import ConfigError
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.tokenizer import Tokenizer
 
 GiB = 1 << 30
-FINISH_STATUS = {"stop": SequenceStatus.FINISHED_STOPPED, "length": SequenceStatus.FINISHED_LENGTH}
 
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's context length
-    max_waiting: int = 1024  # queued sequences beyond this are refused with Overloaded
-    kv_cache_memory: int | None = None  # bytes; default: gpu_memory_utilization of free GPU memory, 1 GiB on CPU
-    gpu_memory_utilization: float = 0.9
-    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (Qwen's per-chunk asymmetric scheme)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # vLLM's name: True disables CUDA-graph capture of decode steps
+    """Engine settings; fields with help metadata are `qwen-awq serve` flags (cli_args.add_config_args)."""
+
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences in one batch"})
+    max_num_batched_tokens: int = field(default=2048, metadata={
+        "help": "token budget of one engine step (long prompts prefill in chunks of this size)"})
+    max_model_len: int | None = field(default=None, metadata={  # None: the model's context length
+        "help": "context length (default: the model's, or what the KV cache holds if less)"})
+    max_waiting: int = field(default=1024, metadata={  # queued sequences beyond this are refused with Overloaded
+        "flags": ("--max-queue", "--max-waiting"),
+        "help": "most waiting sequences; beyond it requests get 503 (OpenAI routes) or 429 (TGI routes) with "
+                "Retry-After"})
+    kv_cache_memory: int | None = field(default=None, metadata={  # bytes
+        "unit": "bytes", "help": "KV-cache size, e.g. 2GiB (default: a share of free GPU memory, 1 GiB on CPU)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "share of free GPU memory for the KV cache when --kv-cache-memory is absent"})
+    kv_cache_dtype: str = field(default="auto", metadata={  # "int8": Qwen's per-chunk asymmetric scheme
+        "choices": ("auto", "int8"), "help": "auto: the model dtype; int8: Qwen's per-chunk quantized KV cache"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "flags": ("--no-prefix-caching",), "help": "do not share KV blocks of common prefixes"})
+    enforce_eager: bool = field(default=False, metadata={  # vLLM's name: no CUDA-graph capture of decode steps
+        "help": "run decode steps eagerly instead of replaying captured CUDA graphs"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -53,7 +64,7 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None  # a str: "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: top ids and the chosen id -> logprob
     cumulative_logprob: float = 0.0
@@ -97,7 +108,10 @@ def kv_budget(config: EngineConfig, device: torch.device) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    """Without a tokenizer (ids in, ids out) outputs carry no text, eos ids are the model's and sampling covers
+    the model's whole (padded) vocabulary."""
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer | None, config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         int8 = config.kv_cache_dtype == "int8"
@@ -119,7 +133,8 @@ class LLMEngine:
             graphs = DecodeGraphs(model, self.pool, config.max_num_seqs, -(-self.max_model_len // config.block_size),
                                   scratch_block=num_blocks)
             graphs.capture()
-        self.runner = ModelRunner(model, self.pool, tokenizer.vocab_size, graphs)
+        vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
+        self.runner = ModelRunner(model, self.pool, vocab, graphs)
         self.eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -129,29 +144,37 @@ class LLMEngine:
                           f"{tokens / self.max_model_len:.1f} sequences at the full context of "
                           f"{self.max_model_len} tokens")
 
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams, pending: int = 0) -> None:
+        """Raise now what add_request would refuse: ContextLengthError (prompt + max_tokens over max_model_len)
+        or Overloaded (the waiting queue, plus `pending` adds on their way, is full)."""
+        self.scheduler.check_admission(num_prompt_tokens, params.max_tokens, pending)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, cache_salt: str | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        alpha = self.model.prefill_alpha(len(prompt_ids))
-        # keys are cached after a rotation that depends on alpha: never share blocks across alphas
-        salt = cache_salt if alpha == 1.0 else f"{cache_salt}|ntk={alpha}"
-        seqs = [Sequence(next(self._seq_ids), request_id, prompt_ids, params, cache_salt=salt, ntk_alpha=alpha)
-                for _ in range(params.n)]
-        self.scheduler.add(*seqs)
+        self.check_request(len(prompt_ids), params)
         trackers = [OutputTracker(self.tokenizer, params, self.eos, len(prompt_ids), self.max_model_len)
-                    for _ in seqs]
+                    for _ in range(params.n)]
+        seqs = [self._sequence(request_id, prompt_ids, params, i, t, cache_salt) for i, t in enumerate(trackers)]
+        self.scheduler.add(*seqs)
         outputs = [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
         self.requests[request_id] = _Request(RequestOutput(request_id, prompt, list(prompt_ids), outputs),
                                              params, seqs, trackers)
 
+    def _sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams, index: int,
+                  tracker: OutputTracker, cache_salt: str | None = None) -> Sequence:
+        alpha = self.model.prefill_alpha(len(prompt_ids))
+        # keys are cached after a rotation that depends on alpha: never share blocks across alphas
+        salt = cache_salt if alpha == 1.0 else f"{cache_salt}|ntk={alpha}"
+        # each of a request's n samples gets its own stream: seed + index (vLLM's rule)
+        generator = None if params.seed is None else make_generator(params.seed + index, self.model.device)
+        return Sequence(next(self._seq_ids), request_id, prompt_ids, params, cache_salt=salt, ntk_alpha=alpha,
+                        index=index, stop_ids=tuple(sorted(tracker.stop_ids)), generator=generator)
+
     def abort(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        self.scheduler.abort(request_id)
-        for seq in req.seqs:
-            self.runner.release(seq)
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -161,9 +184,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
-        stop_ids = {e.seq.seq_id: sorted(self._tracker(e.seq).stop_ids) for e in batch.sampling}
-        index = {e.seq.seq_id: self._index(e.seq) for e in batch.sampling}
-        sampled = self.runner.step(batch, stop_ids, index)
+        sampled = self.runner.step(batch)
         if sampled is None:
             self.scheduler.update(batch, {})
             return []
@@ -171,24 +192,17 @@ class LLMEngine:
         self.scheduler.update(batch, host.tokens)
         return self._process(batch, host)
 
-    def _tracker(self, seq: Sequence) -> OutputTracker:
-        return self.requests[seq.request_id].trackers[self._index(seq)]
-
-    def _index(self, seq: Sequence) -> int:
-        return self.requests[seq.request_id].seqs.index(seq)
-
     def _process(self, batch: ScheduledBatch, sampled: HostSample) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for row, e in enumerate(batch.sampling):
             seq = e.seq
             req = self.requests[seq.request_id]
-            i = req.seqs.index(seq)
             if seq.request_id not in touched:
                 for out in req.output.outputs:
                     out.delta_text, out.delta_token_ids = "", []
                 touched[seq.request_id] = req
-            self._append(req, i, seq, sampled, row)
+            self._append(req, seq, sampled, row)
             req.output.first_token_time = req.output.first_token_time or now
             req.output.num_cached_tokens = max(req.output.num_cached_tokens, seq.num_cached_prefix_tokens)
         for req in touched.values():
@@ -197,9 +211,9 @@ class LLMEngine:
                 del self.requests[req.output.request_id]
         return [req.output for req in touched.values()]
 
-    def _append(self, req: _Request, i: int, seq: Sequence, sampled: HostSample, row: int) -> None:
+    def _append(self, req: _Request, seq: Sequence, sampled: HostSample, row: int) -> None:
         token = sampled.tokens[row]
-        tracker, out = req.trackers[i], req.output.outputs[i]
+        tracker, out = req.trackers[seq.index], req.output.outputs[seq.index]
         piece = tracker.add(token)
         out.text, out.token_ids = tracker.text, tracker.token_ids
         out.delta_text += piece
@@ -214,5 +228,4 @@ class LLMEngine:
             out.logprobs.append(top | {token: lp})
         if tracker.finished:
             out.finish_reason, out.stop_reason = tracker.finish_reason, tracker.stop_reason
-            self.scheduler.finish(seq, FINISH_STATUS[tracker.finish_reason])
-            self.runner.release(seq)
+            self.scheduler.finish(seq, tracker.finish_reason)

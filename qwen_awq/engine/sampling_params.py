@@ -1,6 +1,7 @@
 """Per-request sampling settings with vLLM's names and defaults, validated on construction.
 
-`SamplingParams.from_generation_config` maps a Hugging Face generation_config onto them.
+`SamplingParams.from_defaults` is the one place where a request's settings are resolved from the model's
+generation defaults (a Hugging Face generation_config) and the caller's overrides.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 # OpenAI's documented range for presence_penalty and frequency_penalty.
 PENALTY_RANGE = 2.0
+# A reply's length when neither the request nor the model's generation_config says (Qwen-7B-Chat's
+# generation_config max_new_tokens); chat-style surfaces use it, vLLM-compatible ones keep max_tokens=16.
+REPLY_MAX_TOKENS = 512
+
+
+
+def _cli(text: str, fallback: str) -> dict[str, str]:
+    """Field metadata for the CLI's sampling flags (cli_args.py): help text with the chat-style default."""
+    return {"help": f"{text} (default: the model's generation_config, else {fallback})"}
+
 
 # Hugging Face generation_config key -> SamplingParams field (do_sample is handled separately).
 _HF_KEYS = {
@@ -31,6 +42,7 @@ _HF_KEYS = {
     "max_new_tokens": "max_tokens",
     "min_new_tokens": "min_tokens",
 }
+_HF_ONLY = ("max_new_tokens", "min_new_tokens")  # HF names that differ from ours
 
 
 @dataclass
@@ -38,19 +50,27 @@ class SamplingParams:
     """vLLM-compatible sampling parameters; `stop` also accepts a single string."""
 
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # 1 means off
-    top_k: int = 0  # 0 or -1 mean off; -1 is normalized to 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # HF semantics, over prompt + output
-    presence_penalty: float = 0.0  # OpenAI semantics, over output only
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 16
-    min_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
+    temperature: float = field(default=1.0, metadata=_cli("softmax temperature; 0 = greedy", "1.0"))
+    top_p: float = field(default=1.0, metadata=_cli("nucleus sampling mass in (0, 1]; 1 = off", "1"))
+    top_k: int = field(default=0, metadata=_cli("keep the k most likely tokens; 0 or -1 = off", "0"))
+    min_p: float = field(default=0.0, metadata=_cli("drop tokens below min_p x the top probability; 0 = off", "0"))
+    repetition_penalty: float = field(  # HF semantics, over prompt + output
+        default=1.0, metadata=_cli("HF repetition penalty over prompt and output; 1 = off", "1"))
+    presence_penalty: float = field(  # OpenAI semantics, over output only
+        default=0.0, metadata={"help": "OpenAI presence penalty in [-2, 2] (default: 0)"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "OpenAI frequency penalty in [-2, 2] (default: 0)"})
+    seed: int | None = field(default=None, metadata={"help": "random seed, for reproducible sampling"})
+    max_tokens: int = field(default=16, metadata={
+        "flags": ("--max-new-tokens", "--max-tokens"),
+        "help": f"most tokens to generate (default: the model's generation_config max_new_tokens, else "
+                f"{REPLY_MAX_TOKENS}, cut to the context left after the prompt)"})
+    min_tokens: int = field(default=0, metadata={
+        "flags": ("--min-new-tokens", "--min-tokens"),
+        "help": "fewest tokens to generate before a stop token may end the reply (default: 0)"})
+    stop: list[str] = field(default_factory=list, metadata={
+        "help": "stop string (repeatable); trimmed from the output"})
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = field(default=False, metadata={"help": "keep generating past end-of-sequence tokens"})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token
@@ -117,28 +137,40 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
     @classmethod
-    def from_generation_config(cls, gen: Mapping[str, Any] | object | None,
-                               **overrides: Any) -> SamplingParams:
-        """Start from a HF generation_config (dict or object), then apply overrides.
+    def from_defaults(cls, defaults: Mapping[str, Any] | object | None, *, room: int | None = None,
+                      default_max_tokens: int | None = None, **overrides: Any) -> SamplingParams:
+        """Resolve a request: the caller's overrides, then `defaults` (a HF generation_config as a dict or an
+        object, e.g. the model's GenerationDefaults), then vLLM's defaults.
 
-        Keys that are absent or None in `gen` keep SamplingParams' defaults, and overrides that are None
-        count as "not given" (so a request's unset fields fall back to the config). `do_sample` false
-        means greedy unless an override sets temperature. Model-specific fallbacks are the caller's job.
+        Overrides that are None count as "not given"; HF names (max_new_tokens, min_new_tokens, do_sample) are
+        accepted. do_sample false means greedy, unless an override sets a temperature above 0. Unless given,
+        max_tokens is the defaults' max_new_tokens, else `default_max_tokens`, else vLLM's 16, cut to `room`
+        (the context left after the prompt) but never below 1, so that a full context is refused with numbers.
         """
-        values: dict[str, Any] = {}
-        for key, name in _HF_KEYS.items():
-            value = _lookup(gen, key)
-            if value is not None:
-                values[name] = value
-        if _lookup(gen, "do_sample") is False:
-            values["temperature"] = 0.0
-        known = {f.name for f in fields(cls)}
-        for name, value in overrides.items():
-            if name not in known:
-                raise SamplingError(f"unknown sampling parameter {name!r}; known: {', '.join(sorted(known))}")
-            if value is not None:
-                values[name] = value
-        return cls(**values)
+        values = {name: _lookup(defaults, key) for key, name in _HF_KEYS.items()}
+        values = {k: v for k, v in values.items() if v is not None}
+        given = _given(cls, overrides)
+        do_sample = given.pop("do_sample", _lookup(defaults, "do_sample"))
+        if do_sample is False and not given.get("temperature"):
+            given["temperature"] = 0.0
+        if "max_tokens" not in given and "max_tokens" not in values and default_max_tokens is not None:
+            values["max_tokens"] = default_max_tokens
+        if "max_tokens" not in given and room is not None:
+            values["max_tokens"] = max(1, min(values.get("max_tokens", cls.max_tokens), room))
+        return cls(**(values | given))
+
+
+def _given(cls: type[SamplingParams], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides that were given, under SamplingParams' names (do_sample kept as is)."""
+    known = {f.name for f in fields(cls)}
+    given: dict[str, Any] = {}
+    for name, value in overrides.items():
+        field_name = _HF_KEYS.get(name, name) if name in _HF_ONLY else name
+        if field_name not in known and name != "do_sample":
+            raise SamplingError(f"unknown sampling parameter {name!r}; known: {', '.join(sorted(known))}")
+        if value is not None:
+            given[field_name] = value
+    return given
 
 
 def _lookup(gen: Mapping[str, Any] | object | None, key: str) -> Any:

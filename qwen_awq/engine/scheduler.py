@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from qwen_awq.engine.block_manager import BlockManager
-from qwen_awq.engine.sequence import Sequence, SequenceStatus
+from qwen_awq.engine.sequence import FinishReason, Sequence, SequenceStatus
 from qwen_awq.errors import ConfigError, ContextLengthError, Overloaded
 
 
@@ -92,32 +92,38 @@ class Scheduler:
 
     def add(self, *seqs: Sequence) -> None:
         """Queue new sequences (the n of one request go in together, so a request is never split): all of
-        them, or none when the queue already holds max_waiting."""
+        them, or none when admission refuses (see `check_admission`)."""
         for seq in seqs:
-            self._check_new(seq)
-        if len(self.waiting) >= self.max_waiting:
-            raise Overloaded(f"the engine is overloaded ({len(self.waiting)} sequences waiting, "
-                             f"max_waiting={self.max_waiting}); retry later")
+            if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+                raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.name})")
+            self.check_admission(seq.num_prompt_tokens, seq.max_tokens)
         self.waiting.extend(seqs)
 
-    def _check_new(self, seq: Sequence) -> None:
-        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
-            raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.name})")
-        want = seq.num_prompt_tokens + (seq.max_tokens or 1)
-        if seq.num_prompt_tokens >= self.max_model_len or want > self.max_model_len:
+    def check_admission(self, num_prompt_tokens: int, max_tokens: int | None, pending: int = 0) -> None:
+        """The one admission rule: the prompt plus max_tokens fit in max_model_len, and the waiting queue
+        (plus `pending` adds not queued yet) is not full. Raises ContextLengthError or Overloaded."""
+        limit = self.max_model_len
+        want = num_prompt_tokens + (max_tokens or 1)
+        if num_prompt_tokens < 1:
+            raise ContextLengthError("the prompt is empty: it needs at least one token")
+        if num_prompt_tokens >= limit or want > limit:
             raise ContextLengthError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {want} were "
-                f"requested ({seq.num_prompt_tokens} in the prompt, {want - seq.num_prompt_tokens} to "
-                "generate); shorten the prompt or lower max_tokens")
+                f"This model's maximum context length is {limit} tokens. However, you requested {want} tokens "
+                f"({num_prompt_tokens} in the prompt, {want - num_prompt_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.")
+        waiting = len(self.waiting) + pending
+        if waiting >= self.max_waiting:
+            raise Overloaded(f"the engine is overloaded ({waiting} sequences waiting, "
+                             f"max_waiting={self.max_waiting}); retry later")
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Finish the request's sequences as aborted and free their blocks now; unknown ids are a no-op."""
         seqs = [s for s in [*self.running, *self.waiting] if s.request_id == request_id]
         for seq in seqs:
-            self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+            self.finish(seq, FinishReason.ABORT)
         return seqs
 
-    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence (the engine decides when) and release its blocks; finishing twice is a no-op."""
         if seq.is_finished:
             return
@@ -126,7 +132,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        seq.finish(status)
+        seq.finish(reason)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(entries=[], preempted=[])

@@ -1,33 +1,34 @@
-"""One generation stream's state: its tokens, how many of them have KV in the cache, and its block table.
+"""One generation stream's state: its tokens, how many of them have KV in the cache, its block table, and
+what is its own within its request (index, stop ids, random generator).
 
-The scheduler and block manager mutate it; the model runner reads it; the engine finishes it.
+The scheduler and block manager mutate it; the model runner and sampler read it; the engine finishes it.
 """
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()  # queued: new, or preempted and waiting to be recomputed
     RUNNING = enum.auto()  # admitted: owns KV blocks and is scheduled every step it fits the budget
-    FINISHED_STOPPED = enum.auto()  # a stop token or stop string ended it
-    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len ended it
-    FINISHED_ABORTED = enum.auto()  # the client went away or cancelled it
-
-    @property
-    def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
+    FINISHED = enum.auto()  # done; `Sequence.finish_reason` says why
 
 
-# OpenAI / vLLM finish_reason strings.
-_FINISH_REASONS = {
-    SequenceStatus.FINISHED_STOPPED: "stop",
-    SequenceStatus.FINISHED_LENGTH: "length",
-    SequenceStatus.FINISHED_ABORTED: "abort",
-}
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended. A str, so it is already the OpenAI / vLLM finish_reason string at the edges."""
+
+    STOP = "stop"  # a stop token or stop string ended it
+    LENGTH = "length"  # max_tokens or max_model_len ended it
+    ABORT = "abort"  # the client went away or cancelled it
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class RequestParams(Protocol):
@@ -56,6 +57,10 @@ class Sequence:
     # Qwen's dynamic-NTK alpha, fixed by the runner at the first prefill; kept across preemption so that
     # recompute reproduces the same KV.
     ntk_alpha: float = 1.0
+    index: int = 0  # which of its request's n samples this is
+    stop_ids: tuple[int, ...] = ()  # ids that end it (sorted): banned by the sampler until min_tokens
+    generator: torch.Generator | None = None  # its own random stream when the request is seeded
+    finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -92,11 +97,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
-
-    @property
-    def finish_reason(self) -> str | None:
-        return _FINISH_REASONS.get(self.status)
+        return self.status is SequenceStatus.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) without building the whole prompt + output list (called every step)."""
@@ -110,7 +111,6 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
 
-    def finish(self, status: SequenceStatus) -> None:
-        if not status.is_finished:
-            raise ValueError(f"finish() needs a FINISHED_* status, got {status.name}")
-        self.status = status
+    def finish(self, reason: FinishReason) -> None:
+        self.status, self.finish_reason = SequenceStatus.FINISHED, FinishReason(reason)
+        self.generator = None  # nothing samples for it any more

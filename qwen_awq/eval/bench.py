@@ -41,8 +41,9 @@ def bench_throughput(llm: Any, num_prompts: int, input_len: int, output_len: int
 
 
 def bench_decode(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> dict:
-    """Batch-1 decode speed through the simple generate path: 1-token prompt, exactly `new_tokens` tokens."""
-    from qwen_awq.generation import TextStream
+    """Batch-1 decode speed on the model's own engine (what chat and generate use: paged KV cache, CUDA graphs
+    on a GPU): 1-token prompt, exactly `new_tokens` tokens."""
+    from qwen_awq.generation import TextStream, model_driver
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     TextStream(model, tokenizer, [1], SamplingParams(max_tokens=4, ignore_eos=True)).run()  # warm-up
@@ -56,15 +57,19 @@ def bench_decode(model: Any, tokenizer: Any, new_tokens: int, runs: int) -> dict
         assert len(out.token_ids) == new_tokens
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
+    graphs = model_driver(model, tokenizer).engine.runner.graphs
     return {"new_tokens": new_tokens, "runs": runs, "median_s": median, "tokens_per_s": new_tokens / median,
-            "peak_gpu_memory_bytes": peak, "device": str(model.device), "dtype": str(model.dtype)}
+            "peak_gpu_memory_bytes": peak, "device": str(model.device), "dtype": str(model.dtype),
+            "cuda_graph_replays": graphs.replays if graphs is not None else 0}
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from qwen_awq.cli_args import config_kwargs
     from qwen_awq.engine.llm import LLM
+    from qwen_awq.engine.llm_engine import EngineConfig
 
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.input_len + args.output_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+              **config_kwargs(EngineConfig, args))
     result = bench_throughput(llm, args.num_prompts, args.input_len, args.output_len, args.seed)
     print(json.dumps(result) if args.json else
           f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.2f} total "
@@ -73,9 +78,9 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
-    import qwen_awq
+    from qwen_awq.loading import load
 
-    model, tok = qwen_awq.load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     result = bench_decode(model, tok, args.new_tokens, args.runs)
     print(json.dumps(result) if args.json else
           f"Decode: {result['tokens_per_s']:.2f} tokens/s (median of {args.runs}, {args.new_tokens} new tokens)")
@@ -83,15 +88,15 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
 
 
 def register_bench(bench_sub: Any) -> None:
-    from qwen_awq.cli import add_model_args, parse_bytes
+    from qwen_awq.cli_args import add_config_args, add_model_args
+    from qwen_awq.engine.llm_engine import EngineConfig
 
     t = bench_sub.add_parser("throughput", help="offline throughput over random prompts (vLLM-style)")
     add_model_args(t)
     t.add_argument("--num-prompts", type=int, default=32, help="number of requests (default 32)")
     t.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     t.add_argument("--output-len", type=int, default=128, help="generated tokens per request (default 128)")
-    t.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
-    t.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV cache size, e.g. 2GiB")
+    add_config_args(t, EngineConfig, only=("max_num_seqs", "kv_cache_memory"))
     t.add_argument("--seed", type=int, default=0, help="seed for prompts and sampling")
     t.add_argument("--json", action="store_true", help="print the result as JSON")
     t.set_defaults(func=cmd_bench_throughput)

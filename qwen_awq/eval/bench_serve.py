@@ -1,5 +1,6 @@
 """`qwen-awq bench serve`: load a running server's /v1/completions with streaming requests (ignore_eos, exact
-input and output lengths) at several concurrencies; report vLLM benchmark_serving's metrics.
+input and output lengths) at several concurrencies; report vLLM benchmark_serving's metrics. With `--soak
+DURATION`, a soak test instead (eval/soak.py): a fixed request rate with random disconnects and cancels.
 
 Metrics: request and output-token throughput; TTFT, TPOT = (latency - TTFT) / (output tokens - 1), ITL (gaps
 between streamed chunks) and end-to-end latency, each as mean, median and p99. The HTTP client is a small
@@ -13,80 +14,10 @@ import json
 import random
 import statistics
 import time
-import urllib.parse
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
-         "papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu river mountain").split()
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"HTTP {status}: {body[:300]}")
-        self.status, self.body = status, body
-
-
-async def _chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            return
-        data = await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
-        yield data
-
-
-async def _until_eof(reader: asyncio.StreamReader, length: int | None) -> AsyncIterator[bytes]:
-    if length is not None:
-        yield await reader.readexactly(length)
-        return
-    while data := await reader.read(65536):
-        yield data
-
-
-async def request_lines(url: str, method: str, path: str, payload: Any = None,
-                        headers: dict[str, str] | None = None) -> AsyncIterator[str]:
-    """Send one HTTP/1.1 request and yield the reply body's lines as they arrive (SSE events, NDJSON).
-
-    Raises HTTPError for a non-200 status. Closing the iterator early closes the connection, which is how a
-    client disconnects mid-stream.
-    """
-    u = urllib.parse.urlsplit(url)
-    port = u.port or (443 if u.scheme == "https" else 80)
-    reader, writer = await asyncio.open_connection(u.hostname, port, ssl=u.scheme == "https" or None)
-    try:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {u.netloc}", "Connection: close",
-                 f"Content-Length: {len(body)}", "Content-Type: application/json",
-                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        await writer.drain()
-        status = int((await reader.readline()).split()[1])
-        reply: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            key, _, value = line.decode("latin-1").partition(":")
-            reply[key.strip().lower()] = value.strip()
-        length = int(reply["content-length"]) if "content-length" in reply else None
-        chunked = reply.get("transfer-encoding") == "chunked"
-        chunks = _chunked(reader) if chunked else _until_eof(reader, length)
-        if status != 200:
-            raise HTTPError(status, b"".join([c async for c in chunks]).decode(errors="replace"))
-        buffer = b""
-        async for chunk in chunks:
-            *complete, buffer = (buffer + chunk).split(b"\n")
-            for line in complete:
-                yield line.decode()
-        if buffer:
-            yield buffer.decode()
-    finally:
-        writer.close()
-
-
-async def request_json(url: str, method: str, path: str, payload: Any = None,
-                       headers: dict[str, str] | None = None) -> Any:
-    return json.loads("\n".join([line async for line in request_lines(url, method, path, payload, headers)]))
+from qwen_awq.eval.http_client import WORDS, HTTPError, request_json, request_lines
 
 
 @dataclass
@@ -209,6 +140,10 @@ def _concurrencies(text: str) -> list[int]:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from qwen_awq.eval.soak import cmd_soak
+
+        return cmd_soak(args)
     levels = asyncio.run(bench(args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -232,4 +167,25 @@ def register_bench_serve(bench_subparsers) -> None:
     p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--soak", type=_duration, default=None, metavar="DURATION",
+                   help="soak test for DURATION (e.g. 10m, 90s): a fixed request rate with random disconnects and "
+                   "cancels; reports errors by class, p99 latency and RSS drift, KV blocks held at the end")
+    p.add_argument("--request-rate", type=float, default=1.0, help="soak: requests per second (default 1)")
+    p.add_argument("--disconnect-frac", type=float, default=0.15,
+                   help="soak: share of streams the client drops mid-stream (default 0.15)")
+    p.add_argument("--cancel-frac", type=float, default=0.15,
+                   help="soak: share of non-streaming requests the client abandons before the reply (default 0.15)")
     p.set_defaults(func=cmd_bench_serve)
+
+
+def _duration(text: str) -> float:
+    """Seconds from '10m', '90s', '1h' or a plain number of seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 10m, 90s or 1h, got {text!r}")
+    return seconds

@@ -1,7 +1,7 @@
 """The attention seam: the decoder hands each layer's rotated q/k/v to a backend that owns the KV storage.
 
-Backends here: DenseAttention (no cache, a full causal forward) and ContiguousKVCache (a simple per-batch cache for
-incremental decoding). The engine's paged cache implements the same `attend` method.
+The backend here is DenseAttention (no cache, a full causal forward); the engine's paged cache
+(engine/kv_cache.py) implements the same `attend` method, and the tests hold a contiguous-cache oracle.
 """
 from __future__ import annotations
 
@@ -49,43 +49,4 @@ class DenseAttention:
         b, s = self.batch, self.seqlen
         out = sdpa(q.view(b, s, *q.shape[1:]), k.view(b, s, *k.shape[1:]), v.view(b, s, *v.shape[1:]),
                     scale, None, causal=True)
-        return out.reshape(q.shape)
-
-
-class ContiguousKVCache:
-    """K/V for `batch` sequences that advance together: (layers, batch, max_len, Hkv, D) each.
-
-    Call `step(num_new)` before each forward over `batch * num_new` tokens and `advance()` after it.
-    Keys are stored after rotation, as in the reference implementation.
-    """
-
-    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.batch, self.max_len = batch, max_len
-        self.length = 0  # tokens already cached per sequence
-        self.num_new = 0
-        self.mask: torch.Tensor | None = None  # (S, L), the same for every layer of a step
-
-    def step(self, num_new: int) -> None:
-        end = self.length + num_new
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
-        self.num_new = num_new
-        # new token i (absolute position length + i) sees keys 0..length + i
-        rows = torch.arange(self.length, end, device=self.k.device)[:, None]
-        self.mask = torch.arange(end, device=self.k.device)[None, :] <= rows
-
-    def advance(self) -> None:
-        self.length += self.num_new
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        b, s, start = self.batch, self.num_new, self.length
-        end = start + s
-        self.k[layer, :, start:end] = k.view(b, s, *k.shape[1:])
-        self.v[layer, :, start:end] = v.view(b, s, *v.shape[1:])
-        keys, values = self.k[layer, :, :end], self.v[layer, :, :end]  # (B, L, Hkv, D)
-        out = sdpa(q.view(b, s, *q.shape[1:]), keys, values, scale, self.mask, causal=False)
         return out.reshape(q.shape)

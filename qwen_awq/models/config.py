@@ -1,33 +1,36 @@
-"""Model, quantization and generation configs: the only place where a checkpoint's config keys are read."""
+"""Model, quantization and generation configs: the only place where a checkpoint's config keys are read.
+
+Each family's reader (`read_qwen`, `read_llama`) turns config.json into a ModelConfig; models/family.py picks
+the reader by architecture.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qwen_awq.errors import ConfigError
 
-# Architectures we implement, mapped to the decoder family whose weight-name table and AWQ groups apply.
-ARCHITECTURES = {
-    "QWenLMHeadModel": "qwen",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-}
 AWQ_VERSIONS = ("gemm",)
+NTK_MAX_CONTEXT = 32768  # Qwen's dynamic-NTK / LogN reference stops here (spec: qwen.md)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """AutoAWQ checkpoint settings (4-bit GEMM layout only)."""
+    """What a checkpoint's quantization_config says: AutoAWQ settings (4-bit GEMM layout only). Which layer is
+    built from it is quant/formats.py's business."""
 
+    method: str = "awq"  # quant_method
     bits: int = 4
     group_size: int = 128
     zero_point: bool = True
     version: str = "gemm"
 
     def __post_init__(self) -> None:
+        if self.method != "awq":
+            raise ConfigError(f"quantization method {self.method!r} is not supported (only AWQ)")
         if self.bits != 4:
             raise ConfigError(f"AWQ checkpoints with {self.bits} bits are not supported (only 4-bit)")
         if self.version not in AWQ_VERSIONS:
@@ -42,7 +45,7 @@ class QuantConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The `quantization_config` entry of config.json as AutoAWQ writes it."""
-        return {"quant_method": "awq", "bits": self.bits, "group_size": self.group_size,
+        return {"quant_method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "zero_point": self.zero_point, "version": self.version}
 
 
@@ -75,8 +78,6 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.family not in ("qwen", "llama"):
-            raise ConfigError(f"unknown model family {self.family!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
@@ -97,10 +98,11 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        """The longest sequence we serve: Qwen's NTK/LogN reference stops at 32768 tokens."""
-        if self.family == "qwen":
-            return 32768 if self.use_dynamic_ntk else int(self.seq_length or self.max_position_embeddings)
-        return self.max_position_embeddings
+        """The longest sequence we serve: with dynamic NTK, where Qwen's reference stops; else the trained length
+        (Qwen v1's seq_length; the Llama family has only max_position_embeddings)."""
+        if self.use_dynamic_ntk:
+            return NTK_MAX_CONTEXT
+        return int(self.seq_length or self.max_position_embeddings)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -131,10 +133,8 @@ def _quant_config(folder: Path, cfg: dict[str, Any]) -> QuantConfig | None:
         q = read_json(folder / "quant_config.json")
     if q is None:
         return None
-    method = str(q.get("quant_method", "awq")).lower()
-    if method != "awq":
-        raise ConfigError(f"{folder}: quantization method {method!r} is not supported (only AWQ)")
     return QuantConfig(
+        method=str(q.get("quant_method", "awq")).lower(),
         bits=int(q.get("bits", q.get("w_bit", 4))),
         group_size=int(q.get("group_size", q.get("q_group_size", 128))),
         zero_point=bool(q.get("zero_point", True)),
@@ -148,13 +148,13 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
-def _qwen_config(cfg: dict[str, Any], quant: QuantConfig | None) -> ModelConfig:
+def read_qwen(arch: str, cfg: dict[str, Any], quant: QuantConfig | None) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("kv_channels", cfg["hidden_size"] // heads))
     if float(cfg.get("rotary_pct", 1.0)) != 1.0:
         raise ConfigError(f"rotary_pct {cfg['rotary_pct']} is not supported (Qwen-7B uses 1.0)")
     return ModelConfig(
-        architecture="QWenLMHeadModel", family="qwen", vocab_size=int(cfg["vocab_size"]),
+        architecture=arch, family="qwen", vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]), num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=heads, head_dim=head_dim, intermediate_size=int(cfg["intermediate_size"]) // 2,
         rms_eps=float(cfg.get("layer_norm_epsilon", 1e-6)), rope_theta=float(cfg.get("rotary_emb_base", 10000)),
@@ -167,7 +167,7 @@ def _qwen_config(cfg: dict[str, Any], quant: QuantConfig | None) -> ModelConfig:
     )
 
 
-def _llama_config(arch: str, cfg: dict[str, Any], quant: QuantConfig | None) -> ModelConfig:
+def read_llama(arch: str, cfg: dict[str, Any], quant: QuantConfig | None) -> ModelConfig:
     heads = int(cfg["num_attention_heads"])
     # transformers >= 5 writes rope_parameters; older configs have rope_theta and rope_scaling
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -189,22 +189,23 @@ def _llama_config(arch: str, cfg: dict[str, Any], quant: QuantConfig | None) -> 
     )
 
 
-def load_config(folder: str | Path) -> ModelConfig:
-    """Build a ModelConfig from `folder/config.json` (and quant_config.json when present)."""
+Reader = Callable[[str, dict[str, Any], QuantConfig | None], ModelConfig]
+
+
+def read_config(folder: str | Path, readers: Mapping[str, Reader]) -> ModelConfig:
+    """Build a ModelConfig from `folder/config.json` (and quant_config.json when present) with the reader of
+    its first architecture found in `readers`."""
     folder = Path(folder)
     cfg = read_json(folder / "config.json")
     archs = cfg.get("architectures") or []
-    known = [a for a in archs if a in ARCHITECTURES]
+    known = [a for a in archs if a in readers]
     if not known:
         raise ConfigError(
             f"{folder / 'config.json'}: architecture {archs or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(readers)}"
         )
-    quant = _quant_config(folder, cfg)
     try:
-        if ARCHITECTURES[known[0]] == "qwen":
-            return _qwen_config(cfg, quant)
-        return _llama_config(known[0], cfg, quant)
+        return readers[known[0]](known[0], cfg, _quant_config(folder, cfg))
     except KeyError as e:
         raise ConfigError(f"{folder / 'config.json'} lacks the key {e.args[0]!r}") from None
 
@@ -224,6 +225,10 @@ class GenerationDefaults:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None and k != "eos_token_ids"}
+
+    def under(self, fallbacks: GenerationDefaults) -> GenerationDefaults:
+        """These values, with `fallbacks` filling the ones this file lacks."""
+        return replace(fallbacks, **self.as_dict(), eos_token_ids=self.eos_token_ids or fallbacks.eos_token_ids)
 
 
 def load_generation_config(folder: str | Path) -> GenerationDefaults:

@@ -2,6 +2,7 @@
 
 The forward works on T flattened tokens with per-token positions and NTK alpha; attention goes through a backend
 (models/attention.py) so that dense, contiguous-cache and paged-cache attention share one model definition.
+Generation lives above it: `chat.ChatModel` adds HF's generate and Qwen's chat on top of the engine.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_awq.chat import DEFAULT_SYSTEM
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
 from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
@@ -112,20 +112,3 @@ class Decoder(nn.Module):
         if not self.cfg.use_dynamic_ntk:
             return 1.0
         return ntk_alpha(prefill_len, self.cfg.seq_length)
-
-    # HF/Qwen-style conveniences; the implementations live in generation.py and chat.py.
-    def generate(self, input_ids: torch.Tensor | list[int], params=None, **kwargs) -> torch.Tensor:
-        from qwen_awq.generation import generate
-
-        return generate(self, input_ids, params, **kwargs)
-
-    def chat(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM, **sampling):
-        from qwen_awq.chat import chat
-
-        return chat(self, tokenizer, query, history, system, **sampling)
-
-    def chat_stream(self, tokenizer, query: str, history=None, system: str = DEFAULT_SYSTEM,
-                    **sampling):
-        from qwen_awq.chat import chat_stream
-
-        return chat_stream(self, tokenizer, query, history, system, **sampling)

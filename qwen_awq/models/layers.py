@@ -26,12 +26,10 @@ class RMSNorm(nn.Module):
 def make_linear(
     in_features: int, out_features: int, bias: bool, quant: QuantConfig | None, dtype: torch.dtype
 ) -> nn.Module:
-    """A plain Linear, or a W4A16 AWQ Linear holding the checkpoint's packed tensors."""
-    if quant is None:
-        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    from qwen_awq.quant.linear import AWQLinear
+    """The layer of the checkpoint's weight format: a plain Linear, or a W4A16 AWQ Linear holding packed tensors."""
+    from qwen_awq.quant.formats import quant_format  # imports the Triton kernels: only when a model is built
 
-    return AWQLinear(in_features, out_features, quant.group_size, bias=bias, dtype=dtype)
+    return quant_format(quant).make_linear(in_features, out_features, bias, quant, dtype)
 
 
 def ntk_alpha(prefill_len: int, seq_length: int) -> float:

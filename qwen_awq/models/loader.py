@@ -13,9 +13,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import ModelConfig, load_config, load_generation_config
+from qwen_awq.models.config import ModelConfig, load_generation_config
 from qwen_awq.models.decoder import Decoder
-from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
+from qwen_awq.models.family import family_of, load_config
+from qwen_awq.quant.formats import PLAIN, after_load, quant_format
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -97,22 +98,24 @@ class CheckpointReader:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} (truncated?): {e}") from None
 
 
-def _load_tensor(reader: CheckpointReader, parts: tuple[str, ...], suffix: str) -> torch.Tensor:
+def _load_tensor(reader: CheckpointReader, parts: tuple[str, ...], suffix: str, fuse_dims: dict[str, int]
+                 ) -> torch.Tensor:
     tensors = [reader.get(f"{p}.{suffix}") for p in parts]
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=FUSE_DIM[suffix])
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=fuse_dims[suffix])
 
 
 def load_weights(model: Decoder, folder: Path) -> None:
     """Copy every canonical parameter/buffer of `model` from the checkpoint, checking names and shapes."""
     reader = CheckpointReader(folder)
-    modules = WEIGHT_MAPS[model.cfg.family].modules(model.cfg.num_layers)
+    modules = family_of(model.cfg).weights.modules(model.cfg.num_layers)
+    fuse_dims = {**PLAIN.fuse_dims, **quant_format(model.cfg.quant).fuse_dims}
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, target in targets.items():
         module, suffix = key.rsplit(".", 1)
         if model.cfg.tie_word_embeddings and module == "lm_head":
             continue
         parts = modules[module]
-        tensor = _load_tensor(reader, parts, suffix)
+        tensor = _load_tensor(reader, parts, suffix, fuse_dims)
         if tensor.shape != target.shape:
             raise CheckpointError(
                 f"{' + '.join(f'{p}.{suffix}' for p in parts)} has shape {tuple(tensor.shape)}, "
@@ -122,8 +125,12 @@ def load_weights(model: Decoder, folder: Path) -> None:
             target.copy_(tensor)
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> Decoder:
-    """Build the decoder for the folder's config on the meta device, allocate it on `device`, stream weights in."""
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+               model_class: type[Decoder] = Decoder) -> Decoder:
+    """Build the decoder for the folder's config on the meta device, allocate it on `device`, stream weights in.
+
+    `model_class` is Decoder or a subclass (qwen_awq.load passes chat.ChatModel).
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"model folder {folder} does not exist")
@@ -131,18 +138,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
     with torch.device("meta"):
-        model = Decoder(cfg, torch_dtype)
+        model = model_class(cfg, torch_dtype)
     model.to_empty(device=dev)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, folder)
-    if cfg.quant is not None and dev.type == "cpu":
-        from qwen_awq.quant.linear import AWQLinear
-
-        for module in model.modules():
-            if isinstance(module, AWQLinear):
-                module.cache_dequantized = True
-    model.generation_config = load_generation_config(folder)
+    after_load(model, quant_format(cfg.quant), dev)
+    model.generation_config = load_generation_config(folder).under(family_of(cfg).chat_fallbacks)
     return model.eval().requires_grad_(False)
 
 

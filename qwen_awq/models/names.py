@@ -1,8 +1,9 @@
 """Per-family weight-name tables: canonical module name -> checkpoint module names fused along the output dim.
 
-Checkpoint names (c_attn, w1, w2, ln_1, q_proj ...) appear only here. A canonical Linear made of several checkpoint
-Linears (Llama q/k/v -> qkv_proj, gate/up -> gate_up_proj) is their concatenation along the output dimension, which
-holds for plain weights ([out, in], dim 0) and for AWQ tensors ([in, out/8] and [in/G, out], dim 1) alike.
+Checkpoint names (c_attn, w1, w2, ln_1, q_proj ...) appear only here; models/family.py gives each family its table.
+A canonical Linear made of several checkpoint Linears (Llama q/k/v -> qkv_proj, gate/up -> gate_up_proj) is their
+concatenation along the output dimension, which holds for plain weights ([out, in], dim 0) and for AWQ tensors
+([in, out/8] and [in/G, out], dim 1) alike: each quant format's record says which dim.
 """
 from __future__ import annotations
 
@@ -45,18 +46,13 @@ class WeightMap:
         return out
 
 
-WEIGHT_MAPS = {
-    "qwen": WeightMap(
-        top={"embed_tokens": ("transformer.wte",), "norm": ("transformer.ln_f",), "lm_head": ("lm_head",)},
-        layer_prefix="transformer.h.{i}.",
-        layer=QWEN_LAYER,
-    ),
-    "llama": WeightMap(
-        top={"embed_tokens": ("model.embed_tokens",), "norm": ("model.norm",), "lm_head": ("lm_head",)},
-        layer_prefix="model.layers.{i}.",
-        layer=LLAMA_LAYER,
-    ),
-}
-
-# Tensor suffixes and the dim along which fused parts are concatenated (AWQ tensors are stored [in, out]).
-FUSE_DIM = {"weight": 0, "bias": 0, "qweight": 1, "qzeros": 1, "scales": 1}
+QWEN_WEIGHTS = WeightMap(
+    top={"embed_tokens": ("transformer.wte",), "norm": ("transformer.ln_f",), "lm_head": ("lm_head",)},
+    layer_prefix="transformer.h.{i}.",
+    layer=QWEN_LAYER,
+)
+LLAMA_WEIGHTS = WeightMap(
+    top={"embed_tokens": ("model.embed_tokens",), "norm": ("model.norm",), "lm_head": ("lm_head",)},
+    layer_prefix="model.layers.{i}.",
+    layer=LLAMA_LAYER,
+)

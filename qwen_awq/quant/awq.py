@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.decoder import Attention, Block, Decoder
+from qwen_awq.models.family import scale_groups
 from qwen_awq.models.layers import logn_scale, rotary_cos_sin
-from qwen_awq.quant.groups import QUANT_LINEARS, FusedRows, ScaleGroup, clipped_rows, fused_rows, scale_groups
+from qwen_awq.quant.groups import QUANT_LINEARS, FusedRows, ScaleGroup, clipped_rows, fused_rows
 from qwen_awq.quant.linear import AWQLinear
 from qwen_awq.quant.packing import MAX_Q, MIN_RANGE
 

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from qwen_awq.errors import CheckpointError, ConfigError
-from qwen_awq.models.config import ModelConfig, QuantConfig, load_config, read_json
+from qwen_awq.models.config import ModelConfig, QuantConfig, read_json
 from qwen_awq.models.decoder import Decoder
-from qwen_awq.models.names import FUSE_DIM, WEIGHT_MAPS
+from qwen_awq.models.family import family_of, load_config
 from qwen_awq.models.shards import MAX_SHARD_BYTES, build_atomically, write_sharded
+from qwen_awq.quant.formats import AWQ
 from qwen_awq.quant.groups import fused_rows
 from qwen_awq.quant.packing import PACK_FACTOR
 
@@ -56,13 +57,13 @@ def _split(tensor: torch.Tensor, suffix: str, sizes: list[int]) -> list[torch.Te
         if any(size % PACK_FACTOR for size in sizes):
             raise CheckpointError(f"AWQ packing needs fused parts with multiples of 8 outputs, got {sizes}")
         sizes = [size // PACK_FACTOR for size in sizes]
-    return list(tensor.split(sizes, dim=FUSE_DIM[suffix]))
+    return list(tensor.split(sizes, dim=AWQ.fuse_dims[suffix]))
 
 
 def checkpoint_tensors(model: Decoder) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) pairs: AWQ tensors of block Linears, everything else in fp16."""
     cfg = model.cfg
-    for canonical, parts in WEIGHT_MAPS[cfg.family].modules(cfg.num_layers).items():
+    for canonical, parts in family_of(cfg).weights.modules(cfg.num_layers).items():
         if canonical == "lm_head" and cfg.tie_word_embeddings:
             continue  # tied: the checkpoint holds only the embedding, as transformers saves it
         module = model.get_submodule(canonical)
@@ -84,10 +85,8 @@ def write_configs(src: Path, folder: Path, group_size: int) -> None:
     """config.json = the source's keys + quantization_config; quant_config.json as AutoAWQ writes it."""
     quant = QuantConfig(group_size=group_size)
     # the non-quantized tensors are written in fp16 and AWQ kernels run fp16 activations: say so, as AutoAWQ
-    # does (vLLM refuses an AWQ checkpoint whose dtype resolves to float32)
-    dtype = {"torch_dtype": "float16"}
-    if load_config(src).family == "qwen":  # Qwen v1 states its dtype as flags
-        dtype |= {"bf16": False, "fp16": True, "fp32": False}
+    # does (vLLM refuses an AWQ checkpoint whose dtype resolves to float32), in the family's own keys
+    dtype = family_of(load_config(src)).fp16_config
     config = read_json(src / "config.json") | dtype | {"quantization_config": quant.to_json()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     autoawq = {"zero_point": quant.zero_point, "q_group_size": group_size, "w_bit": quant.bits,

@@ -44,14 +44,7 @@ DOWN_GROUP = ScaleGroup("mlp.gate_up_proj", "up", "mlp.down_proj")
 QWEN_GROUPS = (ATTN_GROUP, MLP_GROUP, DOWN_GROUP)
 # Llama family (Llama, Qwen2, Mistral): as AutoAWQ's llama.py, v -> o only without grouped-query attention.
 V_O_GROUP = ScaleGroup("attn.qkv_proj", "v", "attn.o_proj", mha_only=True)
-LLAMA_GROUPS = (ATTN_GROUP, V_O_GROUP, MLP_GROUP, DOWN_GROUP)
-SCALE_GROUPS = {"qwen": QWEN_GROUPS, "llama": LLAMA_GROUPS}
-
-
-def scale_groups(cfg: ModelConfig) -> tuple[ScaleGroup, ...]:
-    """The groups that apply to this model (drops v -> o under grouped-query attention)."""
-    mha = cfg.num_kv_heads == cfg.num_heads
-    return tuple(g for g in SCALE_GROUPS[cfg.family] if mha or not g.mha_only)
+LLAMA_GROUPS = (ATTN_GROUP, V_O_GROUP, MLP_GROUP, DOWN_GROUP)  # models/family.py: each family's groups
 
 
 FusedRows = dict[str, dict[str, tuple[int, int]]]  # fused Linear -> part name -> output rows [start, end)

@@ -1,4 +1,8 @@
-"""W4A16 linear layer holding AutoAWQ GEMM checkpoint tensors (qweight/qzeros/scales/bias) as buffers."""
+"""W4A16 linear layer holding AutoAWQ GEMM checkpoint tensors (qweight/qzeros/scales/bias) as buffers.
+
+After loading, `post_load()` repacks them once, on the GPU, into the W4A16 kernels' layout (kernels/w4a16.py); the
+state dict still yields the AutoAWQ tensors (converted back exactly), so export stays bit-exact.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,31 @@ from torch import nn
 
 from qwen_awq.errors import CheckpointError
 from qwen_awq.kernels.awq_gemm import awq_matmul
-from qwen_awq.quant.packing import PACK_FACTOR, dequantize, pack_linear
+from qwen_awq.kernels.reference import silu_mul_reference
+from qwen_awq.kernels.w4a16 import W4Weight, new_locks, w4a16_matmul
+from qwen_awq.quant.packing import (
+    PACK_FACTOR,
+    REPACK_SCALE_DTYPES,
+    dequantize,
+    dequantize_repacked,
+    pack_linear,
+    repack_awq,
+    unrepack_awq,
+)
+
+_CHECKPOINT_BUFFERS = ("qweight", "qzeros", "scales")
+
+
+def _checkpoint_tensors_hook(module: AWQLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: a repacked layer still saves qweight, qzeros, scales (then bias), as loaded."""
+    if module.scale_zero is None:
+        return
+    bias = state_dict.pop(prefix + "bias", None)
+    tensors = unrepack_awq(module.qweight_t, module.scale_zero, module.group_size, module.scale_dtype)
+    for name, t in zip(_CHECKPOINT_BUFFERS, tensors, strict=True):
+        state_dict[prefix + name] = t
+    if bias is not None:
+        state_dict[prefix + "bias"] = bias
 
 
 class AWQLinear(nn.Module):
@@ -44,6 +72,12 @@ class AWQLinear(nn.Module):
         # passes over the weights, so the loader sets this there and the layer dequantizes once, lazily.
         self.cache_dequantized = False
         self._dense: torch.Tensor | None = None  # (N, K) in the activation dtype; not part of the state dict
+        # Kernel layout after post_load (non-persistent: the state dict hook converts back):
+        # qweight_t (N, K/8) int32, scale_zero (N, K/G) int32, split-K counters (zero between launches).
+        for name in ("qweight_t", "scale_zero", "split_locks"):
+            self.register_buffer(name, None, persistent=False)
+        self.scale_dtype = dtype
+        self.register_state_dict_post_hook(_checkpoint_tensors_hook)
 
     @classmethod
     def from_linear(
@@ -62,20 +96,69 @@ class AWQLinear(nn.Module):
         layer.load_state_dict(packed)
         return layer
 
+    @property
+    def repacked(self) -> bool:
+        return self.scale_zero is not None
+
+    def post_load(self, cpu: bool = False) -> None:
+        """Repack qweight/qzeros/scales in memory for the W4A16 kernels, once; call after the weights are loaded.
+
+        Idempotent; on the CPU (unless cpu=True, for tests) and for layouts the kernels do not take (fp32 scales,
+        a group size not divisible by 32) it leaves the layer as it is. The checkpoint buffers are freed."""
+        if self.repacked or self.scales.dtype not in REPACK_SCALE_DTYPES or self.group_size % 32:
+            return
+        if not (cpu or self.qweight.is_cuda):
+            return
+        qweight_t, scale_zero = repack_awq(self.qweight, self.qzeros, self.scales, self.group_size)
+        self.scale_dtype = self.scales.dtype
+        self.qweight_t, self.scale_zero = qweight_t, scale_zero
+        self.split_locks = new_locks(qweight_t.device)
+        for name in _CHECKPOINT_BUFFERS:
+            setattr(self, name, None)
+
+    def _restore_checkpoint_buffers(self) -> None:
+        tensors = unrepack_awq(self.qweight_t, self.scale_zero, self.group_size, self.scale_dtype)
+        for name, t in zip(_CHECKPOINT_BUFFERS, tensors, strict=True):
+            setattr(self, name, t)
+        self.qweight_t = self.scale_zero = self.split_locks = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Loading into a repacked layer: back to the checkpoint buffers, load, repack the new values."""
+        was_repacked = self.repacked
+        if was_repacked:
+            self._restore_checkpoint_buffers()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if was_repacked:
+            self.post_load(cpu=True)
+
+    @property
+    def w4(self) -> W4Weight:
+        return W4Weight(self.qweight_t, self.scale_zero, self.group_size, self.scale_dtype, self.split_locks)
+
+    def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up = [gate | up] (..., 2K), fused into the kernel when repacked."""
+        if self.repacked and not self.cache_dequantized:
+            return w4a16_matmul(gate_up, self.w4, self.bias, silu=True)
+        return self(silu_mul_reference(gate_up))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dequantized:
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.dequantized_weight(x.dtype).contiguous()
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return torch.nn.functional.linear(x, self._dense, bias)
+        if self.repacked:
+            return w4a16_matmul(x, self.w4, self.bias)
         return awq_matmul(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the layer computes with, in nn.Linear orientation [out_features, in_features]."""
+        if self.repacked:
+            return dequantize_repacked(self.qweight_t, self.scale_zero, self.group_size, self.scale_dtype, dtype)
         return dequantize(self.qweight, self.qzeros, self.scales, self.group_size, dtype=dtype).t()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, bias={self.bias is not None}, repacked={self.repacked}"
         )

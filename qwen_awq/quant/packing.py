@@ -209,3 +209,68 @@ def dequantize(
     # fp16 rounds once, exactly like AutoAWQ's fp16 dequantize_gemm.
     wt = (q.float() - z.float()) * scales.float().unsqueeze(1)  # (groups, group_size, out)
     return wt.view(k, n).to(dtype)
+
+
+# Kernel layout (repacked in memory at load time, never written to disk; see kernels/w4a16.py):
+#   qweight_t  int32 [N, K/8]: word (n, j) holds q[8j + AWQ_ORDER[i], n] in bits 4i (K-contiguous per output row,
+#              the same nibble order inside a word as the checkpoint, so bits 4t and 4t + 16 hold k = 8j+2t, 8j+2t+1)
+#   scale_zero int32 [N, K/G]: bits 0..15 the scale of (n, group) as stored (fp16 or bf16 bits), bits 16..31 its
+#              zero point as a float of the same dtype (0..15 is exact in both)
+REPACK_SCALE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [..., C] (0..15, any int dtype) -> int32 words [..., C/8] in the AWQ order, in int32 arithmetic."""
+    v = codes.to(torch.int32).unflatten(-1, (-1, PACK_FACTOR))  # (..., words, 8)
+    words = torch.zeros(v.shape[:-1], dtype=torch.int32, device=codes.device)
+    for i, j in enumerate(AWQ_ORDER):
+        words |= v[..., j] << (4 * i)  # the top nibble wraps into the sign bit, as the checkpoint stores it
+    return words
+
+
+def repack_awq(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ GEMM tensors -> (qweight_t [N, K/8], scale_zero [N, K/G]) in the kernel layout above."""
+    k, n = validate_packed(qweight, qzeros, scales, group_size)
+    if scales.dtype not in REPACK_SCALE_DTYPES:
+        raise CheckpointError(f"repacking needs fp16 or bf16 scales, found {scales.dtype}")
+    qweight_t = _pack_rows(unpack_int4(qweight).t())  # (N, K/8)
+    zeros = unpack_int4(qzeros).t().to(scales.dtype)  # (N, K/G), exact small integers
+    lo = scales.t().contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = zeros.contiguous().view(torch.int16).to(torch.int32) << 16
+    return qweight_t.contiguous(), (hi | lo).contiguous()
+
+
+def _split_scale_zero(scale_zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale_zero [N, K/G] -> (scales, zeros) [N, K/G] as floats of the stored 16-bit dtype."""
+    s = (scale_zero & 0xFFFF).to(torch.int16).view(dtype)
+    z = (scale_zero >> 16).to(torch.int16).view(dtype)
+    return s, z
+
+
+def unrepack_awq(
+    qweight_t: torch.Tensor, scale_zero: torch.Tensor, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact inverse of repack_awq: (qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N])."""
+    s, z = _split_scale_zero(scale_zero, scale_dtype)
+    qweight = _pack_rows(unpack_int4(qweight_t).t())  # (K, N/8)
+    qzeros = _pack_rows(z.to(torch.int32).t())  # (K/G, N/8)
+    return qweight.contiguous(), qzeros.contiguous(), s.t().contiguous()
+
+
+def dequantize_repacked(
+    qweight_t: torch.Tensor,
+    scale_zero: torch.Tensor,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W [N, K] in nn.Linear orientation from the kernel layout: (q - z) * s, exact in float32 as dequantize."""
+    n, k = qweight_t.shape[0], qweight_t.shape[1] * PACK_FACTOR
+    if scale_zero.shape != (n, k // group_size):
+        raise CheckpointError(f"scale_zero must be {(n, k // group_size)}, found {tuple(scale_zero.shape)}")
+    s, z = _split_scale_zero(scale_zero, scale_dtype)
+    q = unpack_int4(qweight_t).view(n, k // group_size, group_size)  # (out, groups, group_size)
+    w = (q.float() - z.float().unsqueeze(-1)) * s.float().unsqueeze(-1)
+    return w.view(n, k).to(dtype)

@@ -1,15 +1,16 @@
 """`quantize_model`: load an fp checkpoint, calibrate, run the AWQ (or round-to-nearest) quantizer, export an
-AutoAWQ GEMM folder. `QuantizeConfig` holds every setting; the CLI's `quantize` flags come from it.
+AutoAWQ GEMM folder. `QuantizeConfig` holds every setting; the CLI's `quantize` flags come from its fields.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.config import ModelConfig, QuantConfig, load_config
+from qwen_awq.models.config import ModelConfig, QuantConfig
+from qwen_awq.models.family import load_config
 from qwen_awq.models.loader import load_model, resolve_device
 from qwen_awq.models.shards import MAX_SHARD_BYTES
 from qwen_awq.quant.awq import awq_quantize, rtn_quantize
@@ -25,21 +26,27 @@ CALIB_FORMATS = ("text", "chatml")
 class QuantizeConfig:
     """Settings of one quantization run (4-bit, zero point, GEMM layout are fixed by the format)."""
 
-    group_size: int = 128
-    method: str = "awq"  # "awq": the activation-aware search; "rtn": plain round-to-nearest
-    samples: int = 128  # calibration blocks (AutoAWQ default)
-    seqlen: int = 512  # tokens per calibration block (AutoAWQ default)
-    calib_path: Path | None = None  # local .txt / .jsonl; None: the offline corpus
-    calib_format: str = "text"  # "text" or "chatml" (chat turns, the Qwen team's advice for chat models)
-    clip: bool = True
-    device: str = "auto"  # where each block runs while it is searched; the model waits in host memory
-    seed: int = 0  # calibration document order
+    group_size: int = field(default=128, metadata={"help": "input channels per scale/zero group"})
+    method: str = field(default="awq", metadata={  # "awq": the activation-aware search; "rtn": round-to-nearest
+        "choices": METHODS, "help": "awq search or round-to-nearest"})
+    samples: int = field(default=128, metadata={"help": "calibration blocks"})  # AutoAWQ's default
+    seqlen: int = field(default=512, metadata={"help": "tokens per calibration block"})  # AutoAWQ's default
+    calib_path: Path | None = field(default=None, metadata={  # None: the offline corpus
+        "flags": ("--calib",), "help": "local .txt (blank-line separated) or .jsonl calibration file (default: the "
+        "offline corpus shipped by the gensim wheel)"})
+    calib_format: str = field(default="text", metadata={  # chat turns: the Qwen team's advice for chat models
+        "choices": CALIB_FORMATS, "help": "chatml wraps documents into chat turns (advised for chat models)"})
+    clip: bool = field(default=True, metadata={"flags": ("--no-clip",), "help": "skip the weight-clipping search"})
+    device: str = field(default="auto", metadata={  # the model waits in host memory
+        "help": "where each block is searched: cpu, cuda or auto"})
+    seed: int = field(default=0, metadata={"help": "calibration sampling seed"})  # calibration document order
     micro_batch: int = 8  # calibration sequences per forward: bounds activation memory on the device
     # Sequences whose output error the scale search measures (x_mean and the block outputs use all of them).
     # Measured on SmolLM2-135M (32 x 256 tokens): 8 match all 32 within 0.1% perplexity; 4 lose 1.3%.
     search_samples: int = 8
-    max_shard_size: int = MAX_SHARD_BYTES  # bytes per safetensors shard
-    overwrite: bool = False
+    max_shard_size: int = field(default=MAX_SHARD_BYTES, metadata={  # bytes per safetensors shard
+        "unit": "bytes", "help": "largest safetensors shard, e.g. 2GiB"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing non-empty --output"})
 
     def __post_init__(self) -> None:
         QuantConfig(group_size=self.group_size)  # the checkpoint format's own limits (multiple of 8)

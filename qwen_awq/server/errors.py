@@ -1,7 +1,8 @@
 """HTTP errors: one exception the routes raise, rendered as each API's error body (OpenAI or TGI).
 
 Which body a request gets is its route's "flavor": fixed by path, or set by a route that tells TGI from vLLM
-bodies. User errors from the engine (QwenAwqError) map to 4xx/503; anything else is a 500 with the same body.
+bodies. User errors (QwenAwqError) map to 4xx/503; anything else is a 500 with the same body. This module knows
+nothing of the engine: the runner turns engine failures into APIError(Kind.GENERATION).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
-from qwen_awq.engine.async_engine import GenerationFailed
 from qwen_awq.errors import Overloaded, QwenAwqError
 
 log = logging.getLogger("qwen_awq.server")
@@ -36,6 +36,7 @@ class Kind(enum.Enum):
     NOT_FOUND = ((404, "not_found_error"), (404, "not_found"))
     METHOD = ((405, "invalid_request_error"), (405, "validation"))
     TOO_LARGE = ((413, "invalid_request_error"), (413, "validation"))
+    MEDIA_TYPE = ((415, "invalid_request_error"), (415, "validation"))  # axum's and FastAPI's status for it
     OVERLOADED = ((503, "service_unavailable_error"), (429, "overloaded"))
     GENERATION = ((500, "internal_server_error"), (424, "generation"))
     INTERNAL = ((500, "internal_server_error"), (500, "incomplete_generation"))
@@ -70,8 +71,6 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QwenAwqError):
         return APIError(Kind.INVALID, str(exc))
     log.error("request failed", exc_info=exc)
-    if isinstance(exc, GenerationFailed):
-        return APIError(Kind.GENERATION, str(exc))
     return APIError(Kind.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
 
 

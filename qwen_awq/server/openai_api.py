@@ -1,62 +1,93 @@
 """OpenAI-compatible routes (vLLM's server is the reference): /v1/chat/completions, /v1/completions and
-/v1/models.
+/v1/models. Chat and completions share one handler; a Job of each kind builds the prompts and renders replies.
 
 Absent sampling fields take the model's generation_config.json values. max_tokens defaults: chat, the room
-left in the context capped by the model's max_new_tokens; completions, 16 (vLLM's default). response_format
+left in the context capped by the model's max_new_tokens; completions, 16 (vLLM's default). best_of (vLLM's
+extra) samples best_of and returns the n with the highest cumulative logprob; it cannot stream. response_format
 json_object/json_schema is accepted but not enforced (no constrained decoding).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from qwen_awq.chat import window_size
-from qwen_awq.engine.llm_engine import CompletionOutput, RequestOutput
-from qwen_awq.engine.sampling_params import SamplingParams
-from qwen_awq.generation import QWEN_FALLBACKS, default_params
-from qwen_awq.server.app import Run, ServerState, collect, event_stream, server_state
 from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error
-from qwen_awq.server.protocol import (
-    ChatRequest,
-    CompletionRequest,
-    SamplingFields,
-    body_doc,
+from qwen_awq.server.protocol import ChatMessage, ChatRequest, CompletionRequest, SamplingFields, body_doc, parse
+from qwen_awq.server.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChoice,
+    Delta,
+    FunctionCallOut,
+    ModelCard,
+    ModelList,
+    Out,
+    ToolCallOut,
+    Usage,
     chat_logprobs,
     completion_logprobs,
-    parse,
-    sse,
-    usage,
+)
+from qwen_awq.server.runner import (
+    CompletionOutput,
+    Defaults,
+    RequestOutput,
+    Run,
+    SamplingParams,
+    ServerState,
+    collect,
+    event_stream,
+    server_state,
 )
 from qwen_awq.server.tools import STOP_WORDS, Tool, chat_prompt_ids, offered_tools, parse_reply
 
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's legacy) default for /v1/completions
-PASSED = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-          "frequency_penalty", "seed", "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-          "include_stop_str_in_output")
+PASSED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+          "seed", "min_tokens", "stop_token_ids", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 DONE = "data: [DONE]\n\n"
+R = TypeVar("R", bound=SamplingFields)
+
+
+def sse(payload: Out | dict[str, Any]) -> str:
+    text = payload.model_dump_json() if isinstance(payload, Out) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+def json_reply(body: Out) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int, logprobs: int | None,
                     extra_stop: tuple[str, ...] = ()) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
-        raise APIError(Kind.INVALID, "stream_options is only allowed with stream=true",
-                       param="stream_options")
+        raise APIError(Kind.INVALID, "stream_options is only allowed with stream=true", param="stream_options")
     if req.stop_token_ids:
-        state.check_ids(req.stop_token_ids, "stop_token_ids")
-    if req.n > state.engine.engine.scheduler.max_waiting:
-        raise APIError(Kind.INVALID, f"n={req.n} exceeds this server's queue of "
-                       f"{state.engine.engine.scheduler.max_waiting} sequences (--max-queue)", param="n")
+        state.runner.check_ids(req.stop_token_ids, "stop_token_ids")
+    samples = req.n
+    if req.best_of is not None:
+        if req.best_of < req.n:
+            raise APIError(Kind.INVALID, f"best_of must be >= n, got best_of={req.best_of} and n={req.n}",
+                           param="best_of")
+        if req.stream and req.best_of > req.n:
+            raise APIError(Kind.INVALID, "best_of > n is not supported when streaming", param="best_of")
+        samples = req.best_of
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return default_params(state.model, **{name: getattr(req, name) for name in PASSED},
-                          max_tokens=max_tokens, logprobs=logprobs, stop=stop + list(extra_stop))
+    fields = {name: getattr(req, name) for name in PASSED}
+    return state.runner.params(fields | {"n": samples, "max_tokens": max_tokens, "logprobs": logprobs,
+                                         "stop": stop + list(extra_stop)}, Defaults.MODEL)
 
 
 @dataclass
@@ -66,71 +97,28 @@ class Job:
     request_id: str
     prompts: list[list[int]]
     params: SamplingParams
+    n: int  # choices per prompt in the reply (params.n samples of them with best_of)
     top_logprobs: int | None  # None: no logprobs in the reply
-    tools: list[Tool]
-    legacy_functions: bool = False
-    echo: list[str] | None = None  # completions with echo: each prompt's text
+    include_usage: bool
 
     def head(self, state: ServerState, kind: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": kind, "created": int(time.time()), "model": state.model_name}
 
-    def usage(self, finals: list[RequestOutput]) -> dict[str, int]:
-        return usage(sum(len(p) for p in self.prompts),
-                     sum(len(o.token_ids) for out in finals for o in out.outputs))
+    def usage(self, finals: list[RequestOutput]) -> Usage:
+        return Usage.of(sum(len(p) for p in self.prompts), sum(len(o.token_ids) for f in finals for o in f.outputs))
 
+    def best(self, out: RequestOutput) -> list[CompletionOutput]:
+        """The n choices of one prompt: all of them, or with best_of the n most likely, in that order."""
+        if len(out.outputs) == self.n:
+            return out.outputs
+        ranked = sorted(out.outputs, key=lambda o: -o.cumulative_logprob)[:self.n]
+        return [dataclasses.replace(o, index=i) for i, o in enumerate(ranked)]
 
-def chat_job(state: ServerState, req: ChatRequest) -> Job:
-    tools, legacy = offered_tools(req)
-    ids = chat_prompt_ids(state.tokenizer, req.messages, tools, window_size(state.model))
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if asked is None:
-        room = state.engine.max_model_len - len(ids)
-        cap = state.model.generation_config.max_new_tokens or (
-            QWEN_FALLBACKS["max_new_tokens"] if state.model.cfg.family == "qwen" else None)
-        asked = max(1, min(cap, room) if cap else room)  # no room: let the length check explain with numbers
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(Kind.INVALID, "top_logprobs requires logprobs=true", param="top_logprobs")
-    top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(state, req, asked, top, STOP_WORDS if tools else ())
-    return Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, top, tools, legacy)
+    def reply(self, state: ServerState, finals: list[RequestOutput]) -> Out:
+        raise NotImplementedError
 
-
-def chat_choice(state: ServerState, job: Job, o: CompletionOutput) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": o.text}
-    finish = o.finish_reason
-    if job.tools:
-        reply = parse_reply(o.text)
-        message["content"] = reply.content
-        if reply.calls:
-            call = reply.calls[0]
-            if job.legacy_functions:
-                message["function_call"] = {"name": call.name, "arguments": call.arguments}
-                finish = "function_call"
-            else:
-                message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                          "function": {"name": c.name, "arguments": c.arguments}}
-                                         for c in reply.calls]
-                finish = "tool_calls"
-    logprobs = None
-    if job.top_logprobs is not None and o.logprobs is not None:
-        logprobs = chat_logprobs(state.tokenizer, o.token_ids, o.logprobs, job.top_logprobs)
-    return {"index": o.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-
-
-@router.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest))
-async def chat_completions(request: Request) -> Response:
-    state = server_state(request)
-    req = await parse(request, ChatRequest, state.max_body_bytes)
-    state.check_model(req.model)
-    job = chat_job(state, req)
-    run = Run(state, job.request_id, job.prompts, job.params)
-    await run.start()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.stream:
-        return event_stream(chat_events(state, job, run, include_usage), run)
-    finals = await collect(request, run)
-    return JSONResponse(job.head(state, "chat.completion") | {
-        "choices": [chat_choice(state, job, o) for o in finals[0].outputs], "usage": job.usage(finals)})
+    def events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
+        raise NotImplementedError
 
 
 def _delta_logprobs(state: ServerState, job: Job, o: CompletionOutput, chat: bool, offset: int = 0):
@@ -143,129 +131,204 @@ def _delta_logprobs(state: ServerState, job: Job, o: CompletionOutput, chat: boo
     return completion_logprobs(state.tokenizer, ids, entries, job.top_logprobs, offset)
 
 
-async def chat_events(state: ServerState, job: Job, run: Run, include_usage: bool
-                      ) -> AsyncGenerator[str, None]:
-    head = job.head(state, "chat.completion.chunk") | ({"usage": None} if include_usage else {})
+async def serve(request: Request, body: type[R], build: Callable[[ServerState, R], Awaitable[Job]]) -> Response:
+    """The one handler of chat and completions: parse, build the job, run it, stream or collect the reply."""
+    state = server_state(request)
+    req = await parse(request, body, state.max_body_bytes)
+    state.check_model(req.model)
+    job = await build(state, req)
+    run = await state.start(job.request_id, job.prompts, job.params)
+    if req.stream:
+        return event_stream(job.events(state, run), run)
+    finals = await collect(request, run)
+    return json_reply(await state.runner.offload(job.reply, state, finals))
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
-        return sse(head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": finish}]})
 
+async def guarded(events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    """An OpenAI event stream: an error after the stream started is one error event; then [DONE]."""
     try:
-        for i in range(job.params.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        final, reported = None, set()
-        async with aclosing(run.outputs()) as outs:
-            async for _, out in outs:
-                final = out
-                for o in out.outputs if not job.tools else ():  # a tool call is only known at the end
-                    lp = _delta_logprobs(state, job, o, chat=True)
-                    if o.delta_text or lp or (o.finish_reason and o.index not in reported):
-                        if o.finish_reason:
-                            reported.add(o.index)
-                        delta = {"content": o.delta_text} if o.delta_text else {}
-                        yield chunk(o.index, delta, o.finish_reason, lp)
-        for o in final.outputs if final is not None and job.tools else ():
-            choice = chat_choice(state, job, o)
-            delta = {k: v for k, v in choice["message"].items() if k != "role" and v is not None}
-            for i, call in enumerate(delta.get("tool_calls", [])):
-                call["index"] = i
-            yield chunk(o.index, delta, choice["finish_reason"], choice["logprobs"])
-        if include_usage and final is not None:
-            yield sse(head | {"choices": [], "usage": job.usage([final])})
+        async with aclosing(events) as inner:
+            async for event in inner:
+                yield event
     except Exception as e:
         yield sse(as_api_error(e).body(Flavor.OPENAI))
     yield DONE
 
 
+# --- chat --------------------------------------------------------------------------------------------------
+@dataclass
+class ChatJob(Job):
+    tools: list[Tool]
+    legacy_functions: bool
+
+    def choice(self, state: ServerState, o: CompletionOutput) -> ChatChoice:
+        message, finish = AssistantMessage(content=o.text), o.finish_reason
+        if self.tools:
+            reply = parse_reply(o.text)
+            message = AssistantMessage(content=reply.content)
+            if reply.calls:
+                calls = [FunctionCallOut(name=c.name, arguments=c.arguments) for c in reply.calls]
+                if self.legacy_functions:
+                    message, finish = AssistantMessage(content=reply.content, function_call=calls[0]), "function_call"
+                else:
+                    message = AssistantMessage(content=reply.content, tool_calls=[
+                        ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}", function=c) for c in calls])
+                    finish = "tool_calls"
+        logprobs = None
+        if self.top_logprobs is not None and o.logprobs is not None:
+            logprobs = chat_logprobs(state.tokenizer, o.token_ids, o.logprobs, self.top_logprobs)
+        return ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish)
+
+    def reply(self, state: ServerState, finals: list[RequestOutput]) -> Out:
+        return ChatCompletion(**self.head(state, "chat.completion"), usage=self.usage(finals),
+                              choices=[self.choice(state, o) for o in self.best(finals[0])])
+
+    def events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
+        return guarded(self._events(state, run))
+
+    async def _events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
+        head = self.head(state, "chat.completion.chunk") | ({"usage": None} if self.include_usage else {})
+
+        def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: Any = None) -> str:
+            return sse(ChatCompletionChunk(**head, choices=[ChatChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish)]))
+
+        for i in range(self.n):
+            yield chunk(i, Delta(role="assistant", content=""))
+        final, reported = None, set()
+        async with aclosing(run.outputs()) as outs:
+            async for _, out in outs:
+                final = out
+                for o in out.outputs if not self.tools else ():  # a tool call is only known at the end
+                    lp = _delta_logprobs(state, self, o, chat=True)
+                    if o.delta_text or lp or (o.finish_reason and o.index not in reported):
+                        if o.finish_reason:
+                            reported.add(o.index)
+                        yield chunk(o.index, Delta(content=o.delta_text) if o.delta_text else Delta(),
+                                    o.finish_reason, lp)
+        for o in final.outputs if final is not None and self.tools else ():
+            choice = self.choice(state, o)
+            m = choice.message
+            calls = [c.model_copy(update={"index": i}) for i, c in enumerate(m.tool_calls or [])]
+            delta = Delta(**{k: v for k, v in (("content", m.content), ("tool_calls", calls or None),
+                                               ("function_call", m.function_call)) if v is not None})
+            yield chunk(o.index, delta, choice.finish_reason, choice.logprobs)
+        if self.include_usage and final is not None:
+            yield sse(ChatCompletionChunk(**head | {"usage": self.usage([final])}, choices=[]))
+
+
+def _texts(messages: list[ChatMessage]) -> list[str]:
+    out = []
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append(m.content)
+        else:
+            out += [p.text for p in m.content or [] if p.text is not None]
+    return out
+
+
+async def chat_job(state: ServerState, req: ChatRequest) -> ChatJob:
+    tools, legacy = offered_tools(req)
+    runner = state.runner
+    await runner.refuse_oversized(_texts(req.messages), "conversation")
+    ids = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages, tools, runner.chat_window)
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(Kind.INVALID, "top_logprobs requires logprobs=true", param="top_logprobs")
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(state, req, runner.chat_max_tokens(len(ids)) if asked is None else asked, top,
+                             STOP_WORDS if tools else ())
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatJob(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.n, top, usage, tools, legacy)
+
+
+@router.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest),
+             responses={200: {"model": ChatCompletion}})
+async def chat_completions(request: Request) -> Response:
+    return await serve(request, ChatRequest, chat_job)
+
+
 # --- completions -------------------------------------------------------------------------------------------
-def completion_job(state: ServerState, req: CompletionRequest) -> Job:
+@dataclass
+class CompletionJob(Job):
+    echo: list[str] | None  # with echo: each prompt's text
+
+    def choice(self, state: ServerState, i: int, o: CompletionOutput) -> CompletionChoice:
+        logprobs = None
+        if self.top_logprobs is not None and o.logprobs is not None:
+            logprobs = completion_logprobs(state.tokenizer, o.token_ids, o.logprobs, self.top_logprobs)
+        return CompletionChoice(index=i * self.n + o.index, text=(self.echo[i] if self.echo else "") + o.text,
+                                logprobs=logprobs, finish_reason=o.finish_reason)
+
+    def reply(self, state: ServerState, finals: list[RequestOutput]) -> Out:
+        choices = [self.choice(state, i, o) for i, out in enumerate(finals) for o in self.best(out)]
+        return Completion(**self.head(state, "text_completion"), usage=self.usage(finals), choices=choices)
+
+    def events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
+        return guarded(self._events(state, run))
+
+    async def _events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
+        head = self.head(state, "text_completion") | ({"usage": None} if self.include_usage else {})
+        finals: dict[int, RequestOutput] = {}
+        started, reported = set(), set()
+        async with aclosing(run.outputs()) as outs:
+            async for i, out in outs:
+                finals[i] = out
+                for o in out.outputs:
+                    index = i * self.n + o.index
+                    text = (self.echo[i] if self.echo and index not in started else "") + o.delta_text
+                    started.add(index)
+                    lp = _delta_logprobs(state, self, o, chat=False, offset=len(o.text) - len(o.delta_text))
+                    if text or lp or (o.finish_reason and index not in reported):
+                        if o.finish_reason:
+                            reported.add(index)
+                        yield sse(Completion(**head, choices=[CompletionChoice(
+                            index=index, text=text, logprobs=lp, finish_reason=o.finish_reason)]))
+        if self.include_usage:
+            yield sse(Completion(**head | {"usage": self.usage(list(finals.values()))}, choices=[]))
+
+
+async def completion_job(state: ServerState, req: CompletionRequest) -> CompletionJob:
     prompt = req.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]  # one prompt, as text or as token ids
     if not prompt:
         raise APIError(Kind.INVALID, "prompt must not be empty", param="prompt")
-    tok = state.tokenizer
-    prompts = [tok.encode(p, allowed_special="all") if isinstance(p, str) else list(p) for p in prompt]
-    for ids in prompts:
-        state.check_ids(ids)
     if req.suffix:
         raise APIError(Kind.INVALID, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.echo and req.logprobs is not None:
         raise APIError(Kind.INVALID, "echo with logprobs is not supported: prompt logprobs are not computed",
                        param="echo")
+    runner = state.runner
+    prompts = [await runner.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt]
+    for ids in prompts:
+        runner.check_ids(ids)
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     params = sampling_params(state, req, max_tokens, req.logprobs)
-    echo = [p if isinstance(p, str) else tok.decode(p) for p in prompt] if req.echo else None
-    return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, req.logprobs, [], echo=echo)
+    echo = [p if isinstance(p, str) else await runner.decode(p) for p in prompt] if req.echo else None
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    return CompletionJob(f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n, req.logprobs, usage, echo)
 
 
-def completion_choice(state: ServerState, job: Job, i: int, o: CompletionOutput) -> dict[str, Any]:
-    text = (job.echo[i] if job.echo else "") + o.text
-    logprobs = None
-    if job.top_logprobs is not None and o.logprobs is not None:
-        logprobs = completion_logprobs(state.tokenizer, o.token_ids, o.logprobs, job.top_logprobs)
-    return {"index": i * job.params.n + o.index, "text": text, "logprobs": logprobs,
-            "finish_reason": o.finish_reason}
-
-
-@router.post("/v1/completions", openapi_extra=body_doc(CompletionRequest))
+@router.post("/v1/completions", openapi_extra=body_doc(CompletionRequest),
+             responses={200: {"model": Completion}})
 async def completions(request: Request) -> Response:
-    state = server_state(request)
-    req = await parse(request, CompletionRequest, state.max_body_bytes)
-    state.check_model(req.model)
-    job = completion_job(state, req)
-    run = Run(state, job.request_id, job.prompts, job.params)
-    await run.start()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    if req.stream:
-        return event_stream(completion_events(state, job, run, include_usage), run)
-    finals = await collect(request, run)
-    choices = [completion_choice(state, job, i, o) for i, out in enumerate(finals) for o in out.outputs]
-    return JSONResponse(job.head(state, "text_completion") | {"choices": choices, "usage": job.usage(finals)})
-
-
-async def completion_events(state: ServerState, job: Job, run: Run, include_usage: bool
-                            ) -> AsyncGenerator[str, None]:
-    head = job.head(state, "text_completion") | ({"usage": None} if include_usage else {})
-    finals: dict[int, RequestOutput] = {}
-    started, reported = set(), set()
-    try:
-        async with aclosing(run.outputs()) as outs:
-            async for i, out in outs:
-                finals[i] = out
-                for o in out.outputs:
-                    index = i * job.params.n + o.index
-                    prefix = job.echo[i] if job.echo and index not in started else ""
-                    started.add(index)
-                    text = prefix + o.delta_text
-                    lp = _delta_logprobs(state, job, o, chat=False, offset=len(o.text) - len(o.delta_text))
-                    if text or lp or (o.finish_reason and index not in reported):
-                        if o.finish_reason:
-                            reported.add(index)
-                        choice = {"index": index, "text": text, "logprobs": lp,
-                                  "finish_reason": o.finish_reason}
-                        yield sse(head | {"choices": [choice]})
-        if include_usage:
-            yield sse(head | {"choices": [], "usage": job.usage(list(finals.values()))})
-    except Exception as e:
-        yield sse(as_api_error(e).body(Flavor.OPENAI))
-    yield DONE
+    return await serve(request, CompletionRequest, completion_job)
 
 
 # --- models ------------------------------------------------------------------------------------------------
-def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "qwen-awq",
-            "root": state.model_name, "parent": None, "max_model_len": state.engine.max_model_len}
+def _model_card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_name, created=state.created, root=state.model_name,
+                     max_model_len=state.runner.max_model_len)
 
 
-@router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(server_state(request))]}
+@router.get("/v1/models", responses={200: {"model": ModelList}})
+async def models(request: Request) -> Response:
+    return json_reply(ModelList(data=[_model_card(server_state(request))]))
 
 
-@router.get("/v1/models/{model_id:path}")
-async def model(request: Request, model_id: str) -> dict[str, Any]:
+@router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
+async def model(request: Request, model_id: str) -> Response:
     state = server_state(request)
     state.check_model(model_id)
-    return _model_card(state)
+    return json_reply(_model_card(state))

@@ -1,12 +1,13 @@
-"""Request bodies of every route (pydantic), read with a size cap and turned into one-line 4xx errors, and the
-OpenAPI documentation of those bodies. Range checks of sampling values live in SamplingParams."""
+"""Request bodies of every route (strict pydantic models: "10" is not an integer, "yes" not a boolean), and the
+one reader of request bodies: JSON content type, a size cap, and a parser that refuses lone UTF-16 surrogates,
+NaN and nesting deeper than 200 levels as one-line 4xx errors. Range checks of sampling values live in
+SamplingParams."""
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
+import pydantic_core
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qwen_awq.server.errors import APIError, Kind, validation_message
@@ -14,12 +15,13 @@ from qwen_awq.server.errors import APIError, Kind, validation_message
 MAX_N = 128  # OpenAI's documented maximum for n
 MAX_TOP_LOGPROBS = 20  # OpenAI's top_logprobs maximum (vLLM's default max_logprobs is also 20)
 M = TypeVar("M", bound=BaseModel)
-SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}  # what torch generators accept (vLLM's bounds too)
+SEED = {"ge": -(2**63), "le": 2**64 - 1}  # what torch generators accept (vLLM's bounds too)
 
 
 class Body(BaseModel):
-    # Unknown fields are ignored, as vLLM does: clients send vendor extras we have no use for.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored, as vLLM does: clients send vendor extras we have no use for. Strict: a
+    # number sent as a string or a boolean as a word is the client's mistake, not something to guess at.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(Body):
@@ -31,6 +33,7 @@ class SamplingFields(Body):
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # vLLM: sample best_of, return the n most likely
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -39,7 +42,7 @@ class SamplingFields(Body):
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = Field(None, **SEED_RANGE)
+    seed: int | None = Field(None, **SEED)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -113,7 +116,7 @@ class CompletionRequest(SamplingFields):
 
 
 class TGIParameters(Body):
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
@@ -141,11 +144,31 @@ class TGIRequest(Body):
 
 
 class VLLMGenerateRequest(Body):
-    """vLLM's legacy api_server body: the prompt plus any SamplingParams field by name."""
+    """vLLM's legacy api_server body: the prompt plus SamplingParams fields by name (None: vLLM's default).
+    Other names are kept as extras and refused by name."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     prompt: str
     stream: bool = False
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    use_beam_search: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = Field(None, **SEED)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    skip_special_tokens: bool | None = None
 
 
 class TokenizeRequest(Body):
@@ -164,8 +187,35 @@ class TGITokenizeRequest(Body):
     inputs: str
 
 
+REQUESTS = (ChatRequest, CompletionRequest, TGIRequest, VLLMGenerateRequest, TokenizeRequest,
+            DetokenizeRequest, TGITokenizeRequest)
+
+
+def _check_media_type(request: Request) -> None:
+    """A JSON body, as the clients of all three APIs send it; no header at all is read as JSON too."""
+    given = request.headers.getlist("content-type")
+    media = given[0].split(";")[0].strip().lower() if given else "application/json"
+    if len(given) > 1 or not (media == "application/json" or media.endswith("+json")):
+        raise APIError(Kind.MEDIA_TYPE, f"the request body must be JSON: send `Content-Type: application/json` "
+                       f"(got {', '.join(given)!r})")
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        # pydantic-core's parser: no recursion (it stops at 200 levels), and lone surrogates are an error
+        return pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as e:
+        hint = ""
+        if "surrogate" in str(e) or "end of hex escape" in str(e):  # jiter's words for an unpaired \ud800
+            hint = " (a lone UTF-16 surrogate escape such as \\ud800 is not a character)"
+        elif "recursion limit" in str(e):
+            hint = " (it nests deeper than 200 levels)"
+        raise APIError(Kind.INVALID, f"the request body is not valid JSON: {e}{hint}") from None
+
+
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+    _check_media_type(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(Kind.TOO_LARGE, f"the request body has {declared} bytes; this server accepts at most "
@@ -176,20 +226,26 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise APIError(Kind.TOO_LARGE, f"the request body exceeds {limit} bytes (--max-body-bytes)")
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise APIError(Kind.INVALID, f"the request body is not valid JSON: {e}") from None
+    return _parse(b"".join(chunks))
 
 
-def validate(model: type[M], data: Any) -> M:
+def json_object(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise APIError(Kind.INVALID, f"the request body must be a JSON object, got {type(data).__name__}")
+        raise APIError(Kind.INVALID, f"the request body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _json_type(data: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "null")
+
+
+def validate(model: type[M], data: Any, prefix: str = "", with_param: bool = True) -> M:
+    """`data` as `model`, or a 4xx naming the first bad field (OpenAI's `param`, unless with_param is off)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(json_object(data))
     except ValidationError as e:
         message, param = validation_message(list(e.errors(include_url=False)))
-        raise APIError(Kind.INVALID, message, param) from None
+        raise APIError(Kind.INVALID, prefix + message, param if with_param else None) from None
 
 
 async def parse(request: Request, model: type[M], limit: int) -> M:
@@ -197,72 +253,8 @@ async def parse(request: Request, model: type[M], limit: int) -> M:
 
 
 def body_doc(*models: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a JSON body read by hand (one model, or any of several)."""
+    """`openapi_extra` documenting a JSON body read by hand (one model, or any of several); the app adds the
+    models' schemas to its OpenAPI document."""
     refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
     schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-DOCUMENTED = (ChatRequest, CompletionRequest, TGIRequest, VLLMGenerateRequest, TokenizeRequest,
-              DetokenizeRequest, TGITokenizeRequest)
-
-
-def install_openapi(app: FastAPI) -> None:
-    """Add the hand-read bodies' schemas to the app's OpenAPI document (routes reference them by name)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for m in DOCUMENTED:
-                schema = m.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schemas[m.__name__] = schema
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-# --- response pieces shared by the OpenAI routes ---------------------------------------------------------
-LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens with this floor
-
-
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def top_entries(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    """The k most likely ids of an engine logprob entry (which also holds the chosen id, top or not)."""
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-
-
-def _lp(value: float) -> float:
-    return value if value > LOGPROB_FLOOR else LOGPROB_FLOOR
-
-
-def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float]], k: int
-                  ) -> dict[str, Any]:
-    def item(token_id: int, value: float) -> dict[str, Any]:
-        text = tokenizer.decode([token_id])
-        return {"token": text, "logprob": _lp(value), "bytes": list(text.encode())}
-
-    return {"content": [item(t, e[t]) | {"top_logprobs": [item(i, v) for i, v in top_entries(e, k)]}
-                        for t, e in zip(token_ids, entries, strict=True)]}
-
-
-def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float]], k: int,
-                        offset: int = 0) -> dict[str, Any]:
-    tokens = [tokenizer.decode([t]) for t in token_ids]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [_lp(e[t]) for t, e in zip(token_ids, entries, strict=True)],
-            "top_logprobs": [{tokenizer.decode([i]): _lp(v) for i, v in top_entries(e, k)} for e in entries],
-            "text_offset": offsets}

@@ -11,10 +11,9 @@ DEFAULT_PORT = 8000  # vLLM's default port
 
 
 def register_serve(subparsers) -> None:
-    from qwen_awq.cli import add_model_args, parse_bytes
+    from qwen_awq.cli_args import add_config_args, add_model_args, parse_bytes
     from qwen_awq.engine.llm_engine import EngineConfig
 
-    d = EngineConfig()
     p = subparsers.add_parser("serve", help="serve the model over HTTP (OpenAI, TGI and vLLM APIs, web chat)",
                               description="Serve the model: OpenAI-compatible /v1 API, TGI and vLLM routes, "
                               "Prometheus /metrics and a web chat page at /.")
@@ -25,37 +24,20 @@ def register_serve(subparsers) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health and the page")
     p.add_argument("--served-model-name", default=None,
                    help="model name clients send (default: the folder name)")
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="most sequences in one batch")
-    p.add_argument("--max-queue", type=int, default=d.max_waiting, help="most waiting sequences; beyond it "
-                   "requests get 503 (OpenAI routes) or 429 (TGI routes) with Retry-After")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
-    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="token budget of one engine step (long prompts prefill in chunks of this size)")
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV-cache size, e.g. 2GiB (default: a share of free GPU memory, 1 GiB on CPU)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
-                   help="share of free GPU memory for the KV cache when --kv-cache-memory is absent")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=d.kv_cache_dtype,
-                   help="auto: the model dtype; int8: Qwen's per-chunk quantized KV cache")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not share KV blocks of common prefixes")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="run decode steps eagerly instead of replaying captured CUDA graphs")
+    add_config_args(p.add_argument_group("engine"), EngineConfig)
     p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
-                   help="largest request body (default 16MiB)")
+                   help="largest request body (default: 64 bytes per context token, at least 1MiB)")
+    p.add_argument("--no-special-tokens-in-prompts", action="store_true",
+                   help="encode special-token text in raw prompts (/v1/completions, TGI, vLLM /generate, "
+                   "/tokenize) as plain text; chat message contents are always plain text")
     p.set_defaults(func=cmd_serve)
 
 
 def engine_config(args: argparse.Namespace):
+    from qwen_awq.cli_args import config_kwargs
     from qwen_awq.engine.llm_engine import EngineConfig
 
-    return EngineConfig(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                        max_waiting=args.max_queue, kv_cache_memory=args.kv_cache_memory,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=not args.no_prefix_caching,
-                        enforce_eager=args.enforce_eager)
+    return EngineConfig(**config_kwargs(EngineConfig, args))
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -78,10 +60,10 @@ def urls(host: str, port: int) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from qwen_awq.cli import load_for_cli
+    from qwen_awq.cli_args import load_for_cli
     from qwen_awq.engine.async_engine import AsyncEngine
     from qwen_awq.engine.llm_engine import LLMEngine
-    from qwen_awq.server.app import DEFAULT_MAX_BODY_BYTES, build_app
+    from qwen_awq.server.app import create_app
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
@@ -89,8 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_cli(args)
     engine = LLMEngine(model, tokenizer, config)
     print(engine.kv_report, file=sys.stderr)
-    app = build_app(AsyncEngine(engine), served_name(args), api_key=args.api_key,
-                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(AsyncEngine(engine), served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     special_tokens_in_prompts=not args.no_special_tokens_in_prompts)
     page, api = urls(args.host, args.port)
     print(f"Web chat: {page}\nAPI:      {api} (OpenAI), {page} (TGI), {page}generate (vLLM)", file=sys.stderr,
           flush=True)

@@ -63,6 +63,21 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _check_encodable(text: str) -> None:
+    """A lone UTF-16 surrogate (JSON "\\ud800") has no UTF-8 form, so `tokenizers` cannot take the text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character {e.start}), "
+                             "which is not a character; send valid Unicode") from None
+
+
+def _ids(tokenizer: RustTokenizer, text: str) -> list[int]:
+    # encode_batch_fast releases the GIL while it works (encode holds it: seconds for megabytes of text, during
+    # which no other thread of the process, such as a server's event loop, can run) and skips char offsets.
+    return tokenizer.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+
 class HFTokenizer:
     """A `tokenizers.Tokenizer` plus the special-token facts transformers keeps in tokenizer_config.json."""
 
@@ -132,10 +147,11 @@ class HFTokenizer:
         found = sorted(name for name in disallowed if name in text)
         if found:
             raise TokenizerError(f"text contains disallowed special tokens {found}")
+        _check_encodable(text)
         if allowed == set(self._specials):
-            ids = self._tok.encode(text, add_special_tokens=False).ids
+            ids = _ids(self._tok, text)
         elif not allowed:
-            ids = self._plain.encode(text, add_special_tokens=False).ids
+            ids = _ids(self._plain, text)
         else:
             ids = self._encode_some_specials(text, allowed)
         if self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
@@ -150,7 +166,7 @@ class HFTokenizer:
             if piece in allowed:
                 ids.append(self._specials[piece])
             elif piece:
-                ids.extend(self._plain.encode(piece, add_special_tokens=False).ids)
+                ids.extend(_ids(self._plain, piece))
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
@@ -175,8 +191,24 @@ class HFTokenizer:
         byte = BYTE_TOKEN.fullmatch(token)
         return bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode("utf-8")
 
+    def to_json(self) -> str:
+        """The tokenizer.json text, for libraries that build their own view of the vocabulary (llguidance)."""
+        return self._tok.to_str()
+
     def token_to_id(self, text: str) -> int:
         found = self._tok.token_to_id(text)
         if found is None:
             raise TokenizerError(f"{text!r} is not a token of this tokenizer")
         return found
+
+    @property
+    def normalizer_keeps_text(self) -> bool:
+        """Whether normalization never deletes text (none, Unicode normal forms, prepends, non-empty
+        replacements, lowercasing), so that one token stands for a bounded number of input bytes."""
+        spec = self._tok.normalizer
+        if spec is None:
+            return True
+        state = json.loads(spec.__getstate__())
+        parts = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
+        keeping = {"NFC", "NFD", "NFKC", "NFKD", "Prepend", "Lowercase"}
+        return all(n.get("type") in keeping or (n.get("type") == "Replace" and n.get("content")) for n in parts)

@@ -1,0 +1,126 @@
+"""Random-weight models of real checkpoint shapes, for speed work (spec: performance.md; speed ignores values).
+
+`build_synthetic` makes Qwen-7B-Chat's exact decoder (fp16 or AWQ W4 g128) directly on the device, without the
+disk; `write_synthetic_folder` writes the same model as a checkpoint folder in the published layout (Qwen v1 names,
+AutoAWQ GEMM tensors), for cold-start and quantizer timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qwen_awq.errors import ConfigError
+from qwen_awq.models.config import ModelConfig, QuantConfig
+from qwen_awq.models.decoder import Decoder
+from qwen_awq.models.family import family_of, load_config
+from qwen_awq.models.shards import MAX_SHARD_BYTES, build_atomically, write_sharded
+from qwen_awq.quant import export
+
+# Qwen/Qwen-7B-Chat's config.json (spec: qwen.md), fp16/bf16 flags resolved at build time.
+QWEN_7B = {
+    "architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": 4096, "intermediate_size": 22016,
+    "kv_channels": 128, "layer_norm_epsilon": 1e-6, "max_position_embeddings": 8192, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 8192,
+    "use_dynamic_ntk": True, "use_logn_attn": True, "vocab_size": 151936, "no_bias": True,
+    "tie_word_embeddings": False, "bf16": True, "eos_token_id": 151643,
+}
+# The same layout at toy size (hidden a multiple of the group size), so tests and CPU runs take seconds.
+QWEN_TINY = QWEN_7B | {"hidden_size": 128, "intermediate_size": 512, "kv_channels": 32, "num_attention_heads": 4,
+                       "num_hidden_layers": 2}
+SYNTHETIC = {"qwen-7b": QWEN_7B, "qwen-tiny": QWEN_TINY}
+AWQ_G128 = QuantConfig(bits=4, group_size=128)  # TheBloke/Qwen-7B-Chat-AWQ's settings
+# Qwen-7B-Chat's generation_config.json (spec: qwen.md "generation_config.json defaults").
+QWEN_CHAT_GENERATION = {"do_sample": True, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1,
+                        "max_new_tokens": 512, "max_window_size": 6144, "eos_token_id": 151643,
+                        "pad_token_id": 151643, "chat_format": "chatml"}
+
+
+def config_json(name: str, quant: QuantConfig | None) -> dict:
+    if name not in SYNTHETIC:
+        raise ConfigError(f"unknown synthetic model {name!r}; choose one of {', '.join(SYNTHETIC)}")
+    cfg = dict(SYNTHETIC[name])
+    if quant is not None:  # AutoAWQ exports declare fp16 activations
+        cfg |= {"bf16": False, "fp16": True, "quantization_config": quant.to_json()}
+    return cfg
+
+
+def synthetic_config(name: str, quant: QuantConfig | None) -> ModelConfig:
+    """The ModelConfig the config reader makes of this model's config.json (it stays the only key reader)."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config_json(name, quant)))
+        return load_config(d)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Fill every tensor in place: int32 AWQ words uniformly, scales in a small positive range, the rest N(0, 0.02).
+
+    Norm weights stay near 1 so activations keep a realistic scale through 32 layers.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.dtype == torch.int32:
+            t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, device=t.device, dtype=torch.int64))
+        elif name.endswith("scales"):
+            t.uniform_(0.001, 0.01, generator=gen)
+        elif name.endswith("norm.weight") or "layernorm" in name:
+            t.normal_(1.0, 0.02, generator=gen)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+
+
+def build_synthetic(name: str = "qwen-7b", quant: bool = True, dtype: torch.dtype = torch.float16,
+                    device: str | torch.device = "cuda", seed: int = 0) -> Decoder:
+    """A random-weight decoder of `name`'s exact shapes, allocated and filled on `device` (no disk, no host copy)."""
+    cfg = synthetic_config(name, AWQ_G128 if quant else None)
+    with torch.device(device):
+        model = Decoder(cfg, dtype)
+    randomize_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def checkpoint_tensors(model: Decoder) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, host tensor) pairs in the family's published names: AutoAWQ's for a quantized model
+    (the exporter's own writer), else the plain weights in the model dtype, split back into fused parts."""
+    cfg = model.cfg
+    if cfg.quant is not None:
+        yield from export.checkpoint_tensors(model)
+        return
+    for canonical, parts in family_of(cfg).weights.modules(cfg.num_layers).items():
+        module = model.get_submodule(canonical)
+        for suffix, tensor in module.named_parameters(recurse=False):
+            sizes = export.split_sizes(cfg, canonical, len(parts)) if len(parts) > 1 else [tensor.shape[0]]
+            for part, piece in zip(parts, tensor.detach().split(sizes, dim=0), strict=True):
+                yield f"{part}.{suffix}", piece.contiguous().cpu()
+
+
+def write_synthetic_folder(folder: str | Path, name: str = "qwen-7b", quant: bool = True, seed: int = 0,
+                           device: str | torch.device = "cuda", vocab: Path | None = None) -> Path:
+    """Write a random model folder (config, generation_config, qwen.tiktoken, sharded safetensors) atomically.
+
+    The whole model is built on `device` first (Qwen-7B: 5.9 GB in AWQ, 15 GB in bf16); tensors then go to the
+    host one at a time as the shard writer asks for them, so host memory stays at one shard.
+    """
+    dst = Path(folder)
+    q = AWQ_G128 if quant else None
+    dtype = torch.float16 if quant else torch.bfloat16
+    model = build_synthetic(name, quant, dtype, device, seed)
+    with build_atomically(dst) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_json(name, q), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(QWEN_CHAT_GENERATION, indent=2))
+        if q is not None:
+            (tmp / "quant_config.json").write_text(json.dumps(
+                {"zero_point": True, "q_group_size": q.group_size, "w_bit": q.bits, "version": "GEMM"}))
+        if vocab is not None:
+            shutil.copyfile(vocab, tmp / "qwen.tiktoken")
+        write_sharded(checkpoint_tensors(model), tmp, MAX_SHARD_BYTES)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    return dst

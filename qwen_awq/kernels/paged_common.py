@@ -1,0 +1,105 @@
+"""Pieces shared by the paged Triton kernels: the int8 code conversion, split bounds and outputs, pool strides,
+and the test of whether tensors can take the kernels at all."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from qwen_awq.kernels.paged_reference import PagedKV
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the dispatchers take the references
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634  # the kernels use exp2: softmax(s) = 2^(s log2 e - max)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+_INTERPRETER_SMS = 4  # stands in for the SM count when the Triton interpreter runs on CPU tensors
+
+
+def jit(fn):
+    return fn if triton is None else triton.jit(fn)
+
+
+@jit
+def codes_f32(x, ASM: tl.constexpr):
+    """uint8 codes -> fp32 without the int-to-float instruction (a quarter-rate unit): the fp32 with bits
+    0x4B000000 | c is exactly 2^23 + c. ASM builds four of them with one PRMT each (the compiler spends two or
+    three shifts/masks per code); the CPU interpreter runs no PTX, so it takes the plain form."""
+    if ASM:
+        magic = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; mov.b32 t, 0x4B000000; prmt.b32 $0, $4, t, 0x7440; prmt.b32 $1, $4, t, 0x7441; "
+            "prmt.b32 $2, $4, t, 0x7442; prmt.b32 $3, $4, t, 0x7443; }",
+            "=r,=r,=r,=r,r", [x], dtype=tl.int32, is_pure=True, pack=4)
+    else:
+        magic = x.to(tl.int32) | 0x4B000000
+    return magic.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@jit
+def split_range(LENS, b, split, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens [lo, hi) of sequence b that this split reads: its share of the real length, in whole tiles."""
+    ctx = tl.load(LENS + b).to(tl.int32)
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    return lo, tl.minimum(lo + chunk, ctx)
+
+
+@jit
+def finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, live, split, num_splits, num_heads, stride_ob,
+            stride_oh, HEAD_DIM: tl.constexpr, IS_SPLIT: tl.constexpr):
+    """acc (GP, D), m/l_sum (GP,) of heads (GP,) -> the output rows, or this split's partial softmax."""
+    d = tl.arange(0, HEAD_DIM)
+    if IS_SPLIT:
+        part = (b * num_heads + heads) * num_splits + split  # (GP,) rows of the (B, H, splits) partials
+        tl.store(OUT + part[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None])
+        tl.store(PART_M + part, m, mask=live)
+        tl.store(PART_L + part, l_sum, mask=live)
+    else:
+        out = acc / tl.where(l_sum == 0, 1.0, l_sum)[:, None]
+        ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=live[:, None])
+
+
+def kv_strides(x: Tensor, block_size: int, block_major: bool) -> tuple[int, int, int]:
+    """(block, token-in-block, head) element strides of a pool tensor; the last dim must be contiguous."""
+    if x.stride(-1) != 1:
+        raise ValueError("the paged kernels need the pool's last dimension contiguous")
+    if block_major:  # (blocks, Hkv, block_size, .)
+        return x.stride(0), x.stride(2), x.stride(1)
+    return block_size * x.stride(0), x.stride(0), x.stride(1)  # (slots, Hkv, .)
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand type of tl.dot: the model dtype, except bf16 under the CPU interpreter, whose bf16 dot reads the
+    raw storage as integers (fp32 is exact there); the GPU bench checks bf16 on tensor cores."""
+    if dtype == torch.bfloat16 and triton.knobs.runtime.interpret:
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+def triton_supports(x: Tensor, num_heads: int, kv: PagedKV) -> bool:
+    """Whether the paged kernels take activations x (q or qkv) and this pool (else the dispatchers run the
+    reference): CUDA, fp16/bf16 in the pool's dtype or int8 codes, a power-of-two head_dim, whole GQA groups."""
+    d = kv.head_dim
+    return (triton is not None and x.is_cuda and kv.k.is_cuda and x.dtype in _TRITON_DTYPES
+            and (kv.int8 or kv.k.dtype == x.dtype) and d >= 16 and d & (d - 1) == 0
+            and num_heads % kv.num_kv_heads == 0)
+
+
+def use_asm() -> bool:
+    """Inline PTX is for the GPU; the CPU interpreter runs the plain-Triton form of the same conversion."""
+    return not triton.knobs.runtime.interpret
+
+

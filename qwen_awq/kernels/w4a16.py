@@ -1,0 +1,277 @@
+"""W4A16 matmul on the repacked layout (quant/packing.py repack_awq): the kernel family chosen by M.
+
+M = 1: the CUDA-core GEMV (w4a16_gemv.py); 2 <= M < the dense threshold: the tensor-core kernel (w4a16_mma.py);
+beyond it: dequantize once + cuBLAS. Tile configs come from a per-card table measured by
+`python3 -m qwen_awq.eval.bench_kernels --sweep` (TUNED below), else from defaults. CPU tensors, and anything
+the kernels do not cover, take the plain-PyTorch reference (reference.w4a16_matmul_reference).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.reference import w4a16_matmul_reference
+from qwen_awq.kernels.w4a16_common import triton
+from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
+from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
+from qwen_awq.kernels.w4a16_tuned import TUNED
+
+LOCKS_PER_LAYER = 4096  # split-K tile counters per layer; a launch with more tiles runs without split-K
+_INTERPRETER_SMS = 4  # stands in for the SM count when the Triton interpreter runs on CPU tensors
+_DTYPES = (torch.float16, torch.bfloat16)
+_CHUNK = 32  # k per 16-byte word load: the granularity of the GEMV's K ranges and the smallest group size
+
+
+def _pow2(name: str, value: int) -> None:
+    if value <= 0 or value & (value - 1):
+        raise ConfigError(f"{name} must be a positive power of two, found {value}")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """GEMV launch: rows per loop step, K lanes x 32-k chunks per lane (the K range a program holds; lanes
+    beyond 32 spread over warps), warps, register prefetch of the next rows, programs per SM to aim for (rows
+    per program follow from it) and x rows per program."""
+
+    block_n: int = 16
+    lanes: int = 128
+    chunks: int = 1
+    num_warps: int = 4
+    prefetch: bool = False
+    progs_per_sm: int = 3
+    block_m: int = 1  # x rows per program: the weights are unpacked once for all of them
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "lanes", "chunks", "num_warps", "block_m"):
+            _pow2(f"GemvConfig.{name}", getattr(self, name))
+        if self.progs_per_sm < 1:
+            raise ConfigError(f"GemvConfig.progs_per_sm must be >= 1, found {self.progs_per_sm}")
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Tensor-core launch: x rows (>= 16, the dot's smallest side), weight rows, K tile (capped at the group
+    size), warps, pipeline stages, split-K aiming at waves programs per SM, where the scale applies."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 4
+    scale_w: bool = False  # scale the weights before the dot (else the fp32 accumulator per K tile)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            _pow2(f"MmaConfig.{name}", getattr(self, name))
+        if min(self.block_m, self.block_n, self.block_k) < 16 or self.num_stages < 1 or self.waves < 1:
+            raise ConfigError(f"MmaConfig needs tiles >= 16, num_stages >= 1 and waves >= 1, found {self}")
+
+
+Choice = tuple[str, "GemvConfig | MmaConfig | None"]  # ("gemv" | "mma" | "dense", config)
+DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
+
+
+def default_choice(m: int) -> Choice:
+    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned)."""
+    if m == 1:
+        return "gemv", GemvConfig(block_n=8, prefetch=True)
+    if m == 2:
+        return "gemv", GemvConfig(block_n=8, block_m=2)
+    if m >= DENSE_MIN_M:
+        return "dense", None
+    block_m = min(max(16, 1 << (m - 1).bit_length()), 64)  # next power of two in 16..64
+    return "mma", MmaConfig(block_m=block_m, waves=5 if m <= 16 else 4 if m <= 64 else 2, scale_w=True)
+
+
+def m_bucket(m: int) -> int:
+    """The tuned table's M key: the next power of two (1, 2, 4, ..., 4096)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_SMS
+
+
+@functools.cache  # called per layer per eager forward; the answer depends on these alone
+def choose(m: int, k: int, n: int, device: torch.device) -> Choice:
+    """Kernel and config for M rows of a (K -> N) layer: the card's tuned table, else the defaults."""
+    if device.type == "cuda":
+        table = TUNED.get(_device_name(device.index or 0), {}).get("table", {})
+        entry = (table.get((k, n)) or table.get("any", {})).get(m_bucket(m))
+        if entry is not None:
+            kind, params = entry
+            config = {"gemv": GemvConfig, "mma": MmaConfig}.get(kind)
+            return kind, None if config is None else config(**params)
+    return default_choice(m)
+
+
+@dataclass(frozen=True)
+class W4Weight:
+    """A repacked W4A16 weight (packing.repack_awq) with its split-K counters (zero between launches)."""
+
+    qweight_t: Tensor  # (N, K/8) int32
+    scale_zero: Tensor  # (N, K/G) int32
+    group_size: int
+    scale_dtype: torch.dtype  # the 16-bit float dtype whose bits scale_zero holds
+    locks: Tensor  # (LOCKS_PER_LAYER,) int32
+
+    @property
+    def n(self) -> int:
+        return self.qweight_t.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.qweight_t.shape[1] * 8
+
+
+def new_locks(device: torch.device | str) -> Tensor:
+    return torch.zeros(LOCKS_PER_LAYER, dtype=torch.int32, device=device)
+
+
+def _check(x: Tensor, w: W4Weight, silu: bool) -> Tensor:
+    """x as (M, K') with unit stride along K; with silu, x holds [gate | up] and K' = 2K."""
+    if triton is None:
+        raise ConfigError("the W4A16 Triton kernels need Triton: pip install triton (w4a16_matmul falls back)")
+    if w.group_size % _CHUNK != 0 or w.k % w.group_size != 0:
+        raise ConfigError(f"W4A16 kernels need a group size divisible by 32, found {w.group_size}")
+    if x.shape[-1] != (2 * w.k if silu else w.k):
+        raise ValueError(f"input has {x.shape[-1]} features, the W4A16 weight expects {w.k}{' x 2' * silu}")
+    if x.dtype not in _DTYPES:
+        raise ConfigError(f"W4A16 kernels take fp16 or bf16 activations, found {x.dtype}")
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _use_asm(x: Tensor) -> bool:
+    """Inline PTX on the GPU; Triton's CPU interpreter runs the plain-Triton equivalent."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _grid_rows(n: int, m_groups: int, splits: int, cfg: GemvConfig, sms: int) -> tuple[int, int]:
+    """(rows per program, programs along N) so that about progs_per_sm programs land on each SM."""
+    target = max(1, cfg.progs_per_sm * sms // (splits * m_groups))
+    rows = -(-n // target)
+    rows = -(-rows // cfg.block_n) * cfg.block_n  # whole loop steps
+    return rows, -(-n // rows)
+
+
+def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+               config: GemvConfig | None = None) -> Tensor:
+    """y (..., N) on the CUDA-core GEMV: for M = 1 and a few rows (block_m x rows share each unpacked weight)."""
+    x2d = _check(x, w, silu)
+    cfg, (m, n, k) = config or GemvConfig(), (x2d.shape[0], w.n, w.k)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    chunks = min(cfg.chunks, w.group_size // _CHUNK)  # a lane's chunks must share one group
+    lanes = min(cfg.lanes, max(32, triton.next_power_of_2(-(-(k // _CHUNK) // chunks))))  # no lanes past K
+    splits = -(-(k // _CHUNK) // (lanes * chunks))
+    groups = -(-m // cfg.block_m)
+    rows, progs = _grid_rows(n, groups, splits, cfg, _num_sms(x.device))
+    if splits > 1 and progs * groups > w.locks.numel():
+        raise ConfigError(f"GEMV grid needs {progs * groups} split-K counters, the layer has {w.locks.numel()}")
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    gemv_kernel[(progs, splits, groups)](
+        x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
+        m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
+        G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
+        EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1)
+    return out.view(*x.shape[:-1], n)
+
+
+def w4a16_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+              config: MmaConfig | None = None, split_k: int | None = None) -> Tensor:
+    """y (..., N) on the tensor-core kernel; split-K (fused reduction) fills the GPU at small M."""
+    x2d = _check(x, w, silu)
+    cfg, (m, n, k) = config or default_choice(max(x2d.shape[0], 2))[1] or MmaConfig(), (x2d.shape[0], w.n, w.k)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    block_k = min(cfg.block_k, w.group_size & -w.group_size)
+    iters, tiles = k // block_k, -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    split = split_k or max(1, min(iters, cfg.waves * _num_sms(x.device) // tiles))
+    if tiles > w.locks.numel():
+        split = 1
+    per_split = -(-iters // split)
+    split = -(-iters // per_split)  # drop splits left without a K tile
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    bf16 = x.dtype == torch.bfloat16
+    grid = (-(-n // cfg.block_n), -(-m // cfg.block_m), split)
+    mma_kernel[grid](
+        x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
+        m, n, k // 8, k // w.group_size, x2d.stride(0), k, per_split, split, MAGIC_BF16 if bf16 else MAGIC_FP16,
+        G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SILU=silu,
+        HAS_BIAS=bias is not None, SPLIT=split > 1, BF16=bf16, BF16_SCALES=w.scale_dtype == torch.bfloat16,
+        USE_ASM=_use_asm(x), SCALE_W=cfg.scale_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out.view(*x.shape[:-1], n)
+
+
+def dequantize_w4(w: W4Weight, dtype: torch.dtype) -> Tensor:
+    """W (N, K) in dtype, equal to packing.dequantize_repacked(..., dtype=dtype)."""
+    if triton is None:
+        raise ConfigError("the W4A16 Triton kernels need Triton: pip install triton (w4a16_matmul falls back)")
+    block_n, block_k = 64, min(128, w.group_size & -w.group_size)
+    out = torch.empty(w.n, w.k, dtype=dtype, device=w.qweight_t.device)
+    dequant_kernel[(-(-w.n // block_n), w.k // block_k)](
+        w.qweight_t, w.scale_zero, out, w.n, w.k // 8, w.k // w.group_size,
+        MAGIC_BF16 if dtype == torch.bfloat16 else MAGIC_FP16, G=w.group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+        USE_ASM=_use_asm(out), BF16=dtype == torch.bfloat16, BF16_SCALES=w.scale_dtype == torch.bfloat16,
+        num_warps=4)
+    return out
+
+
+def w4a16_dense(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
+    """y (..., N): dequantize to x's dtype, then the vendor GEMM (for large M, where it beats the fused kernel)."""
+    x2d = _check(x, w, silu)
+    if silu:
+        gate, up = x2d.split(w.k, dim=-1)
+        x2d = F.silu(gate) * up
+    y = F.linear(x2d, dequantize_w4(w, x.dtype), None if bias is None else bias.to(x.dtype))
+    return y.view(*x.shape[:-1], w.n)
+
+
+def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
+    """y (..., N) on the Triton path, the kernel chosen by M = number of x rows (choose)."""
+    m = x.numel() // max(x.shape[-1], 1)
+    kind, cfg = choose(m, w.k, w.n, x.device)
+    if kind == "gemv":
+        return w4a16_gemv(x, w, bias, silu, cfg)
+    if kind == "mma":
+        return w4a16_mma(x, w, bias, silu, cfg)
+    return w4a16_dense(x, w, bias, silu)
+
+
+def triton_supports(x: Tensor, w: W4Weight, bias: Tensor | None) -> bool:
+    tensors = (x, w.qweight_t, w.scale_zero) + (() if bias is None else (bias,))
+    return (
+        triton is not None
+        and all(t.is_cuda for t in tensors)
+        and x.dtype in _DTYPES
+        and w.group_size % _CHUNK == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)  # the kernels have no backward
+    )
+
+
+def w4a16_matmul(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
+    """y [..., N] = x' @ W^T + bias in x's dtype, x' = x or silu(x[..., :K]) * x[..., K:] (silu: x is the
+    gate_up output). Triton on CUDA, else the plain-PyTorch reference."""
+    if triton_supports(x, w, bias):
+        return w4a16_triton(x, w, bias, silu)
+    return w4a16_matmul_reference(x, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype, bias, silu)

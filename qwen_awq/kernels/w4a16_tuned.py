@@ -1,0 +1,79 @@
+"""Measured W4A16 kernel choices per card: {card name: {"command", "date", "table": {(K, N): {M bucket: choice}}}}.
+
+Written from `python3 -m qwen_awq.eval.bench_kernels --sweep` (bench/results/awq_kernel_H200_w4a16.md); a choice is
+("gemv", GemvConfig fields), ("mma", MmaConfig fields) or ("dense", None); "any" holds, per bucket, the choice with
+the least total time over Qwen-7B's four shapes. Cards and shapes not listed take w4a16.default_choice.
+"""
+
+# ruff: noqa: E501  (a measured data table: one entry per line)
+from __future__ import annotations
+
+TUNED: dict[str, dict] = {
+    "NVIDIA H200": {
+        # on the lent machine, from the repo root: OUT=... bash bench/w4a16_device_run.sh 75 --sweep
+        "command": "python3 -m qwen_awq.eval.bench_kernels --out $OUT/awq_kernel_H200_w4a16.json --sweep",
+        "date": "2026-12-02",
+        "table": {
+            "any": {
+                1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
+                2: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 3, "block_m": 2}),
+                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                256: ("dense", None),  # measured: the MMA won the total by 4% but lost 4096 x 4096 by 15%
+                512: ("dense", None),
+            },
+            (4096, 12288): {
+                1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
+                2: ("gemv", {"block_n": 16, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 2, "block_m": 2}),
+                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                256: ("dense", None),
+                512: ("dense", None),
+            },
+            (4096, 4096): {
+                1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
+                2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                64: ("dense", None),
+                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                256: ("dense", None),
+                512: ("dense", None),
+            },
+            (4096, 22016): {
+                1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
+                2: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 3, "block_m": 2}),
+                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                512: ("dense", None),
+            },
+            (11008, 4096): {
+                1: ("gemv", {"block_n": 16, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 3, "block_m": 1}),
+                2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                512: ("dense", None),
+            },
+        },
+    },
+}

@@ -1,0 +1,223 @@
+"""W4A16 kernels on the repacked layout (GEMV, tensor-core, dequantize + cuBLAS, the dispatcher) and the fused
+add + RMSNorm against float64 oracles: compiled on the GPU under QWEN_AWQ_TEST_DEVICE=cuda (there also at
+Qwen-7B's real shapes and in bf16 on tensor cores), else run by Triton's CPU interpreter in a subprocess.
+
+TRITON_INTERPRET must be set before a kernel is decorated, so `python tests/test_w4a16_kernels.py` (with the
+variable set) computes every case and prints JSON, as tests/test_awq_kernel.py does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from assets import DEVICE
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Max |y - oracle| / max |oracle|: one rounding of the output (fp16 2**-11, bf16 2**-8) plus fp32 summation
+# order; a misplaced nibble, zero or scale errs by O(1) on this scale.
+TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str  # gemv | mma | dense | auto (w4a16_triton's choice by M) | dequant (exact) | norm
+    m: int
+    k: int
+    n: int
+    group: int = 128
+    dtype: str = "fp16"
+    bias: bool = False
+    silu: bool = False
+    scales: str = "fp16"  # the dtype whose bits scale_zero stores
+    layout: str = "2d"  # 2d | 3d: x (2, M/2, K) | strided: x a column slice of a wider tensor
+    config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig
+    split: int | None = None
+
+    @property
+    def id(self) -> str:
+        flags = "-".join(f for f, on in (("bias", self.bias), ("silu", self.silu)) if on) or "plain"
+        cfg = "".join(f"-{k}{v}" for k, v in self.config)
+        return (f"{self.path}-m{self.m}-k{self.k}-n{self.n}-g{self.group}-{self.dtype}-s{self.scales}-{flags}"
+                f"-{self.layout}{cfg}-split{self.split}")
+
+
+G = (("lanes", 4), ("chunks", 1), ("block_n", 8))  # small GEMV K ranges: several splits on small K
+CASES = [
+    Case("gemv", 1, 256, 40, 32, bias=True, config=G),
+    Case("gemv", 1, 640, 40, 64, config=(("lanes", 8), ("chunks", 2), ("block_n", 16))),  # K tail masked
+    Case("gemv", 2, 384, 48, 128, "bf16", silu=True, config=(("lanes", 2), ("chunks", 2), ("prefetch", False))),
+    Case("gemv", 1, 128, 64, 128, "bf16", bias=True, scales="bf16", config=(("lanes", 4), ("chunks", 1))),
+    Case("gemv", 3, 256, 56, 64, bias=True, layout="strided", config=G),
+    Case("gemv", 3, 256, 40, 64, bias=True, config=(("lanes", 2), ("chunks", 2), ("block_m", 2))),  # ragged M
+    Case("gemv", 4, 256, 16, 128, "bf16", silu=True, config=(("lanes", 4), ("chunks", 1), ("block_m", 4),
+                                                            ("block_n", 4), ("prefetch", False))),
+    Case("mma", 1, 256, 72, 64, bias=True, config=(("block_n", 32), ("block_k", 64))),
+    Case("mma", 3, 256, 200, 32, layout="strided", config=(("block_n", 64),), split=3),
+    Case("mma", 16, 128, 64, 32, bias=True, scales="bf16", config=(("block_n", 16),), split=1),
+    Case("mma", 17, 384, 40, 128, silu=True, config=(("block_n", 16),), split=3),
+    Case("mma", 33, 256, 136, 64, bias=True, config=(("block_m", 32), ("block_n", 32))),
+    Case("mma", 5, 256, 72, 64, config=(("block_n", 32), ("scale_w", True)), split=2),
+    Case("dense", 33, 256, 200, 64, bias=True),
+    Case("dense", 5, 256, 72, 128, "bf16", silu=True),
+    Case("dequant", 0, 256, 200, 64),
+    Case("dequant", 0, 384, 40, 128, scales="bf16"),
+    Case("auto", 1, 256, 200, 64, bias=True, layout="3d"),
+    Case("auto", 6, 256, 200, 64, layout="3d"),
+    Case("auto", 300, 128, 64, 32, bias=True),
+    Case("norm", 3, 0, 200, dtype="fp16"),
+    Case("norm", 2, 0, 96, layout="strided"),
+]
+# The interpreter adds bf16 and multiplies bf16 dots on their raw 16-bit storage and truncates fp32 -> bf16, so
+# bf16 on tensor cores and the exact bf16 roundings are checked on the GPU only, together with Qwen-7B's shapes
+# (K, N): qkv, o, gate_up, down.
+GPU_CASES = [
+    Case("mma", 3, 256, 200, 64, "bf16", bias=True, config=(("block_n", 64),)),
+    Case("mma", 7, 384, 200, 128, "bf16", bias=True, config=(("block_n", 64), ("scale_w", True))),
+    Case("mma", 20, 256, 136, 64, silu=True, config=(("block_m", 32), ("block_n", 64), ("scale_w", True))),
+    Case("gemv", 3, 512, 200, 128, "bf16", config=(("lanes", 128), ("chunks", 1), ("block_n", 16),
+                                                     ("block_m", 2), ("prefetch", False)), layout="3d"),
+    Case("mma", 40, 384, 72, 128, "bf16", silu=True, config=(("block_m", 64), ("block_n", 64))),
+    Case("dequant", 0, 256, 200, 32, "bf16"),
+    Case("dequant", 0, 384, 40, 128, "bf16", scales="bf16"),
+    Case("norm", 2, 0, 96, dtype="bf16", layout="strided"),
+    Case("norm", 5, 0, 4096, dtype="bf16"),
+    Case("gemv", 1, 4096, 12288, bias=True),  # Qwen-7B's real shapes; the sweep checks every config at them too
+    Case("gemv", 1, 11008, 4096, dtype="bf16", silu=True),
+    Case("mma", 4, 11008, 4096, dtype="bf16", silu=True),
+    Case("mma", 64, 4096, 22016),
+    Case("auto", 4096, 4096, 4096, bias=True),
+]
+
+
+def _weights(case: Case, seed: int, device: str):
+    """Random AWQ GEMM tensors on `device` (full-range words: negative ones test the shifts), and their repack."""
+    from qwen_awq.quant.packing import repack_awq
+
+    gen = torch.Generator().manual_seed(seed)
+    k, n, g = case.k, case.n, case.group
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=gen)  # (K, N/8)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // g, n // 8), dtype=torch.int32, generator=gen)
+    scales = (torch.rand(k // g, n, generator=gen) * 0.02 + 0.002).to(DTYPES[case.scales])  # never zero
+    awq = (qweight.to(device), qzeros.to(device), scales.to(device))
+    return awq, repack_awq(*awq, g)
+
+
+def _inputs(case: Case, width: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(case.m, 2 * width, generator=gen).to(DTYPES[case.dtype]).to(device)  # (M, 2W)
+    x = x[:, :width] if case.layout == "strided" else x[:, width:].contiguous()  # (M, W)
+    if case.layout == "3d":
+        x = x.view(2, case.m // 2, width) if case.m % 2 == 0 else x.view(1, case.m, width)
+    bias = torch.randn(case.n, generator=gen).half().to(device) if case.bias else None  # (N,)
+    return x, bias
+
+
+def _norm_case(case: Case, seed: int, device: str) -> tuple[float, float]:
+    """Fused add + RMSNorm against the float64 sum, norm and weight, each rounded where Qwen's block rounds."""
+    from qwen_awq.kernels.rms_norm import fused_add_rms_norm
+
+    x, _ = _inputs(case, case.n, seed, device)
+    residual, _ = _inputs(case, case.n, seed + 7, device)
+    weight = (torch.rand(case.n, generator=torch.Generator().manual_seed(seed)) + 0.5).to(x.dtype).to(device)
+    normed, new_res = fused_add_rms_norm(x, residual, weight, 1e-6)
+    h = (x.double() + residual.double()).to(x.dtype)  # the sum rounds once, as x + residual does
+    n64 = h.double() * torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    expect = (n64.to(x.dtype).double() * weight.double()).cpu()
+    if not torch.equal(new_res.cpu(), h.cpu()):  # new_residual must be exact
+        return float("inf"), 0.0
+    return float((normed.double().cpu() - expect).abs().max() / expect.abs().max()), TOLERANCE[case.dtype]
+
+
+def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]:
+    """(relative error vs a float64 oracle, tolerance) of one case; dequant must be exact."""
+    from qwen_awq.kernels import w4a16 as kern
+    from qwen_awq.quant.packing import dequantize
+
+    if case.path == "norm":
+        return _norm_case(case, seed, device)
+    (qweight, qzeros, scales), (qweight_t, scale_zero) = _weights(case, seed, device)
+    w = kern.W4Weight(qweight_t, scale_zero, case.group, scales.dtype, kern.new_locks(device))
+    w_exact = dequantize(qweight, qzeros, scales, case.group).t()  # (N, K) fp32, from the AutoAWQ layout
+    if case.path == "dequant":
+        got = kern.dequantize_w4(w, DTYPES[case.dtype])
+        return float((got.float() - w_exact.to(got.dtype).float()).abs().max()), 0.0
+    x, bias = _inputs(case, 2 * case.k if case.silu else case.k, seed, device)
+    cfg = dict(case.config)
+    if case.path == "gemv":
+        y = kern.w4a16_gemv(x, w, bias, case.silu, kern.GemvConfig(**cfg))
+    elif case.path == "mma":
+        y = kern.w4a16_mma(x, w, bias, case.silu, kern.MmaConfig(**cfg), split_k=case.split)
+    elif case.path == "dense":
+        y = kern.w4a16_dense(x, w, bias, case.silu)
+    else:
+        y = kern.w4a16_triton(x, w, bias, case.silu)
+    xa = x.double()
+    if case.silu:  # the oracle applies silu in float64 to the same inputs
+        gate, up = xa.chunk(2, dim=-1)
+        xa = gate * torch.sigmoid(gate) * up
+    ref = xa @ w_exact.double().t() + (0 if bias is None else bias.double())
+    if y.shape != ref.shape or y.dtype != x.dtype or int(w.locks.abs().sum()) != 0:
+        return float("inf"), TOLERANCE[case.dtype]  # split-K counters must be reset for the next launch
+    return float((y.double() - ref).abs().max() / ref.abs().max()), TOLERANCE[case.dtype]
+
+
+def _main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1")
+    print(json.dumps({case.id: _run_case(case, seed) for seed, case in enumerate(CASES)}))
+
+
+def _cases() -> list[Case]:
+    return CASES + GPU_CASES if DEVICE.startswith("cuda") else CASES
+
+
+@pytest.fixture(scope="module")
+def kernel_errors() -> dict[str, list[float]]:
+    """Per case (error, tolerance): compiled on the GPU when the tests run there, else through the Triton
+    interpreter on the CPU, in a subprocess because TRITON_INTERPRET is read when kernels are decorated."""
+    if DEVICE.startswith("cuda"):
+        return {case.id: list(_run_case(case, seed, DEVICE)) for seed, case in enumerate(_cases())}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
+def test_kernel_matches_float64_oracle(kernel_errors: dict[str, list[float]], case: Case) -> None:
+    err, tol = kernel_errors[case.id]
+    assert err <= tol, f"{case.id}: error {err:.3g} > {tol:.3g}"
+
+
+if __name__ == "__main__":
+    _main()
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a GPU (QWEN_AWQ_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_graph_replay_with_split_k_matches_eager(m: int) -> None:
+    """Replays reuse the split-K counters: each launch must leave them zeroed for the next."""
+    from qwen_awq.kernels import w4a16 as kern
+
+    case = Case("auto", m, 4096, 4096)
+    _, (qweight_t, scale_zero) = _weights(case, 0, DEVICE)
+    w = kern.W4Weight(qweight_t, scale_zero, 128, torch.float16, kern.new_locks(DEVICE))
+    x = torch.randn(m, 4096, device=DEVICE, dtype=torch.float16)  # the graph's static input
+    kern.w4a16_triton(x, w)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kern.w4a16_triton(x, w)
+    for seed in range(3):
+        x.copy_(torch.randn(m, 4096, generator=torch.Generator().manual_seed(seed)).half().to(DEVICE))
+        graph.replay()
+        assert torch.equal(y, kern.w4a16_triton(x, w))  # deterministic: split order fixed
