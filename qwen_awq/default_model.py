@@ -20,10 +20,10 @@ GROUP_SIZE, SAMPLES, SEQLEN = 64, 32, 256
 RECIPE = "awq-g64-s32x256-v3"  # part of the cache folder name: change it when the folder's contents change
 # HuggingFaceTB's model card for SmolLM2-135M-Instruct ("How to use", Transformers) samples with
 # `model.generate(inputs, max_new_tokens=50, temperature=0.2, top_p=0.9, do_sample=True)`; the GGUF carries no
-# sampling metadata and its generation_config.json only token ids. max_new_tokens 512 is qwen-awq's own default.
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "max_new_tokens": 512}
-GENERATION_SOURCE = ("temperature 0.2 and top_p 0.9: the HuggingFaceTB/SmolLM2-135M-Instruct model card's usage "
-                     "example; max_new_tokens 512: qwen-awq's default")
+# sampling metadata and its generation_config.json only token ids. The card's max_new_tokens=50 is a demo's cut, so
+# none is written: replies run to their stop token or qwen-awq's own cap (REPLY_MAX_TOKENS).
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+GENERATION_SOURCE = "the HuggingFaceTB/SmolLM2-135M-Instruct model card's usage example (temperature 0.2, top_p 0.9)"
 # fp32 GEMM work of one run of this recipe, from the shapes (hidden 576, MLP 1536, q+k+v 960, 8 x 256 search
 # tokens, 20 grid ratios): per block the recorded forward over 32 x 256 tokens (58 GFLOP) and the attention, MLP
 # and down-projection scale searches (96, 216 and 72 GFLOP), times 30 blocks. Profiled on a 2-core AVX2 EPYC:

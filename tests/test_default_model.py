@@ -27,7 +27,7 @@ def test_generation_defaults_in_folder(bundled):
     config = json.loads((folder / "generation_config.json").read_text())
     assert {k: config[k] for k in ("do_sample", "temperature", "top_p", "eos_token_id")} == {
         "do_sample": True, "temperature": 0.2, "top_p": 0.9, "eos_token_id": 2}
-    assert "SmolLM2-135M-Instruct model card" in config["_source"]
+    assert "SmolLM2-135M-Instruct model card" in config["_source"] and "max_new_tokens" not in config
     params = reply_params(*bundled, prompt_len=20)
     assert (params.temperature, params.top_p, params.max_tokens) == (0.2, 0.9, 512)
 
