@@ -4,6 +4,7 @@ tokenizer.json, a SentencePiece-style one and a byte-fallback one; it never show
 from __future__ import annotations
 
 import shutil
+import unicodedata
 
 import pytest
 from assets import qwen_vocab_path, write_tiny_chatml_tokenizer
@@ -161,6 +162,7 @@ def test_byte_fallback_tokens(byte_fallback: HFTokenizer) -> None:
     ids = tok.encode("ok 龘🫠 abc")
     assert sum(tok.id_to_token_bytes(i) in {bytes([b]) for b in range(128, 256)} for i in ids) == 7  # 3 + 4 bytes
     assert tok.decode(ids) == "ok 龘🫠 abc"
+    assert b"".join(tok.id_to_token_bytes(i) for i in ids) == " ok 龘🫠 abc".encode()  # "▁" is the leading space
     for chunks in ([1], [2, 3]):
         pieces, tail = stream(tok, ids, chunks, skip=True)
         assert "".join(pieces) + tail == "ok 龘🫠 abc" and not any(FFFD in p for p in pieces)
@@ -220,6 +222,9 @@ def test_random_text(qwen: QwenTokenizer, hf: HFTokenizer, text: str, chunks: li
         assert "".join(pieces) + tail == tok.decode(ids, skip_special_tokens=skip)
         if FFFD not in text:
             assert not any(FFFD in p for p in [*pieces, tail])
+        # id_to_token_bytes (also what OpenAI logprobs report) gives back exactly the text's bytes
+        want = unicodedata.normalize("NFC", text) if tok is qwen else text
+        assert b"".join(tok.id_to_token_bytes(i) for i in ids) == want.encode("utf-8")
 
 
 @settings(max_examples=100, deadline=None)
