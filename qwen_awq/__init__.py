@@ -33,9 +33,12 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return resolve_model_path(path)
 
 
-def load(path: str | Path | None, dtype: str | torch.dtype = "auto",
-         device: str | torch.device = "auto") -> tuple[ChatModel, Tokenizer]:
-    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer."""
+def load(path: str | Path | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+         threads: int | None = None) -> tuple[ChatModel, Tokenizer]:
+    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer.
+
+    On the CPU, torch's thread count follows qwen_awq.threads (free cores; `threads` or OMP_NUM_THREADS override).
+    """
     from qwen_awq.loading import load
 
-    return load(path, dtype, device)
+    return load(path, dtype, device, threads)

@@ -14,6 +14,7 @@ from typing import Any
 
 from qwen_awq.cli_args import Parser, add_model_args, add_sampling_args, load_for_cli, sampling_overrides
 from qwen_awq.errors import QwenAwqError
+from qwen_awq.threads import use_threads
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse already printed a one-line usage error
         return int(e.code or 0)
     try:
+        if getattr(args, "threads", None) is not None:  # --threads N acts like OMP_NUM_THREADS=N (qwen_awq.threads)
+            use_threads(args.threads)
         return args.func(args)
     except QwenAwqError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
 
+from qwen_awq.threads import ThreadsConfig
+
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 TYPES = {"int": int, "float": float, "str": str, "Path": Path}
 
@@ -74,6 +76,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "Instruct in 4-bit AWQ, converted on first use and cached)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    add_config_args(p, ThreadsConfig)  # --threads (qwen_awq/threads.py)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

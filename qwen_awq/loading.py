@@ -8,7 +8,8 @@ import torch
 
 from qwen_awq.chat import ChatModel
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.loader import load_model
+from qwen_awq.models.loader import load_model, resolve_device
+from qwen_awq.threads import apply_thread_policy
 from qwen_awq.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -29,9 +30,12 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return path
 
 
-def load(path: str | Path | None, dtype: str | torch.dtype = "auto",
-         device: str | torch.device = "auto") -> tuple[ChatModel, Tokenizer]:
-    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer."""
+def load(path: str | Path | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+         threads: int | None = None) -> tuple[ChatModel, Tokenizer]:
+    """Load a model folder (Qwen v1, Llama, Qwen2; bf16/fp16/fp32 or AWQ) and its tokenizer; on the CPU, torch's
+    threads follow qwen_awq.threads first (a first-run quantization is CPU work too)."""
+    if resolve_device(device).type == "cpu":
+        apply_thread_policy(threads)
     folder = resolve_model_path(path)
     model = load_model(folder, dtype=dtype, device=device, model_class=ChatModel)
     return model, load_tokenizer(folder)

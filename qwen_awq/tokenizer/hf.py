@@ -17,6 +17,22 @@ AllowedSpecial = Literal["all"] | Collection[str]
 CHATML_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 # Used only when tokenizer_config.json names no eos_token: the end-of-text markers of common families.
 EOS_FALLBACKS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>")
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: printable Latin-1 bytes stand for themselves, the other bytes
+    for code points 256, 257, ... in byte order (the ByteLevel pre-tokenizer of `tokenizers`)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def _is_byte_level(spec: dict[str, Any]) -> bool:
+    """Whether tokenizer.json's decoder is (or contains) ByteLevel."""
+    decoder = spec.get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(d.get("type") == "ByteLevel" for d in parts)
 
 
 def _token_content(value: Any) -> str | None:
@@ -70,11 +86,14 @@ class HFTokenizer:
     ) -> None:
         self._tok = tokenizer
         # encode_special_tokens is a mutable switch on the Rust object; a second copy keeps encode reentrant.
-        self._plain = RustTokenizer.from_str(tokenizer.to_str())
+        spec = tokenizer.to_str()
+        self._plain = RustTokenizer.from_str(spec)
         self._plain.encode_special_tokens = True
+        self._byte_alphabet = _byte_level_alphabet() if _is_byte_level(json.loads(spec)) else None
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1
         added = tokenizer.get_added_tokens_decoder()
+        self._added_ids = frozenset(added)
         self._specials = {t.content: i for i, t in added.items() if t.special}
         self.special_ids: frozenset[int] = frozenset(self._specials.values())
         self.eos_token_id: int = self._resolve_eos(config)
@@ -159,6 +178,18 @@ class HFTokenizer:
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise TokenizerError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a special token: its text; SentencePiece: "▁" is a space)."""
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if token_id in self._added_ids:
+            return token.encode("utf-8")
+        if self._byte_alphabet is not None:
+            return bytes(self._byte_alphabet[c] for c in token)
+        byte = BYTE_TOKEN.fullmatch(token)
+        return bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode("utf-8")
 
     def to_json(self) -> str:
         """The tokenizer.json text, for libraries that build their own view of the vocabulary (llguidance)."""
