@@ -10,13 +10,14 @@ import jsonschema
 import pytest
 import torch
 from assets import write_tiny_chatml_tokenizer
+from reference import ContiguousKVCache
 
 import qwen_awq
 from qwen_awq.chat import encode_messages
 from qwen_awq.engine.guided import GuidedDecoding, GuidedSpec, apply_guided_masks, unpack_bitmask
 from qwen_awq.engine.output import eos_ids
 from qwen_awq.errors import GrammarError
-from qwen_awq.models.attention import ContiguousKVCache, ForwardBatch
+from qwen_awq.models.attention import ForwardBatch
 from qwen_awq.tokenizer import HFTokenizer, QwenTokenizer
 
 _INT = {"type": "integer", "minimum": -99, "maximum": 99}
