@@ -85,6 +85,14 @@ class GuidedSpec:
         return cls("grammar", text)
 
 
+def json_rule(schema: dict[str, Any]) -> str:
+    """A Lark rule body (`%json {...}`) for JSON that follows `schema`, written with JSON_OPTIONS: for grammars
+    that embed JSON, such as a tool call's arguments."""
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
+
 def grammar_text(spec: GuidedSpec) -> str:
     """The spec in llguidance's grammar format (not yet checked)."""
     try:
