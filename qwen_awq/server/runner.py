@@ -136,7 +136,7 @@ class Runner:
     async def guided(self, constraints: list[Constraint], prefix: str = "") -> GuidedSpec | None:
         """The request's one structured-output constraint (None without one), compiled now in the CPU threads
         (the first one builds llguidance's view of the vocabulary), so that an invalid schema is a 4xx with the
-        validator's message, `prefix` first."""
+        validator's message after `prefix` (default: the field's name)."""
         if not constraints:
             return None
         if len(constraints) > 1:
@@ -150,7 +150,7 @@ class Runner:
             spec = SPEC_OF[c.kind](c.value)
             await self.offload(lambda: core.guided_decoding().compile(spec))
         except GrammarError as e:
-            raise APIError(Kind.INVALID, f"{prefix}{c.param}: {e}", param=c.param) from None
+            raise APIError(Kind.INVALID, f"{prefix or c.param + ': '}{e}", param=c.param) from None
         return spec
 
     def chat_max_tokens(self, prompt_len: int) -> int:
