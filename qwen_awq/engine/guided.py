@@ -234,9 +234,13 @@ class GuidedDecoding:
         if not rows:
             return
         constrained = [matchers[i] for i in rows]
-        same = pending is not None and len(pending[0]) == len(rows) and all(
-            a is b for a, b in zip(pending[0], constrained, strict=True))
-        bitmask = pending[1].result() if same else self.fill(constrained)
+        if pending is not None and len(pending[0]) == len(rows) and all(
+                a is b for a, b in zip(pending[0], constrained, strict=True)):
+            bitmask = pending[1].result()
+        else:
+            if pending is not None:  # stale: let it finish, so that no matcher is in two computations at once
+                pending[1].exception()
+            bitmask = self.fill(constrained)
         mask_rows(logits, rows, bitmask)
 
 
