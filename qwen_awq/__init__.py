@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    """Lazy exports, so `import qwen_awq` stays light: LLM, SamplingParams."""
+    """Lazy exports, so `import qwen_awq` stays light: LLM, SamplingParams, GuidedSpec."""
     if name == "LLM":
         from qwen_awq.engine.llm import LLM
 
@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from qwen_awq.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "GuidedSpec":
+        from qwen_awq.engine.guided import GuidedSpec
+
+        return GuidedSpec
     raise AttributeError(f"module 'qwen_awq' has no attribute {name!r}")
 
 

@@ -4,21 +4,30 @@ rows of a batch's logits (unconstrained rows are not touched).
 
 llguidance sees the vocabulary as bytes: Qwen's tiktoken ranks and specials, or the folder's tokenizer.json; ids
 between the tokenizer's vocabulary and the model's padded logits width are never allowed. A grammar that is
-complete allows only the end-of-sequence ids; `is_terminated()` says so, and the caller ends the sequence.
+complete allows only the end-of-sequence ids; `is_terminated()` says so, and the engine ends the sequence.
+
+In the engine: `GuidedDecoding.prefetch` starts a step's masks in a worker thread (llguidance drops the GIL) while
+the model runs; the model runner's `apply_step_masks` waits for them and masks the rows before sampling; the
+engine's `GuidedMatcher.follow` advances each matcher to its sequence's output after sampling.
 """
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance as llg
 import torch
 
 from qwen_awq.errors import GrammarError
 from qwen_awq.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from qwen_awq.engine.sequence import Sequence as EngineSequence
 
 Kind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
 KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
@@ -76,6 +85,14 @@ class GuidedSpec:
         return cls("grammar", text)
 
 
+def json_rule(schema: dict[str, Any]) -> str:
+    """A Lark rule body (`%json {...}`) for JSON that follows `schema`, written with JSON_OPTIONS: for grammars
+    that embed JSON, such as a tool call's arguments."""
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
+
+
 def grammar_text(spec: GuidedSpec) -> str:
     """The spec in llguidance's grammar format (not yet checked)."""
     try:
@@ -110,9 +127,10 @@ def build_lltokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: Iterable[i
 class GuidedMatcher:
     """One sequence's position in its grammar: the next allowed ids, then each sampled id in turn."""
 
-    def __init__(self, matcher: llg.LLMatcher, vocab_size: int) -> None:
-        self._matcher, self.vocab_size = matcher, vocab_size
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int, owner: GuidedDecoding | None = None) -> None:
+        self._matcher, self.vocab_size, self.owner = matcher, vocab_size, owner
         self.words = (vocab_size + 31) // 32  # int32 words of a bitmask, bit i of word k = id 32k + i
+        self.num_accepted = 0  # ids consumed since the initial state
 
     def fill_bitmask(self, out: torch.Tensor) -> None:
         """Write the allowed ids into `out` (words,) int32, a contiguous CPU tensor."""
@@ -131,6 +149,19 @@ class GuidedMatcher:
         """Advance past a sampled id; an id the mask did not allow is a bug in the caller."""
         if not self._matcher.consume_token(int(token_id)):
             raise RuntimeError(f"token {token_id} is not allowed by the grammar: {self._matcher.get_error()}")
+        self.num_accepted += 1
+
+    def follow(self, output_ids: Sequence[int]) -> None:
+        """Bring the matcher to the end of a sequence's output ids: accept those it has not seen; when the output
+        is shorter than what was accepted (tokens taken back), roll back first. Recompute after preemption keeps
+        the output, so there the matcher simply stays where it is."""
+        extra = self.num_accepted - len(output_ids)
+        if extra > 0:
+            if not self._matcher.rollback(extra):
+                raise RuntimeError(f"cannot roll the grammar back by {extra} tokens: {self._matcher.get_error()}")
+            self.num_accepted -= extra
+        for token in output_ids[self.num_accepted:]:
+            self.accept(token)
 
     def is_terminated(self) -> bool:
         """The grammar is complete (only end-of-sequence could follow) or end-of-sequence was accepted."""
@@ -143,7 +174,8 @@ class GuidedMatcher:
 
 class GuidedDecoding:
     """Structured output for one model: llguidance's tokenizer (built once: about a second for 150k ids), an LRU
-    of compiled grammars keyed by spec, and a thread pool that computes a batch's masks in parallel."""
+    of compiled grammars keyed by spec (safe to use from several threads), and the masks of a step: computed by
+    llguidance's thread pool, started early by `prefetch` so that they overlap the model's forward pass."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: Iterable[int],
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
@@ -151,31 +183,85 @@ class GuidedDecoding:
         self.lltokenizer = build_lltokenizer(tokenizer, vocab_size, eos_ids)
         self.cache_size = cache_size
         self._compiled: OrderedDict[GuidedSpec, llg.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()  # the server compiles in its CPU threads while the engine thread copies
         self._executor = llg.LLExecutor()
+        self._worker: ThreadPoolExecutor | None = None  # one thread: prefetched steps never overlap
+        self._pending: tuple[tuple[GuidedMatcher, ...], Future[torch.Tensor]] | None = None
 
     def compile(self, spec: GuidedSpec) -> llg.LLMatcher:
         """The spec's checked grammar in its initial state (cached); raises GrammarError with the reason."""
-        if spec in self._compiled:
-            self._compiled.move_to_end(spec)
-            return self._compiled[spec]
-        grammar = grammar_text(spec)
-        problem = llg.LLMatcher.validate_grammar(grammar, self.lltokenizer)
-        if problem:
-            raise GrammarError(f"invalid {spec.kind}: {problem}")
-        compiled = llg.LLMatcher(self.lltokenizer, grammar, log_level=0)
-        if compiled.is_error():
-            raise GrammarError(f"invalid {spec.kind}: {compiled.get_error()}")
-        self._compiled[spec] = compiled
-        if len(self._compiled) > self.cache_size:
-            self._compiled.popitem(last=False)
+        with self._lock:
+            if spec in self._compiled:
+                self._compiled.move_to_end(spec)
+                return self._compiled[spec]
+        compiled = _compile(spec, self.lltokenizer)  # outside the lock: a large grammar takes a while
+        with self._lock:
+            self._compiled[spec] = compiled
+            if len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
         return compiled
 
     def matcher(self, spec: GuidedSpec) -> GuidedMatcher:
         """A fresh per-sequence matcher (a copy of the compiled grammar's initial state)."""
-        return GuidedMatcher(self.compile(spec).deep_copy(), self.vocab_size)
+        compiled = self.compile(spec)
+        with self._lock:
+            return GuidedMatcher(compiled.deep_copy(), self.vocab_size, self)
+
+    def fill(self, matchers: Sequence[GuidedMatcher]) -> torch.Tensor:
+        """(len(matchers), words) int32 CPU bitmasks of the matchers' next ids, computed in parallel."""
+        pinned = torch.cuda.is_available()  # a pinned buffer makes the copy to the GPU asynchronous
+        bitmask = torch.empty((len(matchers), (self.vocab_size + 31) // 32), dtype=torch.int32, pin_memory=pinned)
+        pairs = [(m._matcher, j) for j, m in enumerate(matchers)]
+        self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(matchers))
+        return bitmask
+
+    def prefetch(self, matchers: Sequence[GuidedMatcher | None]) -> None:
+        """Start computing the masks of a step's sampling rows (None: unconstrained) in the background."""
+        rows = tuple(m for m in matchers if m is not None)
+        if not rows:
+            self._pending = None
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="qwen-awq-guided")
+        self._pending = (rows, self._worker.submit(self.fill, rows))
 
     def apply_masks(self, logits: torch.Tensor, matchers: Sequence[GuidedMatcher | None]) -> None:
-        apply_guided_masks(logits, matchers, self._executor)
+        """Mask, in place, the rows of logits (rows, vocab) whose matcher is not None, with the prefetched masks
+        when they were started for exactly these matchers (else computed now)."""
+        check_rows(logits, matchers)
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        pending, self._pending = self._pending, None
+        if not rows:
+            return
+        constrained = [matchers[i] for i in rows]
+        if pending is not None and len(pending[0]) == len(rows) and all(
+                a is b for a, b in zip(pending[0], constrained, strict=True)):
+            bitmask = pending[1].result()
+        else:
+            if pending is not None:  # stale: let it finish, so that no matcher is in two computations at once
+                pending[1].exception()
+            bitmask = self.fill(constrained)
+        mask_rows(logits, rows, bitmask)
+
+
+def _compile(spec: GuidedSpec, lltokenizer: llg.LLTokenizer) -> llg.LLMatcher:
+    grammar = grammar_text(spec)
+    problem = llg.LLMatcher.validate_grammar(grammar, lltokenizer)
+    if problem:
+        raise GrammarError(f"invalid {spec.kind}: {problem}")
+    compiled = llg.LLMatcher(lltokenizer, grammar, log_level=0)
+    if compiled.is_error():
+        raise GrammarError(f"invalid {spec.kind}: {compiled.get_error()}")
+    return compiled
+
+
+def apply_step_masks(logits: torch.Tensor, seqs: Sequence[EngineSequence]) -> None:
+    """The model runner's hook: mask, in place, the rows of a step's logits (S, V) whose sequence carries a
+    matcher, before penalties and temperature; rows of unconstrained sequences are not touched."""
+    matchers = [seq.matcher for seq in seqs]
+    owner = next((m.owner for m in matchers if m is not None), None)
+    if owner is not None:
+        owner.apply_masks(logits, matchers)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
@@ -188,24 +274,32 @@ def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(allowed, (0, width - allowed.shape[1]), value=False)
 
 
+def check_rows(logits: torch.Tensor, matchers: Sequence[GuidedMatcher | None]) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(matchers):
+        raise ValueError(f"logits {tuple(logits.shape)} need one matcher (or None) per row, got {len(matchers)}")
+    if len({m.words for m in matchers if m is not None}) > 1:
+        raise ValueError("matchers of one batch must share a vocabulary width")
+
+
+def mask_rows(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """Set to -inf, in place, the ids that `bitmask` (len(rows), words) int32 does not allow in those rows."""
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])  # (R, V)
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))  # index_put_: writes only those rows
+
+
 def apply_guided_masks(logits: torch.Tensor, matchers: Sequence[GuidedMatcher | None],
                        executor: llg.LLExecutor | None = None) -> None:
     """Set to -inf, in place, the disallowed ids of each row of logits (rows, vocab) whose matcher is not None."""
-    if logits.dim() != 2 or logits.shape[0] != len(matchers):
-        raise ValueError(f"logits {tuple(logits.shape)} need one matcher (or None) per row, got {len(matchers)}")
+    check_rows(logits, matchers)
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return
-    words = {matchers[i].words for i in rows}
-    if len(words) != 1:
-        raise ValueError("matchers of one batch must share a vocabulary width")
-    bitmask = torch.empty((len(rows), words.pop()), dtype=torch.int32)  # (constrained rows, words), CPU
+    bitmask = torch.empty((len(rows), matchers[rows[0]].words), dtype=torch.int32)  # (constrained rows, words)
     if executor is not None:
         pairs = [(matchers[i]._matcher, j) for j, i in enumerate(rows)]
         executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(rows))
     else:
         for j, i in enumerate(rows):
             matchers[i].fill_bitmask(bitmask[j])
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])  # (R, V)
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))  # index_put_: writes only those rows
+    mask_rows(logits, rows, bitmask)

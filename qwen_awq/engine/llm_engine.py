@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -9,6 +10,7 @@ import torch
 
 from qwen_awq.engine.block_manager import BlockManager
 from qwen_awq.engine.cuda_graph import DecodeGraphs
+from qwen_awq.engine.guided import GuidedDecoding, GuidedMatcher
 from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.output import OutputTracker, eos_ids
@@ -16,7 +18,7 @@ from qwen_awq.engine.sampler import HostSample, make_generator
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
 from qwen_awq.engine.sequence import FinishReason, Sequence
-from qwen_awq.errors import ConfigError
+from qwen_awq.errors import ConfigError, GrammarError
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.tokenizer import Tokenizer
 
@@ -138,6 +140,8 @@ class LLMEngine:
         self.eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        self._guided: GuidedDecoding | None = None  # built by the first request with a structured-output spec
+        self._guided_lock = threading.Lock()
         tokens = num_blocks * config.block_size
         self.kv_report = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens "
                           f"({num_blocks * per_block / GiB:.2f} GiB, {'int8' if int8 else str(model.dtype)[6:]}); "
@@ -149,11 +153,27 @@ class LLMEngine:
         or Overloaded (the waiting queue, plus `pending` adds on their way, is full)."""
         self.scheduler.check_admission(num_prompt_tokens, params.max_tokens, pending)
 
+    def guided_decoding(self) -> GuidedDecoding:
+        """The engine's one structured-output state (llguidance's view of the tokenizer over the logits width),
+        built on first use: about a second for Qwen's 150k ids. Safe to call from any thread."""
+        with self._guided_lock:
+            if self._guided is None:
+                if self.tokenizer is None:
+                    raise GrammarError("structured output needs a tokenizer: pass tokenizer=...")
+                self._guided = GuidedDecoding(self.tokenizer, self.model.cfg.vocab_size, self.eos)
+            return self._guided
+
+    def check_guided(self, params: SamplingParams) -> None:
+        """Compile the request's structured-output spec now (cached), raising GrammarError when it is invalid."""
+        if params.guided is not None:
+            self.guided_decoding().compile(params.guided)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, cache_salt: str | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(len(prompt_ids), params)
+        self.check_guided(params)
         trackers = [OutputTracker(self.tokenizer, params, self.eos, len(prompt_ids), self.max_model_len)
                     for _ in range(params.n)]
         seqs = [self._sequence(request_id, prompt_ids, params, i, t, cache_salt) for i, t in enumerate(trackers)]
@@ -169,8 +189,11 @@ class LLMEngine:
         salt = cache_salt if alpha == 1.0 else f"{cache_salt}|ntk={alpha}"
         # each of a request's n samples gets its own stream: seed + index (vLLM's rule)
         generator = None if params.seed is None else make_generator(params.seed + index, self.model.device)
+        matcher = None if params.guided is None else self.guided_decoding().matcher(params.guided)
+        # a constrained sample bans no stop id for min_tokens: once its grammar is complete only end ids are left
+        stop_ids = () if matcher is not None else tuple(sorted(tracker.stop_ids))
         return Sequence(next(self._seq_ids), request_id, prompt_ids, params, cache_salt=salt, ntk_alpha=alpha,
-                        index=index, stop_ids=tuple(sorted(tracker.stop_ids)), generator=generator)
+                        index=index, stop_ids=stop_ids, generator=generator, matcher=matcher)
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -184,6 +207,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
+        if self._guided is not None:  # the step's masks are computed while the model runs
+            self._guided.prefetch([e.seq.matcher for e in batch.sampling])
         sampled = self.runner.step(batch)
         if sampled is None:
             self.scheduler.update(batch, {})
@@ -214,7 +239,7 @@ class LLMEngine:
     def _append(self, req: _Request, seq: Sequence, sampled: HostSample, row: int) -> None:
         token = sampled.tokens[row]
         tracker, out = req.trackers[seq.index], req.output.outputs[seq.index]
-        piece = tracker.add(token)
+        piece = tracker.add(token, grammar_done=_grammar_done(seq.matcher, seq.output_token_ids))
         out.text, out.token_ids = tracker.text, tracker.token_ids
         out.delta_text += piece
         out.delta_token_ids.append(token)
@@ -229,3 +254,11 @@ class LLMEngine:
         if tracker.finished:
             out.finish_reason, out.stop_reason = tracker.finish_reason, tracker.stop_reason
             self.scheduler.finish(seq, tracker.finish_reason)
+
+
+def _grammar_done(matcher: GuidedMatcher | None, output_ids: list[int]) -> bool:
+    """Advance a sequence's matcher past its new token; whether its grammar is now complete."""
+    if matcher is None:
+        return False
+    matcher.follow(output_ids)
+    return matcher.is_terminated()

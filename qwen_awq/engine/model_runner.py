@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from qwen_awq.engine.cuda_graph import DecodeGraphs
+from qwen_awq.engine.guided import apply_step_masks
 from qwen_awq.engine.kv_cache import KVPool
 from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, sample
 from qwen_awq.engine.scheduler import ScheduledBatch
@@ -39,6 +40,7 @@ class ModelRunner:
         if logits is None:
             return None
         seqs = [e.seq for e in batch.sampling]
+        apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,
                                  stop_ids_per_row=[s.stop_ids for s in seqs])

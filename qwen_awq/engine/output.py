@@ -35,6 +35,7 @@ class OutputTracker:
             raise SamplingError("stop strings need a tokenizer: pass tokenizer=...")
         self.params = params
         self.stop_ids = row_stop_ids(params, eos)
+        self.eos = eos
         self.detok = None if tokenizer is None else \
             IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.stops = StopChecker(params.stop, params.include_stop_str_in_output)
@@ -48,17 +49,22 @@ class OutputTracker:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int) -> str:
+    def add(self, token: int, grammar_done: bool = False) -> str:
+        """`grammar_done`: the sequence's structured-output grammar is complete, which ends it with "stop" (an end
+        id it took to get there is a stop id then, even with ignore_eos)."""
         if self.finished:
             raise RuntimeError("token added to a finished sequence")
         self.token_ids.append(token)
-        if token in self.stop_ids:
+        if token in self.stop_ids or (grammar_done and token in self.eos):
             self.finish_reason, self.stop_reason = FinishReason.STOP, token
             return self._emit("", final=True)
         piece = self.stops.feed(self.detok.add([token])) if self.detok is not None else ""
         if self.stops.stopped:
             self.finish_reason, self.stop_reason = FinishReason.STOP, self.stops.matched
             return self._emit(piece, final=False)
+        if grammar_done:
+            self.finish_reason = FinishReason.STOP
+            return self._emit(piece, final=True)
         if len(self.token_ids) >= self.limit:
             self.finish_reason = FinishReason.LENGTH
             return self._emit(piece, final=True)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from qwen_awq.engine.guided import GuidedSpec
 from qwen_awq.errors import SamplingError
 
 # vLLM's _SAMPLING_EPS: a temperature below this is treated as greedy (dividing by it would overflow).
@@ -74,6 +75,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token
+    # Structured output (vLLM's guided decoding): every sample matches it; min_tokens does not apply to it (a
+    # finished grammar allows only end ids), and a complete match ends the sample with "stop", ignore_eos or not.
+    guided: GuidedSpec | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -109,6 +113,9 @@ class SamplingParams:
                 raise SamplingError(f"{name} must be in [-2, 2], got {value}")
         if any(t < 0 for t in self.stop_token_ids):
             raise SamplingError(f"stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
+        if self.guided is not None and not isinstance(self.guided, GuidedSpec):
+            raise SamplingError(f"guided must be a GuidedSpec (e.g. GuidedSpec.json_schema(schema)), got "
+                                f"{type(self.guided).__name__}")
 
     def _check_counts(self) -> None:
         self.n = _as_int("n", self.n)

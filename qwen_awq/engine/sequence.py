@@ -1,5 +1,5 @@
 """One generation stream's state: its tokens, how many of them have KV in the cache, its block table, and
-what is its own within its request (index, stop ids, random generator).
+what is its own within its request (index, stop ids, random generator, structured-output matcher).
 
 The scheduler and block manager mutate it; the model runner and sampler read it; the engine finishes it.
 """
@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+    from qwen_awq.engine.guided import GuidedMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -60,6 +62,7 @@ class Sequence:
     index: int = 0  # which of its request's n samples this is
     stop_ids: tuple[int, ...] = ()  # ids that end it (sorted): banned by the sampler until min_tokens
     generator: torch.Generator | None = None  # its own random stream when the request is seeded
+    matcher: GuidedMatcher | None = None  # its own place in the request's grammar (SamplingParams.guided)
     finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
@@ -113,4 +116,4 @@ class Sequence:
 
     def finish(self, reason: FinishReason) -> None:
         self.status, self.finish_reason = SequenceStatus.FINISHED, FinishReason(reason)
-        self.generator = None  # nothing samples for it any more
+        self.generator = self.matcher = None  # nothing samples for it any more

@@ -4,7 +4,8 @@
 Absent sampling fields take the model's generation_config.json values. max_tokens defaults: chat, the room
 left in the context capped by the model's max_new_tokens; completions, 16 (vLLM's default). best_of (vLLM's
 extra) samples best_of and returns the n with the highest cumulative logprob; it cannot stream. response_format
-json_object/json_schema is accepted but not enforced (no constrained decoding).
+json_object/json_schema and vLLM's guided_json/regex/choice/grammar are enforced by a grammar (at most one per
+request); with tools, the ReAct reply is (a call must be, with tool_choice "required" or a named function).
 """
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error
-from qwen_awq.server.protocol import ChatMessage, ChatRequest, CompletionRequest, SamplingFields, body_doc, parse
+from qwen_awq.server.protocol import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    Constraint,
+    SamplingFields,
+    body_doc,
+    parse,
+)
 from qwen_awq.server.responses import (
     AssistantMessage,
     ChatChoice,
@@ -32,9 +41,11 @@ from qwen_awq.server.responses import (
     CompletionChoice,
     Delta,
     FunctionCallOut,
+    FunctionDelta,
     ModelCard,
     ModelList,
     Out,
+    ToolCallDelta,
     ToolCallOut,
     Usage,
     chat_logprobs,
@@ -43,6 +54,7 @@ from qwen_awq.server.responses import (
 from qwen_awq.server.runner import (
     CompletionOutput,
     Defaults,
+    GuidedSpec,
     RequestOutput,
     Run,
     SamplingParams,
@@ -51,7 +63,15 @@ from qwen_awq.server.runner import (
     event_stream,
     server_state,
 )
-from qwen_awq.server.tools import STOP_WORDS, Tool, chat_prompt_ids, offered_tools, parse_reply
+from qwen_awq.server.tools import (
+    STOP_WORDS,
+    ReplyStream,
+    Tool,
+    chat_prompt_ids,
+    offered_tools,
+    parse_reply,
+    reply_grammar,
+)
 
 router = APIRouter()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's (and OpenAI's legacy) default for /v1/completions
@@ -71,7 +91,7 @@ def json_reply(body: Out) -> Response:
 
 
 def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+                    extra_stop: tuple[str, ...] = (), guided: GuidedSpec | None = None) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
         raise APIError(Kind.INVALID, "stream_options is only allowed with stream=true", param="stream_options")
     if req.stop_token_ids:
@@ -87,7 +107,7 @@ def sampling_params(state: ServerState, req: SamplingFields, max_tokens: int, lo
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fields = {name: getattr(req, name) for name in PASSED}
     return state.runner.params(fields | {"n": samples, "max_tokens": max_tokens, "logprobs": logprobs,
-                                         "stop": stop + list(extra_stop)}, Defaults.MODEL)
+                                         "stop": stop + list(extra_stop), "guided": guided}, Defaults.MODEL)
 
 
 @dataclass
@@ -161,19 +181,24 @@ class ChatJob(Job):
     tools: list[Tool]
     legacy_functions: bool
 
+    def finish_reason(self, o: CompletionOutput, called: bool) -> str | None:
+        if called and o.finish_reason == "stop":  # a call cut by max_tokens still says "length"
+            return "function_call" if self.legacy_functions else "tool_calls"
+        return o.finish_reason
+
     def choice(self, state: ServerState, o: CompletionOutput) -> ChatChoice:
         message, finish = AssistantMessage(content=o.text), o.finish_reason
         if self.tools:
             reply = parse_reply(o.text)
             message = AssistantMessage(content=reply.content)
+            finish = self.finish_reason(o, bool(reply.calls))
             if reply.calls:
                 calls = [FunctionCallOut(name=c.name, arguments=c.arguments) for c in reply.calls]
                 if self.legacy_functions:
-                    message, finish = AssistantMessage(content=reply.content, function_call=calls[0]), "function_call"
+                    message = AssistantMessage(content=reply.content, function_call=calls[0])
                 else:
                     message = AssistantMessage(content=reply.content, tool_calls=[
-                        ToolCallOut(id=f"call_{uuid.uuid4().hex[:24]}", function=c) for c in calls])
-                    finish = "tool_calls"
+                        ToolCallOut(id=_call_id(), function=c) for c in calls])
         logprobs = None
         if self.top_logprobs is not None and o.logprobs is not None:
             logprobs = chat_logprobs(state.tokenizer, o.token_ids, o.logprobs, self.top_logprobs)
@@ -186,6 +211,21 @@ class ChatJob(Job):
     def events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
         return guarded(self._events(state, run))
 
+    def tool_delta(self, pieces: list[tuple[str, str]]) -> Delta:
+        """A streamed reply's pieces (tools.ReplyStream) as one OpenAI delta: content, then the call's first
+        delta (id, type, name) or pieces of its arguments; the legacy API streams `function_call` instead."""
+        content = "".join(p for kind, p in pieces if kind == "content") or None
+        name = next((p for kind, p in pieces if kind == "call"), None)
+        arguments = "".join(p for kind, p in pieces if kind == "arguments")
+        if name is None and not arguments:
+            return Delta(content=content) if content else Delta()
+        function = FunctionDelta(name=name, arguments=arguments) if name else FunctionDelta(arguments=arguments)
+        if self.legacy_functions:
+            return Delta(content=content, function_call=function) if content else Delta(function_call=function)
+        call = ToolCallDelta(index=0, id=_call_id(), type="function", function=function) if name else \
+            ToolCallDelta(index=0, function=function)
+        return Delta(content=content, tool_calls=[call]) if content else Delta(tool_calls=[call])
+
     async def _events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
         head = self.head(state, "chat.completion.chunk") | ({"usage": None} if self.include_usage else {})
 
@@ -196,25 +236,27 @@ class ChatJob(Job):
         for i in range(self.n):
             yield chunk(i, Delta(role="assistant", content=""))
         final, reported = None, set()
+        replies = [ReplyStream() for _ in range(self.n)]
         async with aclosing(run.outputs()) as outs:
             async for _, out in outs:
                 final = out
-                for o in out.outputs if not self.tools else ():  # a tool call is only known at the end
+                for o in out.outputs:
                     lp = _delta_logprobs(state, self, o, chat=True)
-                    if o.delta_text or lp or (o.finish_reason and o.index not in reported):
-                        if o.finish_reason:
+                    delta, finish = Delta(content=o.delta_text) if o.delta_text else Delta(), o.finish_reason
+                    if self.tools:
+                        reply = replies[o.index]
+                        delta = self.tool_delta(reply.feed(o.text, final=finish is not None))
+                        finish = self.finish_reason(o, reply.sent.name is not None)
+                    if delta.model_fields_set or lp or (finish and o.index not in reported):
+                        if finish:
                             reported.add(o.index)
-                        yield chunk(o.index, Delta(content=o.delta_text) if o.delta_text else Delta(),
-                                    o.finish_reason, lp)
-        for o in final.outputs if final is not None and self.tools else ():
-            choice = self.choice(state, o)
-            m = choice.message
-            calls = [c.model_copy(update={"index": i}) for i, c in enumerate(m.tool_calls or [])]
-            delta = Delta(**{k: v for k, v in (("content", m.content), ("tool_calls", calls or None),
-                                               ("function_call", m.function_call)) if v is not None})
-            yield chunk(o.index, delta, choice.finish_reason, choice.logprobs)
+                        yield chunk(o.index, delta, finish, lp)
         if self.include_usage and final is not None:
             yield sse(ChatCompletionChunk(**head | {"usage": self.usage([final])}, choices=[]))
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _texts(messages: list[ChatMessage]) -> list[str]:
@@ -228,18 +270,28 @@ def _texts(messages: list[ChatMessage]) -> list[str]:
 
 
 async def chat_job(state: ServerState, req: ChatRequest) -> ChatJob:
-    tools, legacy = offered_tools(req)
+    offer = offered_tools(req)
     runner = state.runner
     await runner.refuse_oversized(_texts(req.messages), "conversation")
-    ids = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages, tools, runner.chat_window)
+    ids, continued = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages, offer.tools,
+                                          runner.chat_window)
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(Kind.INVALID, "top_logprobs requires logprobs=true", param="top_logprobs")
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(state, req, runner.chat_max_tokens(len(ids)) if asked is None else asked, top,
-                             STOP_WORDS if tools else ())
+    constraints = req.constraints()
+    if offer.forced and constraints:
+        raise APIError(Kind.INVALID, "a required tool call cannot also follow " + constraints[0].param,
+                       param=constraints[0].param)
+    react = bool(offer.tools) and not constraints  # the reply grammar holds the ReAct format
+    if react:
+        constraints = [Constraint("tools", "grammar", reply_grammar(offer.tools, offer.forced, continued))]
+    guided = await runner.guided(constraints)
+    stop = STOP_WORDS if offer.tools and not react else ()  # the grammar itself ends a reply after a call
+    params = sampling_params(state, req, runner.chat_max_tokens(len(ids)) if asked is None else asked, top, stop,
+                             guided)
     usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatJob(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.n, top, usage, tools, legacy)
+    return ChatJob(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, req.n, top, usage, offer.tools, offer.legacy)
 
 
 @router.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest),
@@ -304,7 +356,7 @@ async def completion_job(state: ServerState, req: CompletionRequest) -> Completi
     for ids in prompts:
         runner.check_ids(ids)
     max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    params = sampling_params(state, req, max_tokens, req.logprobs)
+    params = sampling_params(state, req, max_tokens, req.logprobs, guided=await runner.guided(req.constraints()))
     echo = [p if isinstance(p, str) else await runner.decode(p) for p in prompt] if req.echo else None
     usage = bool(req.stream_options and req.stream_options.include_usage)
     return CompletionJob(f"cmpl-{uuid.uuid4().hex}", prompts, params, req.n, req.logprobs, usage, echo)

@@ -1,10 +1,11 @@
 """Request bodies of every route (strict pydantic models: "10" is not an integer, "yes" not a boolean), and the
 one reader of request bodies: JSON content type, a size cap, and a parser that refuses lone UTF-16 surrogates,
 NaN and nesting deeper than 200 levels as one-line 4xx errors. Range checks of sampling values live in
-SamplingParams."""
+SamplingParams; structured-output fields of every spelling are read here into `Constraint`s (the runner compiles
+them)."""
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import pydantic_core
 from fastapi import Request
@@ -18,6 +19,15 @@ M = TypeVar("M", bound=BaseModel)
 SEED = {"ge": -(2**63), "le": 2**64 - 1}  # what torch generators accept (vLLM's bounds too)
 
 
+class Constraint(NamedTuple):
+    """One structured-output field of a request, as the engine's kinds name it: json_object, json_schema (value:
+    the schema), regex, choice (a list of strings) or grammar (Lark/GBNF text)."""
+
+    param: str  # the field it came from, for the error
+    kind: str
+    value: Any = None
+
+
 class Body(BaseModel):
     # Unknown fields are ignored, as vLLM does: clients send vendor extras we have no use for. Strict: a
     # number sent as a string or a boolean as a word is the client's mistake, not something to guess at.
@@ -28,7 +38,42 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(Body):
+class JsonSchemaFormat(Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # accepted: the schema is always enforced
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object":
+            return Constraint("response_format", "json_object")
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                return Constraint("response_format.json_schema", "json_schema", None)  # refused by the runner
+            return Constraint("response_format.json_schema", "json_schema", self.json_schema.schema_)
+        return None
+
+
+class GuidedFields(Body):
+    """vLLM's structured-output extras (and OpenAI's response_format): at most one of them per request."""
+
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraints(self) -> list[Constraint]:
+        given = [("guided_json", "json_schema", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+                 ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar)]
+        return [Constraint(*c) for c in given if c[2] is not None]
+
+
+class SamplingFields(GuidedFields):
     """OpenAI sampling fields plus vLLM's extras; None means "the model's generation_config default"."""
 
     model: str | None = None
@@ -52,6 +97,11 @@ class SamplingFields(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as by vLLM
+    response_format: ResponseFormat | None = None
+
+    def constraints(self) -> list[Constraint]:
+        own = self.response_format.constraint() if self.response_format is not None else None
+        return ([own] if own is not None else []) + super().constraints()
 
 
 class FunctionCall(Body):
@@ -90,12 +140,6 @@ class ToolDef(Body):
     function: FunctionDef
 
 
-class ResponseFormat(Body):
-    # json_object / json_schema are accepted but not enforced: no grammar-constrained decoding (documented).
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -105,7 +149,6 @@ class ChatRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | ToolDef | None = None
     functions: list[FunctionDef] | None = None
     function_call: Literal["none", "auto"] | FunctionCall | None = None
-    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -115,13 +158,28 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
+class TGIGrammar(Body):
+    """TGI's grammar: {"type": "json", "value": schema} | {"type": "regex", "value": pattern} | {"type":
+    "json_schema", "value": {"name", "schema"}} (TGI 3)."""
+
+    type: Literal["json", "regex", "json_schema"]
+    value: Any
+
+    def constraint(self) -> Constraint:
+        if self.type == "regex":
+            return Constraint("grammar", "regex", self.value)
+        schema = self.value.get("schema") if self.type == "json_schema" and isinstance(self.value, dict) else \
+            self.value
+        return Constraint("grammar", "json_schema", schema)
+
+
 class TGIParameters(Body):
     best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
     frequency_penalty: float | None = None
-    grammar: dict[str, Any] | None = None
+    grammar: TGIGrammar | None = None
     max_new_tokens: int | None = None
     repetition_penalty: float | None = None
     return_full_text: bool = False
@@ -143,9 +201,9 @@ class TGIRequest(Body):
     stream: bool = False
 
 
-class VLLMGenerateRequest(Body):
-    """vLLM's legacy api_server body: the prompt plus SamplingParams fields by name (None: vLLM's default).
-    Other names are kept as extras and refused by name."""
+class VLLMGenerateRequest(GuidedFields):
+    """vLLM's legacy api_server body: the prompt plus SamplingParams fields by name (None: vLLM's default), and
+    vLLM's guided_* fields. Other names are kept as extras and refused by name."""
 
     model_config = ConfigDict(extra="allow", strict=True)
     prompt: str

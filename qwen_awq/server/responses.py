@@ -60,11 +60,27 @@ class FunctionCallOut(Out):
 
 
 class ToolCallOut(Out):
-    optional = frozenset({"index"})
-    index: int | None = None  # streamed deltas only
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallOut
+
+
+class FunctionDelta(Out):
+    """A streamed piece of a call: its name first (with empty arguments), then pieces of the arguments."""
+
+    optional = frozenset({"name", "arguments"})
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Out):
+    """A streamed piece of tool call `index`: id, type and name in its first delta only (OpenAI's chunks)."""
+
+    optional = frozenset({"id", "type"})
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
 
 
 class AssistantMessage(Out):
@@ -79,8 +95,8 @@ class Delta(Out):
     optional = frozenset({"role", "content", "tool_calls", "function_call"})
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[ToolCallOut] | None = None
-    function_call: FunctionCallOut | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionDelta | None = None
 
 
 class ChatChoice(Out):

@@ -1,7 +1,9 @@
 """The server's one bridge to the engine: sampling parameters and their defaults, the admission check, the
 engine requests behind one HTTP request (merged, recorded in the metrics, aborted when the client leaves), SSE
-streaming, and the CPU work (tokenization, template rendering, detokenization) run in a thread pool so that the
-event loop stays free. Routes use the engine only through this module.
+streaming, the structured-output constraints of every API as the engine's GuidedSpec (compiled off the event loop,
+so an invalid one is refused before anything is queued), and the CPU work (tokenization, template rendering,
+detokenization) run in a thread pool so that the event loop stays free. Routes use the engine only through this
+module.
 """
 from __future__ import annotations
 
@@ -21,19 +23,25 @@ from starlette.types import Receive, Scope, Send
 
 from qwen_awq.chat import window_size
 from qwen_awq.engine.async_engine import AsyncEngine, GenerationFailed
+from qwen_awq.engine.guided import GuidedSpec, json_rule
 from qwen_awq.engine.llm_engine import CompletionOutput, RequestOutput
 from qwen_awq.engine.sampling_params import REPLY_MAX_TOKENS, SamplingParams
-from qwen_awq.errors import ContextLengthError, QwenAwqError
+from qwen_awq.errors import ContextLengthError, GrammarError, QwenAwqError
 from qwen_awq.server.errors import APIError, ClientDisconnected, Flavor, Kind, log
 from qwen_awq.server.metrics import EngineStats, Metrics, RequestRecord
+from qwen_awq.server.protocol import Constraint
 
-__all__ = ["CompletionOutput", "Defaults", "RequestOutput", "Run", "Runner", "SamplingParams", "ServerState"]
+__all__ = ["CompletionOutput", "Defaults", "GuidedSpec", "RequestOutput", "Run", "Runner", "SamplingParams",
+           "ServerState", "json_rule"]
 T = TypeVar("T")
 CPU_WORKERS = 2  # tokenizer threads: each request's CPU work is one task; more threads only contend for cores
 # Unicode composition (NFC/NFKC, which Qwen's tokenizer applies) shrinks text at most 3:1 (three Hangul jamo,
 # 9 bytes, become one 3-byte syllable; the Kelvin sign, 3 bytes, lowercases to "k").
 COMPOSITION_SHRINK = 3
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # keep proxies from buffering events
+SPEC_OF: dict[str, Callable[[Any], GuidedSpec]] = {  # a Constraint's kind -> the engine's spec
+    "json_object": lambda _: GuidedSpec.json_object(), "json_schema": GuidedSpec.json_schema,
+    "regex": GuidedSpec.regex, "choice": GuidedSpec.choice, "grammar": GuidedSpec.grammar}
 
 
 class Defaults(enum.Enum):
@@ -124,6 +132,26 @@ class Runner:
         """SamplingParams from vLLM-named fields (None or absent: the default `defaults` names)."""
         model_defaults = self.engine.engine.model.generation_config if defaults is Defaults.MODEL else None
         return SamplingParams.from_defaults(model_defaults, **fields)
+
+    async def guided(self, constraints: list[Constraint], prefix: str = "") -> GuidedSpec | None:
+        """The request's one structured-output constraint (None without one), compiled now in the CPU threads
+        (the first one builds llguidance's view of the vocabulary), so that an invalid schema is a 4xx with the
+        validator's message after `prefix` (default: the field's name)."""
+        if not constraints:
+            return None
+        if len(constraints) > 1:
+            raise APIError(Kind.INVALID, f"{prefix}send at most one structured-output constraint, got "
+                           f"{', '.join(c.param for c in constraints)}", param=constraints[1].param)
+        c = constraints[0]
+        core = self.engine.engine
+        try:
+            if c.kind == "json_schema" and c.value is None:
+                raise GrammarError(f"{c.param} needs a `schema`")
+            spec = SPEC_OF[c.kind](c.value)
+            await self.offload(lambda: core.guided_decoding().compile(spec))
+        except GrammarError as e:
+            raise APIError(Kind.INVALID, f"{prefix or c.param + ': '}{e}", param=c.param) from None
+        return spec
 
     def chat_max_tokens(self, prompt_len: int) -> int:
         """A chat's max_tokens when absent: the model's max_new_tokens (else REPLY_MAX_TOKENS), cut to the room

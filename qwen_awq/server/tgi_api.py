@@ -2,8 +2,9 @@
 and the handlers behind the shared /generate and /tokenize (the app sends TGI's bodies here).
 
 Sampling follows TGI: greedy unless do_sample or a warper (temperature, top_k, top_p, typical_p) is set;
-unlike TGI, temperature 0 (greedy) and top_p 1.0 (off) are accepted. typical_p and watermark are accepted,
-not applied; grammar, adapter_id and decoder_input_details are refused with 422.
+unlike TGI, temperature 0 (greedy) and top_p 1.0 (off) are accepted. `grammar` (json / regex / json_schema) is
+enforced; an invalid one is a 422 "grammar is not valid: ...". typical_p and watermark are accepted, not applied;
+adapter_id and decoder_input_details are refused with 422.
 """
 from __future__ import annotations
 
@@ -60,8 +61,7 @@ class TGIJob:
 
 
 def _refuse_unsupported(p: TGIParameters, stream: bool) -> None:
-    unsupported = {"grammar": p.grammar is not None, "adapter_id": p.adapter_id is not None,
-                   "decoder_input_details": p.decoder_input_details}
+    unsupported = {"adapter_id": p.adapter_id is not None, "decoder_input_details": p.decoder_input_details}
     for name, given in unsupported.items():
         if given:
             raise APIError(Kind.INVALID, f"`{name}` is not supported by this server; remove it", param=name)
@@ -107,7 +107,8 @@ async def tgi_job(state: ServerState, req: TGIRequest, stream: bool) -> TGIJob:
         ids = ids[-p.truncate:]
     if not ids:
         raise APIError(Kind.INVALID, "`inputs` cannot be empty", param="inputs")
-    params = runner.params(_fields(p, len(ids), runner.max_model_len), Defaults.VLLM)
+    guided = await runner.guided([p.grammar.constraint()] if p.grammar else [], prefix="grammar is not valid: ")
+    params = runner.params(_fields(p, len(ids), runner.max_model_len) | {"guided": guided}, Defaults.VLLM)
     return TGIJob(f"tgi-{uuid.uuid4().hex}", ids, params, req)
 
 

@@ -2,7 +2,8 @@
 sends /generate and /tokenize here unless the body is TGI's ("inputs").
 
 Legacy /generate uses vLLM's SamplingParams defaults (max_tokens 16, temperature 1), echoes the prompt, and
-streams cumulative {"text": [...]} objects separated by NUL bytes.
+streams cumulative {"text": [...]} objects separated by NUL bytes; vLLM's guided_json/regex/choice/grammar are
+enforced.
 """
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from qwen_awq.server.errors import APIError, Flavor, Kind, as_api_error, set_flavor
-from qwen_awq.server.protocol import DetokenizeRequest, TokenizeRequest, VLLMGenerateRequest, body_doc, parse, validate
+from qwen_awq.server.protocol import (
+    DetokenizeRequest,
+    GuidedFields,
+    TokenizeRequest,
+    VLLMGenerateRequest,
+    body_doc,
+    parse,
+    validate,
+)
 from qwen_awq.server.responses import Detokenized, Tokenized, VLLMOutput
 from qwen_awq.server.runner import Defaults, Run, ServerState, collect, event_stream, server_state
 from qwen_awq.server.tools import chat_prompt_ids
@@ -27,7 +36,8 @@ NUL = b"\0"  # vLLM's legacy stream delimiter
 
 def _sampling_fields(req: VLLMGenerateRequest) -> dict[str, Any]:
     """The SamplingParams fields the body gave, extras included (refused by name when unknown)."""
-    given = req.model_dump(exclude_unset=True, exclude={"prompt", "stream", "use_beam_search", "best_of"})
+    guided = set(GuidedFields.model_fields)  # read by the runner as one constraint
+    given = req.model_dump(exclude_unset=True, exclude={"prompt", "stream", "use_beam_search", "best_of", *guided})
     # vLLM's own api_client example sends use_beam_search; old SamplingParams also had best_of.
     if req.use_beam_search:
         raise APIError(Kind.INVALID, "beam search is not supported; sample with n instead", param="use_beam_search")
@@ -42,7 +52,7 @@ async def generate(request: Request, state: ServerState, data: dict[str, Any]) -
         raise APIError(Kind.INVALID, "the body needs `inputs` (TGI's /generate) or `prompt` (vLLM's /generate)")
     set_flavor(request, Flavor.OPENAI)
     req = validate(VLLMGenerateRequest, data, prefix="invalid sampling parameters: ", with_param=False)
-    fields = _sampling_fields(req)
+    fields = _sampling_fields(req) | {"guided": await state.runner.guided(req.constraints())}
     params = state.runner.params(fields, Defaults.VLLM)
     if params.stop_token_ids:
         state.runner.check_ids(params.stop_token_ids, "stop_token_ids")
@@ -74,7 +84,7 @@ async def tokenize(state: ServerState, data: Any) -> Response:
     if req.prompt is not None:
         ids = await runner.encode_prompt(req.prompt, refuse_long=False)
     else:
-        ids = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages or [], [], runner.chat_window)
+        ids, _ = await runner.offload(chat_prompt_ids, runner.tokenizer, req.messages or [], [], runner.chat_window)
     def reply() -> str:  # a megabyte of text is a million ids: validate and write them off the event loop
         return Tokenized(count=len(ids), max_model_len=runner.max_model_len, tokens=ids).model_dump_json()
 
