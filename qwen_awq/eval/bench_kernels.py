@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,50 +22,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwen_awq.eval.bench_kernels_common import (
+    GROUP,
+    SHAPES,
+    check,
+    copies_for,
+    random_layer,
+    time_rotated,
+    w4_bytes,
+)
 from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.kernels.awq_gemm import awq_matmul
-from qwen_awq.quant.packing import dequantize_repacked, repack_awq
+from qwen_awq.quant.packing import dequantize_repacked
 
-SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Qwen-7B (K, N): qkv, o, gate_up, down
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096]
-GROUP = 128  # spec: awq.md, the checkpoint default
-ROTATE_BYTES = 512 * 2**20  # weights swept per replay: ~8x the H200's 60 MB L2
-TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max |y - ref| / max |ref|, as the unit tests use
 GEMV_MAX_M, MMA_MAX_M = 4, 512  # beyond these the kernel rereads weights or loses to dense; not timed
-
-
-def copies_for(nbytes: int) -> int:
-    return max(4, min(64, math.ceil(ROTATE_BYTES / nbytes)))
-
-
-def w4_bytes(k: int, n: int, m: int) -> int:
-    """Bytes an ideal W4 g128 kernel moves: int4 weights, fp16 scales, 4-bit zeros, fp16 x and y."""
-    return k * n // 2 + (k // GROUP) * n * 5 // 2 + 2 * m * (k + n)
-
-
-def random_layer(k: int, n: int, gen: torch.Generator) -> tuple[tuple, kern.W4Weight]:
-    """Random AutoAWQ tensors on the GPU (full-range words) and their repack."""
-    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=gen).cuda()
-    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // GROUP, n // 8), dtype=torch.int32, generator=gen).cuda()
-    scales = (torch.rand(k // GROUP, n, generator=gen) * 0.02 + 0.002).half().cuda()  # (K/G, N)
-    qt, sz = repack_awq(qweight, qzeros, scales, GROUP)
-    return (qweight, qzeros, scales), kern.W4Weight(qt, sz, GROUP, torch.float16, kern.new_locks("cuda"))
-
-
-def time_rotated(call: Callable, x: torch.Tensor, weights: list, rep_ms: int = 30) -> float:
-    """Median microseconds of call(x, w), from one CUDA graph that calls it once per weight copy."""
-    from triton.testing import do_bench
-
-    for w in weights[:2]:  # compile and warm up outside the capture
-        call(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            call(x, w)
-    ms = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
-    del graph
-    return 1e3 * ms / len(weights)
 
 
 def copy_bandwidth() -> float:
@@ -77,12 +47,6 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * src.numel() / (ms * 1e-3) / 1e9
-
-
-def check(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor) -> float:
-    """Relative error of y against the float32 product with the exactly dequantized weight (N, K)."""
-    ref = x.float() @ ref_w.t()
-    return float((y.float() - ref).abs().max() / ref.abs().max())
 
 
 def tinygemm_weights(k: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -210,19 +174,41 @@ def bench_fusions(gen: torch.Generator, hidden: int = 4096, inter: int = 11008) 
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="path of the JSON results (a .md table goes beside it)")
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and print the tuned table")
     parser.add_argument("--asm", action="store_true", help="record registers and spills of compiled kernels")
+
+
+def register_kernels(bench_sub) -> None:
+    """`qwen-awq bench kernels` (the same flags as `python3 -m qwen_awq.eval.bench_kernels`)."""
+    k = bench_sub.add_parser("kernels", help="per-shape W4A16 linear table vs cuBLAS, tinygemm and the byte floor",
+                             description=__doc__.split("\n\n")[0])
+    add_arguments(k)
+    k.set_defaults(func=cmd_bench_kernels)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    run(args, "qwen-awq bench kernels " + " ".join(sys.argv[3:]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    run(args, "python3 -m qwen_awq.eval.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
+        from qwen_awq.errors import ConfigError
+
+        raise ConfigError("bench kernels needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference products stay fp32
     gen, started = torch.Generator().manual_seed(1), time.time()
     bw, device = copy_bandwidth(), torch.cuda.get_device_name()
-    command = "python3 -m qwen_awq.eval.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"device": device, "torch": torch.__version__, "command": command, "copy_GBps": bw,
               "group_size": GROUP, "date": time.strftime("%Y-%m-%d")}
     out, title = Path(args.out), f"{device}: copy bandwidth {bw:.0f} GB/s (read + write); group size {GROUP}"
@@ -233,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1))  # each stage lands on disk before the next starts
     print(title, HEADER, sep="\n", flush=True)
     ms = [int(v) for v in args.ms.split(",")]
-    result["rows"] = [row for k, n in SHAPES for row in bench_shape(k, n, bw, gen, ms)]
+    result["rows"] = []
+    for k, n in SHAPES:  # each shape lands on disk as it finishes (a time limit keeps what is done)
+        result["rows"] += bench_shape(k, n, bw, gen, ms)
+        out.write_text(json.dumps(result, indent=1))
     try:
         result["fusions"] = bench_fusions(gen)
     except Exception as err:  # the linear table above is the main result: keep it

@@ -1,0 +1,57 @@
+"""What the W4A16 kernel benchmark (bench_kernels.py) and its tile sweep (bench_kernels_sweep.py) share: the
+Qwen-7B shapes, the byte count of an ideal kernel, random repacked layers, the rotated-weights CUDA-graph timer and
+the relative-error check."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from qwen_awq.kernels import w4a16 as kern
+from qwen_awq.quant.packing import repack_awq
+
+SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Qwen-7B (K, N): qkv, o, gate_up, down
+GROUP = 128  # spec: awq.md, the checkpoint default
+ROTATE_BYTES = 512 * 2**20  # weights swept per replay: ~8x the H200's 60 MB L2
+TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max |y - ref| / max |ref|, as the unit tests use
+
+
+def copies_for(nbytes: int) -> int:
+    return max(4, min(64, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def w4_bytes(k: int, n: int, m: int) -> int:
+    """Bytes an ideal W4 g128 kernel moves: int4 weights, fp16 scales, 4-bit zeros, fp16 x and y."""
+    return k * n // 2 + (k // GROUP) * n * 5 // 2 + 2 * m * (k + n)
+
+
+def random_layer(k: int, n: int, gen: torch.Generator) -> tuple[tuple, kern.W4Weight]:
+    """Random AutoAWQ tensors on the GPU (full-range words) and their repack."""
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, generator=gen).cuda()
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // GROUP, n // 8), dtype=torch.int32, generator=gen).cuda()
+    scales = (torch.rand(k // GROUP, n, generator=gen) * 0.02 + 0.002).half().cuda()  # (K/G, N)
+    qt, sz = repack_awq(qweight, qzeros, scales, GROUP)
+    return (qweight, qzeros, scales), kern.W4Weight(qt, sz, GROUP, torch.float16, kern.new_locks("cuda"))
+
+
+def time_rotated(call: Callable, x: torch.Tensor, weights: list, rep_ms: int = 30) -> float:
+    """Median microseconds of call(x, w), from one CUDA graph that calls it once per weight copy."""
+    from triton.testing import do_bench
+
+    for w in weights[:2]:  # compile and warm up outside the capture
+        call(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            call(x, w)
+    ms = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
+    del graph
+    return 1e3 * ms / len(weights)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor) -> float:
+    """Relative error of y against the float32 product with the exactly dequantized weight (N, K)."""
+    ref = x.float() @ ref_w.t()
+    return float((y.float() - ref).abs().max() / ref.abs().max())
