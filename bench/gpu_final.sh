@@ -1,21 +1,25 @@
 #!/bin/bash
 # The coordinator's last GPU call (issues 10 and 12): every figure the issues name, in one run on one H200.
 #   OUT=/some/dir bash bench/gpu_final.sh [SECTION ...]        (run from the repo root; no SECTION: all, in order)
-# Sections, by importance, with their estimate on an H200 (seconds; from bench/results and the spec's figures):
-#   copy        10  device-to-device copy bandwidth (the floors' denominator)
-#   fastpath    45  bench/gpu_fastpath_check.py, if present (the fused decode path vs the eager reference)
-#   decode     175  bench decode 256 tokens, batch 1 and 32, AWQ and fp16, int4 peer (torch.compile ~60-90 s) and
-#                   HF eager at batch 1, profile row at 2048 tokens, the peak-memory check
-#   throughput  95  bench throughput 128 x (512 + 256), AWQ and fp16, HF batched generate
-#   kernels     55  paged attention bench (no sweep) and bench kernels at M = 1, 16
-#   serve       65  bench serve-sweep at concurrency 1/16/64/128 against `qwen-awq serve --synthetic qwen-7b`
-#   coldstart   60  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton cache)
-#   quantize    40  bench quantize --layers 1, 128 x 512 calibration tokens (per block time, extrapolated)
-#   profile8k   75  only if time is left: the profile row at 8192 tokens
-# Total budget TOTAL_BUDGET (default 540 s) from the start: each section gets min(its cap, what is left) under
-# `timeout`, and is skipped when under MIN_SECTION_S are left. Results go to $OUT as each section ends (at most
-# 8 files come back): results.json (every section's JSON), summary.md (key figures + every table), log.txt, and
-# serve_sweep.png. Env: VOCAB (qwen.tiktoken), WHL_DIR (carried wheels), TOTAL_BUDGET, SMOKE=1 (CPU, qwen-tiny).
+# Sections, by importance, with their estimate on an H200 (seconds; from bench/results and the spec's figures:
+# torch.compile of the peer ~60-90 s, a 7B build on the GPU ~5 s, HF 7B init ~10 s, HF eager ~12 tok/s):
+#   copy          8  device-to-device copy bandwidth (the floors' denominator)
+#   fastpath     45  bench/gpu_fastpath_check.py, if present (p2-fastpath's check of the fused decode path)
+#   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
+#                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
+#   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
+#   kernels      45  paged attention bench (no sweep, short budget) and bench kernels at M = 1
+#   serve        60  bench serve-sweep at concurrency 1/16/64/128, 2 x concurrency requests each (server start ~25 s)
+#   coldstart    70  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton
+#                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
+#   quantize     35  bench quantize --layers 1, 128 x 512 calibration tokens (per-block time, extrapolated)
+#   profile8k    75  only if time is left: the profile rows at 8192 tokens
+# Sum without profile8k: ~535 s (+ ~12 s setup). TOTAL_BUDGET (default 540 s) counts from the start: each section
+# gets min(its cap, what is left) under `timeout` and is skipped when under MIN_SECTION_S are left, so the tail
+# (quantize, profile8k) is what a slow run loses. Results go to $OUT as each section ends (at most 8 files come
+# back): results.json (every section's JSON), summary.md (key figures + every table), log.txt, serve_sweep.png.
+# Env: VOCAB (qwen.tiktoken), WHL_DIR (carried wheels), TOTAL_BUDGET, COLD_WARM, SMOKE=1 (CPU, qwen-tiny: checks
+# the script, not the GPU).
 set -u -o pipefail
 START=$(date +%s)
 TOTAL_BUDGET=${TOTAL_BUDGET:-540}
@@ -80,11 +84,13 @@ else
   M=qwen-7b DEV=() DECODE=(--tokens 256 --batch 1 32 --runs 3 --profile 2048) P8K=8192
   THROUGHPUT=(--num-prompts 128 --input-len 512 --output-len 256)
   SERVE=(--concurrency 1,16,64,128 --input-len 512 --output-len 256) QUANT=(--samples 128 --seqlen 512)
-  ATTN=(--budget 30)
+  ATTN=(--budget 70)
 fi
+COLD=()
+[ "${COLD_WARM:-0}" = 1 ] && COLD=(--repeat-warm)
 
 sec_copy() {
-  run_section copy 10 60 $PY -c "import json, torch; from qwen_awq.eval.peers import copy_bandwidth; \
+  run_section copy 8 60 $PY -c "import json, torch; from qwen_awq.eval.peers import copy_bandwidth; \
 bw = copy_bandwidth(); json.dump({'device': torch.cuda.get_device_name(), 'copy_bytes_per_s': bw}, \
 open('$WORK/copy.json', 'w')); print(f'copy bandwidth {bw / 1e9:.0f} GB/s (read + write)')"
 }
@@ -96,7 +102,7 @@ sec_fastpath() {
   fi
 }
 sec_decode() {
-  run_section decode 175 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
+  run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
     --peers int4 hf --peer-batch 1 --profile-runs 1 --json-out "$WORK/decode.json"
 }
 sec_throughput() {
@@ -104,25 +110,25 @@ sec_throughput() {
     "${THROUGHPUT[@]}" --peers --json-out "$WORK/throughput.json"
 }
 sec_kernels() {
-  run_section attention 30 50 $PY bench/attention_bench.py --out "$WORK/attention" "${ATTN[@]}"
-  run_section kernels 25 45 $CLI bench kernels --out "$WORK/kernels.json" --ms 1,16
+  run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" "${ATTN[@]}"
+  run_section kernels 20 40 $CLI bench kernels --out "$WORK/kernels.json" --ms 1
 }
 sec_serve() {
   local offline=()
   [ -f "$WORK/throughput.json" ] && offline=(--offline "$WORK/throughput.json")
-  run_section serve 65 150 $CLI bench serve-sweep --synthetic $M "${DEV[@]}" --quant awq --tokenizer "$VOCAB" \
+  run_section serve 60 150 $CLI bench serve-sweep --synthetic $M "${DEV[@]}" --quant awq --tokenizer "$VOCAB" \
     "${SERVE[@]}" --prompts-per-level 2 "${offline[@]}" --out-dir "$WORK/serve" --startup-timeout 120
   # the sweep stops its server itself, also on SIGTERM; this catches a SIGKILL (only the pid it started)
   if [ -f "$WORK/serve/server.pid" ]; then kill "$(cat "$WORK/serve/server.pid")" 2>/dev/null; fi
   cat "$WORK/serve/server.log" >>"$LOG" 2>/dev/null
 }
 sec_coldstart() {
-  run_section coldstart 60 170 $CLI bench cold-start --synthetic $M "${DEV[@]}" --tokenizer "$VOCAB" \
-    --dir "$WORK/cold" --timeout 150 --json-out "$WORK/cold_start.json"
+  run_section coldstart 70 200 $CLI bench cold-start --synthetic $M "${DEV[@]}" --tokenizer "$VOCAB" \
+    --dir "$WORK/cold" --timeout 150 "${COLD[@]}" --json-out "$WORK/cold_start.json"
   rm -rf "$WORK/cold"
 }
 sec_quantize() {
-  run_section quantize 40 120 $CLI bench quantize --synthetic $M "${DEV[@]}" --layers 1 --tokenizer "$VOCAB" \
+  run_section quantize 35 120 $CLI bench quantize --synthetic $M "${DEV[@]}" --layers 1 --tokenizer "$VOCAB" \
     "${QUANT[@]}" --dir "$WORK/quant" --json-out "$WORK/quantize.json"
   rm -rf "$WORK/quant"
 }

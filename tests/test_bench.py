@@ -183,5 +183,5 @@ def test_gpu_final_collects_partial_results(tmp_path):
     figures = {name: measured for name, measured, _ in key_figures(results)}
     assert figures["AWQ b1 256 tok/s (vs int4 peer; % floor)"] == "480.0 (1.53x; 52%)"
     assert figures["AWQ / fp16 at batch 32"] == "1.54x (4000 vs 2600)"
-    assert figures["cold start 7B AWQ -> first token (s)"] == "-"
+    assert figures["cold start 7B AWQ -> first token (s; empty / warm kernel cache)"] == "- / -"
     assert math.isclose(results["decode"]["rows"][0]["tok_per_s"], 480.0)

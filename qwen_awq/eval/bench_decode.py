@@ -3,7 +3,7 @@ byte floor, one table; the model card's profile table (1-token context, 2048 / 8
 memory, fp16 vs AWQ); and the peak-memory check (AWQ, batch 1, 2048 new tokens <= weights + KV used + 0.5 GB).
 
 Every run: a 1-token prompt per sequence, exactly N new tokens (EOS ignored, greedy), median of --runs after a
-warm-up, the KV cache sized to the run (eval/bench.sized_engine), peak memory reset per row. Peers (--peers): the
+warm-up, the KV cache sized to the run (eval/bench_engine.sized_engine), peak memory reset per row. Peers (--peers): the
 gpt-fast-style torch-int4 decoder compiled with CUDA graphs (eval/peers.StaticPeer; on a CPU the dense one,
 eager) and HF transformers' eager `generate` (fp16 on a GPU, fp32 on a CPU), in the same process.
 """
@@ -85,6 +85,8 @@ def our_rows(args: argparse.Namespace, quant: str | None) -> tuple[list[dict], l
     for r in rows:
         print(f"  {r['quant']} batch {r['batch']} x {r['new_tokens']}: {r['tok_per_s']:.1f} tok/s", flush=True)
     profile = [engine_decode(model, tokenizer, 1, n, args.profile_runs) for n in args.profile or ()]
+    for r in profile:
+        print(f"  {r['quant']} profile {r['new_tokens']}: {r['tok_per_s']:.1f} tok/s", flush=True)
     check = None
     batch1 = [r for r in profile + rows if r["batch"] == 1 and r["quant"] == "awq"]
     if batch1:

@@ -32,10 +32,9 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
     peers.reset_peak(model.device)
     engine = sized_engine(model, tokenizer, max_seqs, args.input_len + args.output_len, **extra)
     vocab = (tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size) - VOCAB_MARGIN
-    budget = engine.config.max_num_batched_tokens
-    warm_n = max(1, min(args.num_prompts, budget // args.input_len))  # one full prefill step, then decodes
-    warm = random_prompts(warm_n, args.input_len, vocab, args.seed + WARMUP_SEED)
-    run_requests(engine, warm, SamplingParams(max_tokens=4, ignore_eos=True))
+    # the timed run's schedule with 2 tokens each: every prefill / mixed-step shape compiles its kernels here
+    warm = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + WARMUP_SEED)
+    run_requests(engine, warm, SamplingParams(max_tokens=2, ignore_eos=True))
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
     params = SamplingParams(temperature=0.0 if args.greedy else 1.0, top_p=1.0, max_tokens=args.output_len,
                             ignore_eos=True)
