@@ -17,7 +17,7 @@ import torch
 
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.eval import peers
-from qwen_awq.eval.bench_engine import free_device_memory, kv_bytes_for, run_requests, sized_engine
+from qwen_awq.eval.bench_engine import free_device_memory, kv_bytes_for, run_requests, sized_engine, weights_label
 from qwen_awq.eval.bench_report import GB, add_output_args, checkpoint, environment, write_outputs
 from qwen_awq.eval.bench_tables import decode_markdown
 from qwen_awq.eval.synthetic import add_synthetic_args, model_from_args
@@ -58,7 +58,7 @@ def engine_decode(model: Any, tokenizer: Any, batch: int, new_tokens: int, runs:
            "new_tokens": new_tokens, "runs": runs, "median_s": median["seconds"], "tokens": median["tokens"],
            "tok_per_s": median["tokens"] / median["seconds"], "peak_gpu_bytes": peers.peak_bytes(device),
            "kv_pool_bytes": kv_bytes_for(model, batch, 1 + new_tokens), "cuda_graphs": graphs is not None,
-           "dtype": dtype, "weights": f"AWQ W4 g128, {dtype}" if model.cfg.quant else dtype}
+           "dtype": dtype, "weights": weights_label(model)}
     del engine, graphs
     free_device_memory()
     return row

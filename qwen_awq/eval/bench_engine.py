@@ -54,6 +54,12 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "steps": steps}
 
 
+def weights_label(model: Any) -> str:
+    """How a row names the model's weights: "AWQ W4 g128, float16" or the plain dtype."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return f"AWQ W4 g{model.cfg.quant.group_size}, {dtype}" if model.cfg.quant else dtype
+
+
 def free_device_memory() -> None:
     """Drop what finished runs left (engines hold CUDA graphs and pools through reference cycles)."""
     gc.collect()

@@ -16,7 +16,7 @@ import torch
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import ConfigError
 from qwen_awq.eval import peers
-from qwen_awq.eval.bench_engine import free_device_memory, random_prompts, run_requests, sized_engine
+from qwen_awq.eval.bench_engine import free_device_memory, random_prompts, run_requests, sized_engine, weights_label
 from qwen_awq.eval.bench_report import add_output_args, checkpoint, environment, write_outputs
 from qwen_awq.eval.bench_tables import throughput_markdown
 from qwen_awq.eval.synthetic import add_synthetic_args, model_from_args
@@ -45,7 +45,7 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
     free_device_memory()
     dtype = str(model.dtype).removeprefix("torch.")
     return {"system": "qwen-awq LLMEngine", "quant": "awq" if model.cfg.quant else "plain", "dtype": dtype,
-            "weights": f"AWQ W4 g128, {dtype}" if model.cfg.quant else dtype, "max_num_seqs": max_seqs,
+            "weights": weights_label(model), "max_num_seqs": max_seqs,
             "elapsed_s": r["seconds"],
             "tokens": r["tokens"], "steps": r["steps"], "out_tok_per_s": r["tokens"] / r["seconds"],
             "requests_per_s": args.num_prompts / r["seconds"],

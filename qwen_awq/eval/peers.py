@@ -2,9 +2,11 @@
 
 `StaticPeer` is a gpt-fast-style decoder written here: a static KV cache, the whole decode step under
 torch.compile(mode="reduce-overhead") (CUDA graphs), and, as the int4 peer, torch's built-in tinygemm kernel
-`torch._weight_int4pack_mm` (bf16, group 128) for every block Linear. `hf_generate` times HF transformers' eager
-`generate` on Qwen2ForCausalLM at Qwen-7B's sizes (Qwen v1 itself needs a folder's remote code, which we never run;
-Qwen2 with MHA and a q/k/v bias computes the same thing). Weights are random: speed does not depend on values.
+`torch._weight_int4pack_mm` (bf16, group 128) for every block Linear. `hf_model` / `hf_time` time HF transformers'
+eager `generate` on Qwen2ForCausalLM at Qwen-7B's sizes (Qwen v1 itself needs a folder's remote code, which we never
+run; Qwen2 with MHA and a q/k/v bias computes the same thing). Weights are random: speed does not depend on values.
+The byte floors (`weight_bytes`, `decode_bytes`: weights once per step plus every cached K/V) are divided by
+`copy_bandwidth`, measured in the same run.
 """
 from __future__ import annotations
 
