@@ -72,10 +72,16 @@ def key_figures(r: dict[str, Any]) -> list[list[str]]:
     dec, thr, srv = r.get("decode", {}), r.get("throughput", {}), r.get("serve", {})
     awq1, fp1 = _row(dec.get("rows"), quant="awq", batch=1), _row(dec.get("rows"), quant="plain", batch=1)
     awq32, fp32 = _row(dec.get("rows"), quant="awq", batch=32), _row(dec.get("rows"), quant="plain", batch=32)
+    p_awq, p_fp = _row(dec.get("profile"), quant="awq", new_tokens=2048), _row(dec.get("profile"), quant="plain",
+                                                                               new_tokens=2048)
+    drop = _get(p_awq, "tok_per_s") and _get(awq1, "tok_per_s") and p_awq["tok_per_s"] / awq1["tok_per_s"]
+    floor_drop = (_get(p_awq, "floor_tok_per_s") and _get(awq1, "floor_tok_per_s")
+                  and p_awq["floor_tok_per_s"] / awq1["floor_tok_per_s"])
     mem, top = dec.get("memory_check") or {}, max(srv.get("levels") or [{}], key=lambda lv: lv.get("concurrency", 0))
     t_awq = _row(thr.get("rows"), quant="awq")
     cold, warm = _get(r, "coldstart", "child", "total_s"), _get(r, "coldstart", "child_warm", "total_s")
-    q = r.get("quantize", {})
+    q, m1 = r.get("quantize", {}), [x for x in _get(r, "kernels", "rows") or [] if x.get("M") == 1]
+    layer = {k: sum(x.get(k) or 0 for x in m1) for k in ("ours", "cublas_fp16", "floor_us")} if m1 else {}
     att = _row(_get(r, "attention", "decode"), batch=64, ctx=1024, kv="fp16")
     return [
         ["copy bandwidth (GB/s)", _f(_get(r, "copy", "copy_bytes_per_s") and r["copy"]["copy_bytes_per_s"] / 1e9,
@@ -86,6 +92,10 @@ def key_figures(r: dict[str, Any]) -> list[list[str]]:
          ">= 75% of floor"],
         ["AWQ / fp16 at batch 32", _f(_get(awq32, "vs_our_plain"), ".2f") + "x"
          f" ({_f(_get(awq32, 'tok_per_s'), '.0f')} vs {_f(_get(fp32, 'tok_per_s'), '.0f')})", ">= 1.5x"],
+        ["profile b1 2048 tokens: AWQ / fp16 tok/s", f"{_f(_get(p_awq, 'tok_per_s'), '.1f')} / "
+         f"{_f(_get(p_fp, 'tok_per_s'), '.1f')}", ""],
+        ["AWQ b1 2048 vs 256 tok/s (the floors' ratio)", f"{_f(drop, '.3f')} ({_f(floor_drop, '.3f')})",
+         "drop <= the KV bytes'"],
         ["peak memory AWQ b1 2048 <= weights + KV + 0.5 GB", f"{mem.get('ok')} (margin "
          f"{_f(mem.get('margin_bytes') and mem['margin_bytes'] / 1e9, '.2f')} GB)", "True"],
         ["offline 128 x (512+256) AWQ out tok/s (vs HF; % floor)", f"{_f(_get(t_awq, 'out_tok_per_s'), '.0f')} "
@@ -93,6 +103,9 @@ def key_figures(r: dict[str, Any]) -> list[list[str]]:
         ["HTTP c=128 out tok/s / offline; p99 ITL ms", f"{_f(top.get('output_throughput'), '.0f')} / "
          f"{_f(_get(srv, 'offline', 'ratio') and srv['offline']['ratio'] * 100, '.0f')}%; "
          f"{_f(top.get('p99_itl_ms'), '.1f')}", ">= 85%"],
+        ["W4A16 linears of one layer at M = 1, us (fp16 cuBLAS; floor)", f"{_f(layer.get('ours'), '.1f')} "
+         f"({_f(layer.get('cublas_fp16'), '.1f')}; {_f(layer.get('floor_us'), '.1f')}; {len(m1)} of 4 shapes)",
+         ">= 3x faster than cuBLAS"],
         ["paged decode attention 64 x 1024 fp16 (% copy)", _f(_get(att, "pct_copy"), ".1f"), ">= 70%"],
         ["cold start 7B AWQ -> first token (s; empty / warm kernel cache)", f"{_f(cold, '.1f')} / "
          f"{_f(warm, '.1f')}", "< 60"],
