@@ -107,7 +107,7 @@ def test_serve_synthetic_under_a_concurrency_sweep(tmp_path, qwen_vocab):
                  "--input-len", "16", "--output-len", "4", "--prompts-per-level", "2", "--offline", str(offline),
                  "--out-dir", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "serve_sweep.json").read_text())
-    assert [lv["concurrency"] for lv in r["levels"]] == [1, 2] and r["server_exit_status"] == 0
+    assert [lv["concurrency"] for lv in r["levels"]] == [1, 2]
     for lv in r["levels"]:  # every request streamed by the real server, exactly 4 tokens each
         assert lv["completed"] == 2 * lv["concurrency"] and lv["failed"] == 0
         assert lv["output_throughput"] == pytest.approx(lv["completed"] * 4 / lv["duration_s"])
