@@ -67,7 +67,7 @@ run_section() {
   fi
   local limit=$((cap < left ? cap : left)) t0=$(date +%s)
   echo "=== [$name] start at +$((t0 - START))s (estimate ${est}s, limit ${limit}s)" | tee -a "$LOG"
-  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 4
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG" | tee "$WORK/$name.out" | tail -n 4
   local rc=${PIPESTATUS[0]} took=$(($(date +%s) - t0))
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$est" "$limit" >>"$WORK/sections.tsv"
   echo "=== [$name] rc=$rc in ${took}s" | tee -a "$LOG"
@@ -96,7 +96,7 @@ open('$WORK/copy.json', 'w')); print(f'copy bandwidth {bw / 1e9:.0f} GB/s (read 
 }
 sec_fastpath() {
   if [ -f bench/gpu_fastpath_check.py ]; then
-    run_section fastpath 45 "${FASTPATH_CAP:-75}" $PY bench/gpu_fastpath_check.py --out "$WORK/fastpath"
+    run_section fastpath 45 "${FASTPATH_CAP:-75}" $PY bench/gpu_fastpath_check.py --out "$WORK/fastpath.json"
   else
     echo "=== [fastpath] bench/gpu_fastpath_check.py absent" | tee -a "$LOG"
   fi

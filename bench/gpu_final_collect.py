@@ -43,13 +43,16 @@ def load(work: Path) -> tuple[dict[str, Any], list[str]]:
             results[name] = json.loads((work / js).read_text())
         if md and (work / md).is_file():
             markdown.append((work / md).read_text())
-    fast = work / "fastpath"  # p2-fastpath's check: a JSON file or a folder of JSON / Markdown
-    for path in sorted(fast.glob("*.json")) if fast.is_dir() else [fast] if fast.is_file() else []:
+    fast = work / "fastpath.json"  # bench/gpu_fastpath_check.py --out: its JSON; its table is what it printed
+    if fast.is_file():
         try:
-            results.setdefault("fastpath", {})[path.name] = json.loads(path.read_text())
+            results["fastpath"] = json.loads(fast.read_text())
         except ValueError:
-            results.setdefault("fastpath", {})[path.name] = path.read_text()[:20000]
-    markdown += [p.read_text() for p in sorted(fast.glob("*.md"))] if fast.is_dir() else []
+            results["fastpath"] = {"unreadable": fast.read_text()[:20000]}
+    printed = work / "fastpath.out"
+    if printed.is_file():
+        tail = "\n".join(printed.read_text().splitlines()[-60:])
+        markdown.insert(0, f"## Fast-path check (bench/gpu_fastpath_check.py, its output)\n\n```\n{tail}\n```")
     return results, markdown
 
 
