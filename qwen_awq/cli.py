@@ -73,13 +73,9 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 def _register_bench(sub: Any) -> None:
     from qwen_awq.eval.bench import register_bench
 
-    b = sub.add_parser("bench", help="benchmarks: throughput, decode, serve",
-                       description="Benchmarks; see each sub-command's --help.")
-    from qwen_awq.eval.bench_serve import register_bench_serve
-
-    bench_sub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    register_bench(bench_sub)
-    register_bench_serve(bench_sub)
+    b = sub.add_parser("bench", help="benchmarks: decode, throughput, kernels, serve, serve-sweep, cold-start, "
+                       "quantize", description="Benchmarks; see each sub-command's --help.")
+    register_bench(b.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qwen_awq.eval.kernel_timing import (
+from qwen_awq.eval.bench_kernels_common import (
     GROUP,
-    MS,
     SHAPES,
     check,
     copies_for,
-    copy_bandwidth,
     random_layer,
     time_rotated,
     w4_bytes,
@@ -37,7 +35,18 @@ from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.kernels.awq_gemm import awq_matmul
 from qwen_awq.quant.packing import dequantize_repacked
 
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096]
 GEMV_MAX_M, MMA_MAX_M = 4, 512  # beyond these the kernel rereads weights or loses to dense; not timed
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read + written (spec: performance.md)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def tinygemm_weights(k: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -165,19 +174,41 @@ def bench_fusions(gen: torch.Generator, hidden: int = 4096, inter: int = 11008) 
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="path of the JSON results (a .md table goes beside it)")
     parser.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile configs and print the tuned table")
     parser.add_argument("--asm", action="store_true", help="record registers and spills of compiled kernels")
+
+
+def register_kernels(bench_sub) -> None:
+    """`qwen-awq bench kernels` (the same flags as `python3 -m qwen_awq.eval.bench_kernels`)."""
+    k = bench_sub.add_parser("kernels", help="per-shape W4A16 linear table vs cuBLAS, tinygemm and the byte floor",
+                             description=__doc__.split("\n\n")[0])
+    add_arguments(k)
+    k.set_defaults(func=cmd_bench_kernels)
+
+
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    run(args, "qwen-awq bench kernels " + " ".join(sys.argv[3:]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    run(args, "python3 -m qwen_awq.eval.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
+        from qwen_awq.errors import ConfigError
+
+        raise ConfigError("bench kernels needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference products stay fp32
     gen, started = torch.Generator().manual_seed(1), time.time()
     bw, device = copy_bandwidth(), torch.cuda.get_device_name()
-    command = "python3 -m qwen_awq.eval.bench_kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"device": device, "torch": torch.__version__, "command": command, "copy_GBps": bw,
               "group_size": GROUP, "date": time.strftime("%Y-%m-%d")}
     out, title = Path(args.out), f"{device}: copy bandwidth {bw:.0f} GB/s (read + write); group size {GROUP}"
@@ -188,7 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1))  # each stage lands on disk before the next starts
     print(title, HEADER, sep="\n", flush=True)
     ms = [int(v) for v in args.ms.split(",")]
-    result["rows"] = [row for k, n in SHAPES for row in bench_shape(k, n, bw, gen, ms)]
+    result["rows"] = []
+    for k, n in SHAPES:  # each shape lands on disk as it finishes (a time limit keeps what is done)
+        result["rows"] += bench_shape(k, n, bw, gen, ms)
+        out.write_text(json.dumps(result, indent=1))
     try:
         result["fusions"] = bench_fusions(gen)
     except Exception as err:  # the linear table above is the main result: keep it

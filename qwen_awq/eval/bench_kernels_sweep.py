@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from qwen_awq.eval import kernel_timing as bk
+from qwen_awq.eval import bench_kernels_common as bk
 from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.quant.packing import dequantize_repacked
 

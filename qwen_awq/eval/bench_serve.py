@@ -111,14 +111,17 @@ def print_level(s: dict[str, float]) -> None:
 
 
 async def bench(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Every --concurrency level in turn, --num-prompts (default: --prompts-per-level x concurrency) requests
+    each; the server's first model name."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = args.url.rstrip("/")
     model = (await request_json(url, "GET", "/v1/models", None, headers))["data"][0]["id"]
     levels = []
     for concurrency in args.concurrency:
-        n = args.num_prompts or 4 * concurrency
+        n = args.num_prompts or args.prompts_per_level * concurrency
         prompts = await make_prompts(url, headers, n, args.input_len, args.seed + concurrency)
-        levels.append(await run_level(url, model, headers, prompts, args.output_len, concurrency))
+        levels.append(await run_level(url, model, headers, prompts, args.output_len, concurrency)
+                      | {"num_prompts": n, "input_len": args.input_len, "output_len": args.output_len})
         print_level(levels[-1])
     return levels
 
@@ -151,6 +154,25 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0 if all(level["failed"] == 0 for level in levels) else 1
 
 
+def add_load_args(p: argparse.ArgumentParser, concurrency: list[int], input_len: int, output_len: int,
+                  seed: bool = True) -> None:
+    """The load's shape (defaults as given), shared with `bench serve-sweep` (whose --seed is the synthetic
+    model's, which seeds the prompts too)."""
+    shown = ",".join(map(str, concurrency))
+    p.add_argument("--concurrency", type=_concurrencies, default=concurrency,
+                   help=f"comma-separated concurrency levels (default: {shown})")
+    p.add_argument("--input-len", type=_positive, default=input_len,
+                   help=f"prompt tokens per request (default {input_len})")
+    p.add_argument("--output-len", type=_positive, default=output_len,
+                   help=f"generated tokens per request (default {output_len})")
+    p.add_argument("--num-prompts", type=_positive, default=None,
+                   help="requests per level (default: --prompts-per-level x concurrency)")
+    p.add_argument("--prompts-per-level", type=_positive, default=4,
+                   help="requests per level per unit of concurrency when --num-prompts is absent (default 4)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+
+
 def register_bench_serve(bench_subparsers) -> None:
     """Add `serve` to the sub-commands of `qwen-awq bench`."""
     p = bench_subparsers.add_parser("serve", help="load-test a running server (vLLM benchmark_serving "
@@ -158,14 +180,8 @@ def register_bench_serve(bench_subparsers) -> None:
                                     "input and output "
                                     "lengths at each concurrency and reports throughput and latency.")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
-    p.add_argument("--concurrency", type=_concurrencies, default=[1, 16, 64],
-                   help="comma-separated concurrency levels (default: 1,16,64)")
-    p.add_argument("--input-len", type=_positive, default=128, help="prompt tokens per request")
-    p.add_argument("--output-len", type=_positive, default=128, help="generated tokens per request")
-    p.add_argument("--num-prompts", type=_positive, default=None,
-                   help="requests per level (default: 4 x concurrency)")
+    add_load_args(p, concurrency=[1, 16, 64], input_len=128, output_len=128)
     p.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--soak", type=_duration, default=None, metavar="DURATION",
                    help="soak test for DURATION (e.g. 10m, 90s): a fixed request rate with random disconnects and "

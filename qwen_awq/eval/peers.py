@@ -2,9 +2,11 @@
 
 `StaticPeer` is a gpt-fast-style decoder written here: a static KV cache, the whole decode step under
 torch.compile(mode="reduce-overhead") (CUDA graphs), and, as the int4 peer, torch's built-in tinygemm kernel
-`torch._weight_int4pack_mm` (bf16, group 128) for every block Linear. `hf_generate` times HF transformers' eager
-`generate` on Qwen2ForCausalLM at Qwen-7B's sizes (Qwen v1 itself needs a folder's remote code, which we never run;
-Qwen2 with MHA and a q/k/v bias computes the same thing). Weights are random: speed does not depend on values.
+`torch._weight_int4pack_mm` (bf16, group 128) for every block Linear. `hf_model` / `hf_time` time HF transformers'
+eager `generate` on Qwen2ForCausalLM at Qwen-7B's sizes (Qwen v1 itself needs a folder's remote code, which we never
+run; Qwen2 with MHA and a q/k/v bias computes the same thing). Weights are random: speed does not depend on values.
+The byte floors (`weight_bytes`, `decode_bytes`: weights once per step plus every cached K/V) are divided by
+`copy_bandwidth`, measured in the same run.
 """
 from __future__ import annotations
 
@@ -154,46 +156,97 @@ def peer_greedy(peer: StaticPeer, first: torch.Tensor, new_tokens: int, step: Ca
     return torch.cat(out, dim=1)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def time_peer(peer: StaticPeer, batch: int, new_tokens: int, runs: int = 3, compile: bool = True) -> dict:
-    """tok/s of greedy decode from a 1-token prompt (median of `runs` after a compiling warm-up)."""
+    """tok/s of greedy decode from a 1-token prompt (median of `runs` after a compiling warm-up); peak memory
+    since the call began (the peer's weights included, which were allocated before it: they are still held)."""
+    device = peer.cos.device
+    reset_peak(device)
     step = torch.compile(peer, mode="reduce-overhead", fullgraph=True) if compile else peer
-    first = torch.ones(batch, 1, dtype=torch.long, device=peer.cos.device)
-    peer_greedy(peer, first, 8, step)  # compile + graph capture
+    first = torch.ones(batch, 1, dtype=torch.long, device=device)
+    start = time.perf_counter()
+    peer_greedy(peer, first, min(8, peer.max_len), step)  # compile + graph capture
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(runs):
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
-        peer_greedy(peer, first, new_tokens, step)
-        torch.cuda.synchronize()
+        ids = peer_greedy(peer, first, new_tokens, step)
+        sync(device)
         times.append(time.perf_counter() - start)
     med = statistics.median(times)
-    return {"batch": batch, "new_tokens": new_tokens, "median_s": med, "out_tok_per_s": batch * new_tokens / med,
-            "compiled": compile, "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+    return {"batch": batch, "new_tokens": new_tokens, "runs": runs, "median_s": med,
+            "out_tok_per_s": batch * new_tokens / med, "tokens": ids.numel(), "compiled": compile,
+            "warmup_s": warmup_s, "peak_gpu_bytes": peak_bytes(device)}
 
 
-def hf_generate(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """HF transformers fp16 eager generate on random weights of cfg's sizes: (batch, prompt_len) random prompts."""
+def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = torch.float16, max_len: int = 32768):
+    """HF transformers' Qwen2ForCausalLM at cfg's sizes (MHA, q/k/v bias), random weights, eval mode."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                         max_position_embeddings=max(32768, prompt_len + new_tokens), rms_norm_eps=cfg.rms_eps)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(hf_cfg).half().eval()
-    ids = torch.randint(0, cfg.vocab_size - 1000, (batch, prompt_len), device="cuda")
-    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    torch.cuda.synchronize()
+                         max_position_embeddings=max(32768, max_len), rms_norm_eps=cfg.rms_eps)
+    with torch.device(device):
+        return Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+
+
+def _hf_run(model, ids: torch.Tensor, new_tokens: int) -> int:
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         attention_mask=torch.ones_like(ids))
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+
+def hf_time(model, batch: int, prompt_len: int, new_tokens: int, chunk: int | None = None, seed: int = 0) -> dict:
+    """HF eager `generate` (greedy, exactly new_tokens, EOS ignored) of `batch` random prompts, `chunk` at a time
+    (default all): one timed pass after a 4-token warm-up. Out of memory halves the chunk and starts over."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size - 1000, (batch, prompt_len), generator=gen).to(device)
+    chunk = min(chunk or batch, batch)
+    while True:
+        try:
+            reset_peak(device)
+            _hf_run(model, ids[:chunk], 4)
+            sync(device)
+            start = time.perf_counter()
+            made = sum(_hf_run(model, ids[i:i + chunk], new_tokens) for i in range(0, batch, chunk))
+            sync(device)
+            break
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk //= 2
+            torch.cuda.empty_cache()
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated()
-    del model
-    torch.cuda.empty_cache()
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "elapsed_s": elapsed,
-            "out_tok_per_s": batch * new_tokens / elapsed, "peak_gpu_bytes": peak}
+            "out_tok_per_s": made / elapsed, "tokens": made, "chunk": chunk, "peak_gpu_bytes": peak_bytes(device)}
+
+
+def hf_generate(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, device: str = "cuda",
+                chunk: int | None = None) -> dict:
+    """hf_time on a freshly built fp16 model (freed afterwards)."""
+    model = hf_model(cfg, torch.device(device), max_len=prompt_len + new_tokens)
+    try:
+        return hf_time(model, batch, prompt_len, new_tokens, chunk)
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def weight_bytes(cfg: ModelConfig, int4: bool) -> int:
@@ -210,6 +263,31 @@ def weight_bytes(cfg: ModelConfig, int4: bool) -> int:
 
 def floor_tok_per_s(cfg: ModelConfig, int4: bool, copy_bytes_per_s: float) -> float:
     return copy_bytes_per_s / weight_bytes(cfg, int4)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """K and V of one token over all layers (spec: performance.md, Qwen-7B fp16: 512 KiB)."""
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def decode_bytes(cfg: ModelConfig, int4: bool, batch: int, prompt_len: int, new_tokens: int,
+                 max_batch: int | None = None) -> int:
+    """The step byte floor's bytes: sequences run in waves of max_batch (default all at once); step s of a wave
+    (s = 0..new_tokens-1, the first being the prefill's last position) reads the weights once plus each
+    sequence's cached K/V of prompt_len + s tokens. Prefill compute and activations are not counted."""
+    per_wave = max_batch or batch
+    kv, weights, total = kv_bytes_per_token(cfg), weight_bytes(cfg, int4), 0
+    for start in range(0, batch, per_wave):
+        rows = min(per_wave, batch - start)
+        cached = new_tokens * prompt_len + new_tokens * (new_tokens - 1) // 2  # sum of prompt_len + s
+        total += new_tokens * weights + rows * cached * kv
+    return total
+
+
+def decode_floor_tok_per_s(cfg: ModelConfig, int4: bool, batch: int, prompt_len: int, new_tokens: int,
+                           copy_bytes_per_s: float, max_batch: int | None = None) -> float:
+    seconds = decode_bytes(cfg, int4, batch, prompt_len, new_tokens, max_batch) / copy_bytes_per_s
+    return batch * new_tokens / seconds
 
 
 def copy_bandwidth(gib: float = 4.0, runs: int = 20) -> float:

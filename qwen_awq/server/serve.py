@@ -18,6 +18,9 @@ def register_serve(subparsers) -> None:
                               description="Serve the model: OpenAI-compatible /v1 API, TGI and vLLM routes, "
                               "Prometheus /metrics and a web chat page at /.")
     add_model_args(p)
+    from qwen_awq.eval.synthetic import add_synthetic_args  # --synthetic: random weights, for the benchmarks
+
+    add_synthetic_args(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None,
@@ -45,6 +48,8 @@ def served_name(args: argparse.Namespace) -> str:
 
     if args.served_model_name:
         return args.served_model_name
+    if getattr(args, "synthetic", None):
+        return f"{args.synthetic}-{args.quant}-synthetic"
     if not args.model:
         return "SmolLM2-135M-Instruct"  # the bundled default model
     path = Path(args.model.rstrip("/"))
@@ -60,15 +65,15 @@ def urls(host: str, port: int) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from qwen_awq.cli_args import load_for_cli
     from qwen_awq.engine.async_engine import AsyncEngine
     from qwen_awq.engine.llm_engine import LLMEngine
+    from qwen_awq.eval.synthetic import model_from_args
     from qwen_awq.server.app import create_app
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     config = engine_config(args)
-    model, tokenizer = load_for_cli(args)
+    model, tokenizer = model_from_args(args, need_tokenizer=True)
     engine = LLMEngine(model, tokenizer, config)
     print(engine.kv_report, file=sys.stderr)
     app = create_app(AsyncEngine(engine), served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,

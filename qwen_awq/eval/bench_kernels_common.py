@@ -1,8 +1,6 @@
-"""Shapes, random layers, rotated-weight timing and correctness checks shared by `bench kernels` and its tile sweep.
-
-Times are medians of CUDA-graph replays over enough weight copies that L2 cannot hold them (spec: performance.md).
-"""
-
+"""What the W4A16 kernel benchmark (bench_kernels.py) and its tile sweep (bench_kernels_sweep.py) share: the
+Qwen-7B shapes, the byte count of an ideal kernel, random repacked layers, the rotated-weights CUDA-graph timer and
+the relative-error check."""
 from __future__ import annotations
 
 import math
@@ -14,7 +12,6 @@ from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.quant.packing import repack_awq
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Qwen-7B (K, N): qkv, o, gate_up, down
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096]
 GROUP = 128  # spec: awq.md, the checkpoint default
 ROTATE_BYTES = 512 * 2**20  # weights swept per replay: ~8x the H200's 60 MB L2
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max |y - ref| / max |ref|, as the unit tests use
@@ -52,16 +49,6 @@ def time_rotated(call: Callable, x: torch.Tensor, weights: list, rep_ms: int = 3
     ms = do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
     del graph
     return 1e3 * ms / len(weights)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s, counting bytes read + written (spec: performance.md)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def check(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor) -> float:

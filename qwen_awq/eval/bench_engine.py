@@ -1,0 +1,67 @@
+"""What the offline benchmarks (bench decode, bench throughput) share: an LLMEngine whose KV cache is sized to the
+run (so peak memory means something), random prompts, and a timed loop of engine steps that counts tokens. Every
+run ignores EOS, so each request produces exactly the requested number of tokens.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from qwen_awq.engine.kv_cache import bytes_per_block
+from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.eval.peers import sync
+
+_request_ids = itertools.count()
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (num, length), generator=g).tolist()
+
+
+def kv_bytes_for(model: Any, max_num_seqs: int, max_len: int, block_size: int = EngineConfig.block_size) -> int:
+    """The KV-cache bytes that max_num_seqs sequences of max_len tokens can fill (whole blocks)."""
+    per_block = bytes_per_block(model.cfg, block_size, model.dtype, False)
+    return -(-max_len // block_size) * max_num_seqs * per_block
+
+
+def sized_engine(model: Any, tokenizer: Any, max_num_seqs: int, max_len: int, **config: Any) -> LLMEngine:
+    """An engine whose KV cache holds exactly max_num_seqs sequences of max_len tokens (plus the graphs' scratch
+    block), not a share of the free GPU memory; no prefix caching (the benchmarks' prompts must not share work)."""
+    settings = {"max_num_seqs": max_num_seqs, "max_model_len": max_len, "enable_prefix_caching": False,
+                "kv_cache_memory": kv_bytes_for(model, max_num_seqs, max_len)} | config
+    return LLMEngine(model, tokenizer, EngineConfig(**settings))
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
+    """Add every prompt, step until all finish: wall seconds (device synchronized), output tokens, steps."""
+    for prompt in prompts:
+        engine.add_request(f"bench-{next(_request_ids)}", prompt, params)
+    device = engine.model.device
+    sync(device)
+    start, tokens, steps = time.perf_counter(), 0, 0
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+    sync(device)
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "steps": steps}
+
+
+def weights_label(model: Any) -> str:
+    """How a row names the model's weights: "AWQ W4 g128, float16" or the plain dtype."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return f"AWQ W4 g{model.cfg.quant.group_size}, {dtype}" if model.cfg.quant else dtype
+
+
+def free_device_memory() -> None:
+    """Drop what finished runs left (engines hold CUDA graphs and pools through reference cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
