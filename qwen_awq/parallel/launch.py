@@ -78,8 +78,7 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join()
-        if self.broken is None:
-            destroy_group(self.state)  # with a dead peer this could block; the process exits soon anyway
+        destroy_group(self.state)  # local under gloo and NCCL: a dead peer does not block it
 
 
 class TensorParallelRunner(ModelRunner):
