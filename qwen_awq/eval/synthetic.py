@@ -155,9 +155,28 @@ def add_synthetic_args(p: argparse.ArgumentParser, quant: str = "one") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size (the benchmarks: each row's engine runs on N ranks)."""
+    from qwen_awq.cli_args import add_config_args
+    from qwen_awq.parallel.state import ParallelConfig
+
+    add_config_args(p, ParallelConfig, only=("tensor_parallel_size",))
+
+
 def model_from_args(args: argparse.Namespace, quant: str | None = None, need_tokenizer: bool = False
                     ) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from --synthetic/--quant/--tokenizer, else --model as `qwen_awq.load` reads it."""
+    """(model, tokenizer or None) from --synthetic/--quant/--tokenizer, else --model as `qwen_awq.load` reads it;
+    under --tensor-parallel-size N, rank 0's shard with its workers started (parallel/launch.py)."""
+    from qwen_awq.parallel.state import parallel_config
+
+    world = parallel_config(args).tensor_parallel_size
+    if world > 1:
+        from qwen_awq.parallel.launch import parallel_model_from_args
+
+        if need_tokenizer and args.synthetic is not None and args.tokenizer is None:
+            raise ConfigError("--synthetic needs --tokenizer here (a qwen.tiktoken file or a model folder)")
+        tokenizer = tokenizer_from(args.tokenizer) if getattr(args, "tokenizer", None) is not None else None
+        return parallel_model_from_args(args, quant, tokenizer, world)
     if args.synthetic is None:
         from qwen_awq.cli_args import load_for_cli
 

@@ -3,6 +3,7 @@ rank 0's shard and build its engine, whose runner sends each step to the workers
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from qwen_awq.parallel.state import (
     init_group,
     rank_device,
 )
-from qwen_awq.parallel.worker import StepMessage, WorkerSpec, agree_on_engine, step_to, worker_main
+from qwen_awq.parallel.worker import StepMessage, WorkerSpec, agree_on_engine, report_loaded, step_to, worker_main
 
 JOIN_TIMEOUT_S = 10.0  # a worker that has not exited this long after the stop message is terminated
 
@@ -62,6 +63,13 @@ class WorkerGroup:
         """A collective failed: a worker died (name it) or the group broke; raise ParallelError either way."""
         self.broken = self.dead() or f"tensor-parallel group failed ({type(e).__name__}: {e})"
         raise ParallelError(f"{self.broken}; the engine cannot run: restart it") from e
+
+    def new_engine(self, model, tokenizer, config: EngineConfig) -> LLMEngine:
+        """An LLMEngine on rank 0 whose steps run on every rank; each worker builds its twin from `config`."""
+        self.send(config)
+        engine = LLMEngine(model, tokenizer, agree_on_engine(self.state, model, config))
+        engine.runner = TensorParallelRunner(engine.runner, self)
+        return engine
 
     def close(self) -> None:
         """Stop message, join, terminate stragglers, leave the process group. Idempotent."""
@@ -110,31 +118,29 @@ def _spawn(spec: WorkerSpec) -> list[mp.Process]:
     return procs
 
 
-def start_tensor_parallel(folder: str | Path, tokenizer, dtype: str, device: str, world: int,
-                          config: EngineConfig, model_class=None):
-    """(rank 0's model shard, its LLMEngine, the WorkerGroup) for `world` ranks; the group closes itself when
-    the engine is garbage collected or the process exits, or when its `close` is called."""
+def start_tensor_parallel(folder: str | Path, dtype: str, device: str, world: int, model_class=None):
+    """(rank 0's model shard, the WorkerGroup) for `world` ranks, each rank holding its shard; engines come
+    from group.new_engine. The group closes when the model is garbage collected, the process exits, or
+    its `close` is called."""
     from qwen_awq.models.loader import resolve_device
 
     dev = resolve_device(device)
     check_devices(world, dev)
-    spec = WorkerSpec(str(folder), str(dtype), dev.type, world, free_port(), config)
+    spec = WorkerSpec(str(folder), str(dtype), dev.type, world, free_port())
     procs = _spawn(spec)
     state = init_group(0, world, spec.port, rank_device(0, dev))
     group = WorkerGroup(state, procs)
     try:
-        model, agreed = _load_rank0(folder, dtype, rank_device(0, dev), state, model_class, config)
-        engine = LLMEngine(model, tokenizer, agreed)
+        model = _load_rank0(folder, dtype, rank_device(0, dev), state, model_class)
     except BaseException:
         group.close()
         raise
-    engine.runner = TensorParallelRunner(engine.runner, group)
-    weakref.finalize(engine, group.close)
-    return model, engine, group
+    model.tp_workers = group  # engine_for finds the group here (benchmarks build several engines per model)
+    weakref.finalize(model, group.close)
+    return model, group
 
 
-def _load_rank0(folder, dtype: str, device: torch.device, state: ParallelState, model_class,
-                config: EngineConfig):
+def _load_rank0(folder, dtype: str, device: torch.device, state: ParallelState, model_class):
     """Rank 0's shard; whatever fails on any rank is raised here, after every rank has heard of it."""
     from qwen_awq.models.loader import load_model
 
@@ -142,12 +148,17 @@ def _load_rank0(folder, dtype: str, device: torch.device, state: ParallelState, 
     try:
         model = load_model(folder, dtype=dtype, device=device, parallel=state, **kwargs)
     except Exception as e:
-        try:
-            agree_on_engine(state, None, config, f"{type(e).__name__}: {e}")
-        except ParallelError:
-            pass  # the workers now exit; the user sees rank 0's own error
+        with contextlib.suppress(ParallelError):  # the workers hear of it and exit; the user sees rank 0's error
+            report_loaded(state, f"{type(e).__name__}: {e}")
         raise
-    return model, agree_on_engine(state, model, config, None)
+    report_loaded(state, None)
+    return model
+
+
+def engine_for(model, tokenizer, config: EngineConfig) -> LLMEngine:
+    """An engine for `model`: a plain LLMEngine, or a tensor-parallel one when the model is a rank-0 shard."""
+    group = getattr(model, "tp_workers", None)
+    return LLMEngine(model, tokenizer, config) if group is None else group.new_engine(model, tokenizer, config)
 
 
 def load_tensor_parallel(path: str | Path | None, dtype: str, device: str, world: int, config: EngineConfig):
@@ -158,5 +169,27 @@ def load_tensor_parallel(path: str | Path | None, dtype: str, device: str, world
 
     folder = resolve_model_path(path)
     tokenizer = load_tokenizer(folder)
-    model, engine, group = start_tensor_parallel(folder, tokenizer, dtype, device, world, config, ChatModel)
-    return model, tokenizer, engine, group
+    model, group = start_tensor_parallel(folder, dtype, device, world, ChatModel)
+    return model, tokenizer, group.new_engine(model, tokenizer, config), group
+
+
+def parallel_model_from_args(args, quant: str | None, tokenizer, world: int) -> tuple:
+    """eval.synthetic.model_from_args under --tensor-parallel-size: workers load from a folder, so --synthetic
+    first writes its random model once into the cache (same name, quant and seed: the same weights)."""
+    from qwen_awq.assets import cache_dir
+    from qwen_awq.chat import ChatModel
+    from qwen_awq.eval.synthetic import write_synthetic_folder
+    from qwen_awq.loading import resolve_model_path
+    from qwen_awq.tokenizer import load_tokenizer
+
+    if args.synthetic is None:
+        folder = resolve_model_path(args.model)
+        model, _ = start_tensor_parallel(folder, args.dtype, args.device, world, ChatModel)
+        return model, load_tokenizer(folder)
+    awq = (quant or args.quant) == "awq"
+    folder = cache_dir() / "synthetic" / f"{args.synthetic}-{'awq' if awq else 'plain'}-seed{args.seed}"
+    if not (folder / "config.json").exists():
+        write_synthetic_folder(folder, args.synthetic, awq, args.seed, device=args.device if args.device != "auto"
+                               else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = start_tensor_parallel(folder, args.dtype, args.device, world)
+    return model, tokenizer

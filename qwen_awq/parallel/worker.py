@@ -6,6 +6,7 @@ ends the loop. Workers never sample: the logits they compute are discarded.
 """
 from __future__ import annotations
 
+import gc
 import traceback
 from dataclasses import dataclass, fields, replace
 
@@ -15,7 +16,7 @@ from qwen_awq.engine.kv_cache import PagedMetadata
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine, kv_budget
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.step_input import StepInput
-from qwen_awq.errors import ParallelError
+from qwen_awq.errors import ParallelError, QwenAwqError
 from qwen_awq.parallel.state import (
     ParallelState,
     broadcast_object,
@@ -35,7 +36,6 @@ class WorkerSpec:
     device: str  # "cpu" or "cuda"; rank r uses cuda:r
     world: int
     port: int
-    config: EngineConfig
 
 
 @dataclass
@@ -71,15 +71,17 @@ def run_message(runner: ModelRunner, msg: StepMessage) -> None:
         runner.model.compute_logits(hidden[step.sample_index])
 
 
-def agree_on_engine(state: ParallelState, model, config: EngineConfig, error: str | None) -> EngineConfig:
-    """Every rank reports it loaded (or why not) and its free KV memory; all take the smallest budget, so
-    every rank's pool has the same blocks. Raises on every rank if any failed."""
-    budget = kv_budget(config, model.device) if model is not None else 0
-    reports = gather_objects((error, budget), state)
-    failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e is not None]
+def report_loaded(state: ParallelState, error: str | None) -> None:
+    """Every rank says whether its shard loaded; if any did not, every rank raises (rank 0 says which)."""
+    failed = [f"rank {r}: {e}" for r, e in enumerate(gather_objects(error, state)) if e is not None]
     if failed:
         raise ParallelError("tensor-parallel startup failed: " + "; ".join(failed))
-    return replace(config, kv_cache_memory=min(b for _, b in reports))
+
+
+def agree_on_engine(state: ParallelState, model, config: EngineConfig) -> EngineConfig:
+    """`config` with the smallest KV budget of all ranks, so every rank's pool has the same blocks."""
+    budgets = gather_objects(kv_budget(config, model.device), state)
+    return replace(config, kv_cache_memory=min(budgets))
 
 
 def worker_main(rank: int, spec: WorkerSpec) -> None:
@@ -92,17 +94,29 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
         model, error = None, None
         try:
             model = load_model(spec.folder, dtype=spec.dtype, device=device, parallel=state)
-        except Exception as e:  # reported to rank 0, which raises it as one line
+        except QwenAwqError as e:  # a user error: rank 0 raises it as one line
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug: its traceback belongs in the log
             error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
-        config = agree_on_engine(state, model, spec.config, error)
-        engine = LLMEngine(model, None, config)  # captures its decode graphs together with rank 0
-        _serve(engine.runner, state)
+        try:
+            report_loaded(state, error)
+        except ParallelError:
+            return  # rank 0 reports it
+        _serve(model, state)
     finally:
         destroy_group(state)
 
 
 @torch.inference_mode()
-def _serve(runner: ModelRunner, state: ParallelState) -> None:
+def _serve(model, state: ParallelState) -> None:
+    """Mirror rank 0: an EngineConfig builds a new engine (as rank 0's WorkerGroup.new_engine does, capturing
+    its decode graphs together with rank 0), a StepMessage runs one step, None stops."""
+    runner = None
     while (msg := broadcast_object(None, state)) is not None:
-        run_message(runner, msg)
+        if isinstance(msg, EngineConfig):
+            runner = None
+            gc.collect()  # the previous engine's pool and graphs go before the new ones are allocated
+            runner = LLMEngine(model, None, agree_on_engine(state, model, msg)).runner
+        else:
+            run_message(runner, msg)

@@ -28,6 +28,9 @@ def register_serve(subparsers) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model name clients send (default: the folder name)")
     add_config_args(p.add_argument_group("engine"), EngineConfig)
+    from qwen_awq.parallel.state import ParallelConfig
+
+    add_config_args(p.add_argument_group("parallelism"), ParallelConfig)
     p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
                    help="largest request body (default: 64 bytes per context token, at least 1MiB)")
     p.add_argument("--no-special-tokens-in-prompts", action="store_true",
@@ -66,15 +69,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from qwen_awq.engine.async_engine import AsyncEngine
-    from qwen_awq.engine.llm_engine import LLMEngine
     from qwen_awq.eval.synthetic import model_from_args
+    from qwen_awq.parallel.launch import engine_for
     from qwen_awq.server.app import create_app
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     config = engine_config(args)
     model, tokenizer = model_from_args(args, need_tokenizer=True)
-    engine = LLMEngine(model, tokenizer, config)
+    engine = engine_for(model, tokenizer, config)
     print(engine.kv_report, file=sys.stderr)
     app = create_app(AsyncEngine(engine), served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      special_tokens_in_prompts=not args.no_special_tokens_in_prompts)
