@@ -106,3 +106,33 @@ def _not_zombie(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_engine_for_builds_engines_on_every_rank_again(llama_dir):
+    """Benchmarks build one engine per row on the same shards: the workers rebuild theirs each time."""
+    from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
+    from qwen_awq.parallel.launch import engine_for, start_tensor_parallel
+
+    config = EngineConfig(kv_cache_memory=1 << 22, max_num_seqs=4)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    single = LLMEngine(load_model(llama_dir, dtype="float32", device="cpu"), None, config)
+    ref = _engine_greedy(single, prompts)
+    model, group = start_tensor_parallel(llama_dir, "float32", "cpu", 2)
+    try:
+        for max_seqs in (4, 1):  # a second, differently sized engine over the same workers
+            engine = engine_for(model, None, replace(config, max_num_seqs=max_seqs))
+            assert engine.pool.k.shape[2] == 1  # this rank's one KV head of the model's two
+            assert _engine_greedy(engine, prompts) == ref
+    finally:
+        group.close()
+    assert not any(p.is_alive() for p in group.procs)
+
+
+def _engine_greedy(engine, prompts) -> list[list[int]]:
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished():
+        done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+    return [done[str(i)] for i in range(len(prompts))]
