@@ -7,6 +7,7 @@ ends the loop. Workers never sample: the logits they compute are discarded.
 from __future__ import annotations
 
 import gc
+import sys
 import traceback
 from dataclasses import dataclass, fields, replace
 
@@ -104,6 +105,9 @@ def worker_main(rank: int, spec: WorkerSpec) -> None:
         except ParallelError:
             return  # rank 0 reports it
         _serve(model, state)
+    except RuntimeError as e:  # rank 0 exited without its stop message (killed, or its process ended first)
+        print(f"qwen-awq tensor-parallel worker rank {rank}: lost rank 0 ({str(e).splitlines()[0][:120]}); "
+              "exiting", file=sys.stderr)
     finally:
         destroy_group(state)
 
