@@ -87,6 +87,8 @@ def init_group(rank: int, world: int, port: int, device: torch.device) -> Parall
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=INIT_TIMEOUT)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    if backend == "nccl":  # NCCL builds its communicator on the first collective: not inside a graph capture
+        dist.all_reduce(torch.zeros(1, device=device))
     return ParallelState(rank, world, dist.group.WORLD, cpu_group)
 
 
