@@ -172,24 +172,3 @@ def load_tensor_parallel(path: str | Path | None, dtype: str, device: str, world
     model, group = start_tensor_parallel(folder, dtype, device, world, ChatModel)
     return model, tokenizer, group.new_engine(model, tokenizer, config), group
 
-
-def parallel_model_from_args(args, quant: str | None, tokenizer, world: int) -> tuple:
-    """eval.synthetic.model_from_args under --tensor-parallel-size: workers load from a folder, so --synthetic
-    first writes its random model once into the cache (same name, quant and seed: the same weights)."""
-    from qwen_awq.assets import cache_dir
-    from qwen_awq.chat import ChatModel
-    from qwen_awq.eval.synthetic import write_synthetic_folder
-    from qwen_awq.loading import resolve_model_path
-    from qwen_awq.tokenizer import load_tokenizer
-
-    if args.synthetic is None:
-        folder = resolve_model_path(args.model)
-        model, _ = start_tensor_parallel(folder, args.dtype, args.device, world, ChatModel)
-        return model, load_tokenizer(folder)
-    awq = (quant or args.quant) == "awq"
-    folder = cache_dir() / "synthetic" / f"{args.synthetic}-{'awq' if awq else 'plain'}-seed{args.seed}"
-    if not (folder / "config.json").exists():
-        write_synthetic_folder(folder, args.synthetic, awq, args.seed, device=args.device if args.device != "auto"
-                               else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _ = start_tensor_parallel(folder, args.dtype, args.device, world)
-    return model, tokenizer

@@ -35,13 +35,6 @@ class ParallelConfig:
             raise ParallelError("--tensor-parallel-size and --data-parallel-size must be at least 1")
 
 
-def parallel_config(args: Any) -> ParallelConfig:
-    """The ParallelConfig of parsed CLI flags (absent ones, or a parser without them, take the defaults)."""
-    from qwen_awq.cli_args import config_kwargs
-
-    return ParallelConfig(**config_kwargs(ParallelConfig, args))
-
-
 @dataclass(frozen=True)
 class ParallelState:
     """This process's place in a tensor-parallel group; `group` carries the model's collectives (NCCL or

@@ -87,12 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serving_engine(args: argparse.Namespace, config):
     """The AsyncEngine the routes use: one engine (tensor-parallel under --tensor-parallel-size N), or N
     replicas behind a router under --data-parallel-size N (parallel/data_parallel.py)."""
+    from qwen_awq.cli_args import parallel_config
     from qwen_awq.engine.async_engine import AsyncEngine
     from qwen_awq.errors import ParallelError
     from qwen_awq.eval.synthetic import model_from_args
     from qwen_awq.parallel.data_parallel import data_parallel_engine
     from qwen_awq.parallel.launch import engine_for
-    from qwen_awq.parallel.state import parallel_config
 
     parallel = parallel_config(args)
     if parallel.data_parallel_size > 1:
