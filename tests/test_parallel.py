@@ -4,6 +4,7 @@ greedy tokens; a dead worker fails the request with a clear error; nothing is le
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from dataclasses import replace
@@ -89,6 +90,7 @@ def test_llm_tensor_parallel_greedy_matches_and_dead_worker_fails_cleanly(qwen_a
         llm.workers.procs[0].join(10)
         with pytest.raises(ParallelError, match="worker rank 1 .* exited with code -9"):
             _greedy(llm, prompts[:1])
+        _server_request_fails(llm.engine)
     finally:
         llm.shutdown()
     assert not any(p.is_alive() for p in llm.workers.procs)
@@ -98,6 +100,24 @@ def test_llm_tensor_parallel_greedy_matches_and_dead_worker_fails_cleanly(qwen_a
         assert _greedy(restarted, prompts[:1]) == ref[:1]
     finally:
         restarted.shutdown()
+
+
+def _server_request_fails(engine) -> None:
+    """The server's path: the request ends with GenerationFailed naming the dead worker, within seconds."""
+    from qwen_awq.engine.async_engine import AsyncEngine, GenerationFailed
+
+    served = AsyncEngine(engine)
+
+    async def request() -> None:
+        async for _ in served.generate("after-death", [1, 2, 3], SamplingParams(max_tokens=3)):
+            pass
+
+    served.start()
+    try:
+        with pytest.raises(GenerationFailed, match="worker rank 1 .* exited"):
+            asyncio.run(asyncio.wait_for(request(), timeout=30))
+    finally:
+        served.shutdown()
 
 
 def _not_zombie(pid: int) -> bool:
