@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+DEAD_WITHIN_S = 30.0  # a dead worker must fail the engine well before the 120 s group timeout
 AGREE_7B = 0.5  # a wrong shard layout agrees on ~0% of tokens; fp16 reduction order flips only near-ties
 
 
@@ -49,6 +50,38 @@ def compare(folder: Path, dtype: str, device: str, prompts: list[list[int]], tok
             "first_ref": ref[0][:8], "first_tp2": out[0][:8], "seconds": time.perf_counter() - t0}
 
 
+def dead_worker(folder: Path, device: str) -> dict:
+    """Kill the worker mid-generation: the engine must raise ParallelError within DEAD_WITHIN_S (no hang)."""
+    import os
+    import signal
+    import threading
+
+    from qwen_awq.engine.llm_engine import EngineConfig
+    from qwen_awq.engine.sampling_params import SamplingParams
+    from qwen_awq.errors import ParallelError
+    from qwen_awq.parallel.launch import engine_for, start_tensor_parallel
+
+    model, group = start_tensor_parallel(folder, "float32", device, 2)
+    error, seconds = None, None
+    try:
+        engine = engine_for(model, None, EngineConfig(max_num_seqs=1, max_model_len=4096, kv_cache_memory=1 << 28))
+        engine.add_request("long", [1, 2, 3], SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True))
+        killed_at: list[float] = []
+        threading.Timer(2.0, lambda: (os.kill(group.procs[0].pid, signal.SIGKILL),
+                                      killed_at.append(time.perf_counter()))).start()
+        try:
+            while engine.has_unfinished():
+                engine.step()
+        except ParallelError as e:
+            error = str(e)
+            seconds = time.perf_counter() - killed_at[0] if killed_at else None
+    finally:
+        group.close()
+    alive = [p.pid for p in group.procs if p.is_alive()]
+    ok = error is not None and "exited" in error and seconds is not None and seconds < DEAD_WITHIN_S and not alive
+    return {"error": error, "seconds_after_kill": seconds, "alive_after_close": alive, "ok": ok}
+
+
 def main() -> int:
     import torch
 
@@ -68,6 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_synthetic_folder(Path(tmp) / "tiny", "qwen-tiny", quant=False, device=args.device)
         summary["tiny_fp32"] = compare(tiny, "float32", args.device, prompts, 16)
+        summary["dead_worker"] = dead_worker(tiny, args.device)
     summary["tiny_fp32"]["ok"] = summary["tiny_fp32"]["agree"] == 1.0
     if not args.skip_7b and args.device == "cuda":
         big = cache_dir() / "synthetic" / "qwen-7b-awq-seed0"  # the folder `bench ... --tensor-parallel-size` uses

@@ -4,11 +4,14 @@ rank 0's shard and build its engine, whose runner sends each step to the workers
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
@@ -29,6 +32,7 @@ from qwen_awq.parallel.state import (
 from qwen_awq.parallel.worker import StepMessage, WorkerSpec, agree_on_engine, report_loaded, step_to, worker_main
 
 JOIN_TIMEOUT_S = 10.0  # a worker that has not exited this long after the stop message is terminated
+WATCH_INTERVAL_S = 0.5  # how often the NCCL watchdog looks at the workers
 
 
 @dataclass
@@ -64,6 +68,22 @@ class WorkerGroup:
         self.broken = self.dead() or f"tensor-parallel group failed ({type(e).__name__}: {e})"
         raise ParallelError(f"{self.broken}; the engine cannot run: restart it") from e
 
+    def watch(self) -> None:
+        """Under NCCL a collective whose peer died waits for the group timeout (then the process is torn down):
+        a thread aborts the communicators as soon as a worker exits, so the blocked step raises at once."""
+        if self.state.group is None or dist.get_backend(self.state.group) != "nccl":
+            return  # gloo raises on its own when a peer's socket closes
+        threading.Thread(target=self._watch, name="qwen-awq-tp-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.closed:
+            death = self.dead()
+            if death is not None:
+                self.broken = self.broken or death
+                dist.distributed_c10d._abort_process_group()  # torch's (private) ncclCommAbort of every group
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
     def new_engine(self, model, tokenizer, config: EngineConfig) -> LLMEngine:
         """An LLMEngine on rank 0 whose steps run on every rank; each worker builds its twin from `config`."""
         self.send(config)
@@ -86,7 +106,8 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join()
-        destroy_group(self.state)  # local under gloo and NCCL: a dead peer does not block it
+        with contextlib.suppress(RuntimeError):  # already aborted by the watchdog
+            destroy_group(self.state)  # local under gloo and NCCL: a dead peer does not block it
 
 
 class TensorParallelRunner(ModelRunner):
@@ -104,9 +125,11 @@ class TensorParallelRunner(ModelRunner):
     def step(self, batch: ScheduledBatch) -> SampleOutput | None:
         self.group.check()
         try:
-            return super().step(batch)
+            out = super().step(batch)
         except RuntimeError as e:  # a collective inside the model lost its peer
             self.group.fail(e)
+        self.group.check()  # the watchdog aborted NCCL during this step: its tokens are not to be trusted
+        return out
 
 
 def _spawn(spec: WorkerSpec) -> list[mp.Process]:
@@ -130,6 +153,7 @@ def start_tensor_parallel(folder: str | Path, dtype: str, device: str, world: in
     procs = _spawn(spec)
     state = init_group(0, world, spec.port, rank_device(0, dev))
     group = WorkerGroup(state, procs)
+    group.watch()
     try:
         model = _load_rank0(folder, dtype, rank_device(0, dev), state, model_class)
     except BaseException:
