@@ -40,26 +40,30 @@ def llama_awq_dir(tmp_path_factory):
     return quantize_model(src, tmp_path_factory.mktemp("llama-awq") / "q", RTN, progress=False)
 
 
-def _shard_logits(folder, world: int, vocab: int, tmp_path) -> tuple[torch.Tensor, list[dict]]:
+def _shard_logits(folder, world: int, vocab: int, tmp_path) -> tuple[torch.Tensor, int, list[dict]]:
+    """(single-process logits, its tensor elements, each rank's report) for random ids."""
     ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(world))
-    ref = load_model(folder, dtype="float32", device="cpu")(ids)
+    whole = load_model(folder, dtype="float32", device="cpu")
+    with torch.inference_mode():
+        ref = whole(ids)
+    total = sum(t.numel() for t in (*whole.parameters(), *whole.buffers()) if t is not None)
+    del whole  # the ranks load their shards next: keep host memory to one model
     mp.spawn(tp_ranks.shard_logits, args=(world, free_port(), str(folder), ids, str(tmp_path)), nprocs=world)
-    return ref, [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return ref, total, [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize(("name", "world"), [("qwen_dir", 2), ("llama_dir", 2), ("llama_dir", 4),
-                                             ("qwen_awq_dir", 2), ("llama_awq_dir", 2)])
+# GQA both ways: 2 KV heads split over 2 ranks (llama_awq_dir), and replicated over 4 (llama_dir)
+@pytest.mark.parametrize(("name", "world"), [("qwen_dir", 2), ("llama_dir", 4), ("qwen_awq_dir", 2),
+                                             ("llama_awq_dir", 2)])
 def test_shards_give_the_single_process_logits(name, world, request, tmp_path):
     folder = request.getfixturevalue(name)
     cfg = load_config(folder)
-    ref, ranks = _shard_logits(folder, world, cfg.vocab_size, tmp_path)
+    ref, total, ranks = _shard_logits(folder, world, cfg.vocab_size, tmp_path)
     for r in ranks:
         assert r["logits"].shape == ref.shape
         torch.testing.assert_close(r["logits"], ref, atol=TOL, rtol=TOL)
     # each rank holds its KV heads (one, replicated, when there are fewer than ranks) and ~1/world of the weights
     assert ranks[0]["kv_heads"] == max(cfg.num_kv_heads // world, 1)
-    whole = load_model(folder, dtype="float32", device="cpu")
-    total = sum(t.numel() for t in (*whole.parameters(), *whole.buffers()) if t is not None)
     assert ranks[0]["numel"] < total / world * 1.1
 
 
@@ -156,3 +160,17 @@ def _engine_greedy(engine, prompts) -> list[list[int]]:
     while engine.has_unfinished():
         done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
     return [done[str(i)] for i in range(len(prompts))]
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line(monkeypatch):
+    from qwen_awq.parallel.data_parallel import replica_devices
+    from qwen_awq.parallel.state import check_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ParallelError, match=r"--tensor-parallel-size 2 needs 2 GPUs but only 1 are visible"):
+        check_devices(2, torch.device("cuda"))
+    check_devices(4, torch.device("cpu"))  # CPU ranks share the host: any number
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ParallelError, match=r"--data-parallel-size 3 needs 3 GPUs but only 1"):
+        replica_devices(3, "cuda")
+    assert replica_devices(2, "cpu") == ["cpu", "cpu"]
