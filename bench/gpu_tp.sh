@@ -7,7 +7,10 @@
 # and TP=2 (~30 s each); the same 128 concurrent requests over HTTP with --data-parallel-size 1 and 2 (~60 s each,
 # needs fastapi/uvicorn and qwen.tiktoken: VOCAB). About 5 minutes in all: over the usual 60 s, as loading a 7B
 # model four times must be. Targets (issue 16): decode TP=2 >= 1.6x TP=1; throughput TP=2 and DP=2 >= 1.8x TP=1.
-# A correctness gate comes first: a tiny synthetic Qwen, TP=2 vs TP=1 greedy tokens through LLM (fp16, CUDA).
+# A correctness gate comes first (bench/gpu_tp_check.py, ~60 s): a tiny synthetic Qwen in fp32, TP=2 vs TP=1
+# greedy tokens (exact), a worker killed mid-generation (ParallelError within 30 s, nothing left running), and the
+# 7B AWQ model's TP=2 vs TP=1 greedy agreement (the W4A16 kernels on the sharded shapes, K = 5504 for down_proj).
+# SECTIONS="check decode throughput serve" (default: all) picks what runs; the summary marks what is missing.
 set -u -o pipefail
 OUT=${OUT:?set OUT to the results folder}
 mkdir -p "$OUT"
@@ -30,19 +33,21 @@ run() {  # run NAME CMD...: stdout/stderr to the log, its status kept
   echo "== $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
 }
 
-run check python3 bench/gpu_tp_check.py --out "$OUT/check.json"
-run decode_tp1 $CLI bench decode $M --tokens 256 --batch 1 --runs 3 --json-out "$OUT/decode_tp1.json"
-run decode_tp2 $CLI bench decode $M --tokens 256 --batch 1 --runs 3 --tensor-parallel-size 2 \
+SECTIONS=${SECTIONS:-check decode throughput serve}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+want check && run check python3 bench/gpu_tp_check.py --out "$OUT/check.json"
+want decode && run decode_tp1 $CLI bench decode $M --tokens 256 --batch 1 --runs 3 --json-out "$OUT/decode_tp1.json"
+want decode && run decode_tp2 $CLI bench decode $M --tokens 256 --batch 1 --runs 3 --tensor-parallel-size 2 \
   --json-out "$OUT/decode_tp2.json"
 THR=(--num-prompts 128 --input-len 512 --output-len 256)
-run throughput_tp1 $CLI bench throughput $M "${THR[@]}" --json-out "$OUT/throughput_tp1.json"
-run throughput_tp2 $CLI bench throughput $M "${THR[@]}" --tensor-parallel-size 2 --json-out "$OUT/throughput_tp2.json"
-if [ -n "$VOCAB" ]; then
+want throughput && run throughput_tp1 $CLI bench throughput $M "${THR[@]}" --json-out "$OUT/throughput_tp1.json"
+want throughput && run throughput_tp2 $CLI bench throughput $M "${THR[@]}" --tensor-parallel-size 2 --json-out "$OUT/throughput_tp2.json"
+if want serve && [ -n "$VOCAB" ]; then
   SWEEP=(bench serve-sweep $M --tokenizer "$VOCAB" --concurrency 128 --num-prompts 128 --input-len 512
          --output-len 256 --startup-timeout 240)
   run serve_dp1 $CLI "${SWEEP[@]}" --out-dir "$OUT/serve_dp1"
   run serve_dp2 $CLI "${SWEEP[@]}" --out-dir "$OUT/serve_dp2" --server-arg=--data-parallel-size --server-arg=2
-else
+elif want serve; then
   echo "no qwen.tiktoken (VOCAB): the DP=2 HTTP rows are skipped" | tee -a "$LOG"
 fi
 python3 bench/gpu_tp_collect.py "$OUT"
