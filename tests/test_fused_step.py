@@ -131,6 +131,17 @@ def test_kernel_count_equal_when_no_kernel_runs() -> None:
     assert counts["fused"] == counts["unfused"] and counts["fused"]["per_layer"] > 5
 
 
+def test_step_kernels_cli_writes_counts(tmp_path: Path) -> None:
+    from qwen_awq.cli import main
+
+    out = tmp_path / "k.json"
+    assert main(["bench", "step-kernels", "--synthetic", "qwen-tiny", "--device", "cpu", "--dtype", "float32",
+                 "--quant", "none", "--batch", "1", "2", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["layers"] == 2 and r["quant"] == "plain" for r in rows)
+    assert (tmp_path / "k.md").read_text().startswith("| weights |")
+
+
 # --- under the Triton interpreter (subprocess) ---------------------------------------------------------------
 
 SILU_CASES = [("fp16", (3, 2 * 1500)), ("fp16", (1, 2 * 37)), ("bf16", (2, 5, 2 * 100)), ("bf16", (7, 2 * 1025)),
