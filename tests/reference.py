@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_awq.models.attention import DenseAttention, ForwardBatch, sdpa
+from qwen_awq.models.attention import DenseAttention, ForwardBatch, RotatingAttention, sdpa
 
 
 @torch.inference_mode()
@@ -39,7 +39,7 @@ def dense_greedy(model, prompt: list[int], steps: int, vocab: int | None = None,
     return new
 
 
-class ContiguousKVCache:
+class ContiguousKVCache(RotatingAttention):
     """K/V for `batch` sequences that advance together: (layers, batch, max_len, Hkv, D) each.
 
     Call `step(num_new)` before each forward over `batch * num_new` tokens and `advance()` after it.
