@@ -13,7 +13,7 @@ from torch import Tensor
 from qwen_awq.models.attention import rotate_qkv, sdpa
 
 INT8_LEVELS = 255  # uint8 codes 0..255 (Qwen's quantize_cache_v: qmin 0, qmax 255)
-MIN_SCALE = 1e-8  # a constant head slice would get scale 0; engine/kv_cache.py clamps the same way
+MIN_SCALE = 1e-8  # a constant head slice would get scale 0
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,7 @@ def quantize(x: Tensor, group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]
     """x (T, Hkv, D) -> uint8 codes (T, Hkv, D), (scale, zero) (T, Hkv, 2); each (group, head) shares one range.
 
     group (T,) names each token's group: the token itself (per-token scales) or its sequence's chunk (Qwen's
-    per-written-chunk scheme, as engine/kv_cache.py quantize_chunk, which equals this on CUDA; on the CPU its
-    `/ 255` is a true division, at most one fp32 ulp off the scale).
+    per-written-chunk scheme, which the engine writes through rotary_kv_write).
     """
     xf = x.float()
     idx = group[:, None].expand(-1, x.shape[1])  # (T, Hkv)
