@@ -1,6 +1,6 @@
 """`StepInput`: one engine step flattened into the tensors the decoder and paged attention read.
 
-Built once per step from the scheduled chunks (one host pass, one host-to-device copy of all integer fields),
+Built once per step from the scheduled chunks (one host pass, one pinned host-to-device copy of every field),
 it feeds both the eager forward and the CUDA-graph replay. Its `paged` metadata (block tables, context and query
 lengths per sequence) is what a paged-attention kernel consumes directly.
 """
@@ -15,6 +15,13 @@ import torch
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata
 from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.models.attention import ForwardBatch
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """One host-to-device copy that the host does not wait for: on CUDA from pinned memory, which PyTorch's caching
+    host allocator keeps from reuse until the asynchronous copy has read it."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=True)
 
 
 @dataclass
@@ -53,14 +60,13 @@ class StepInput:
         ctx = [e.end for e in entries]
         sample = [end - 1 for end, e in zip(accumulate(qlen), entries, strict=True) if e.needs_sample]
         t, b = len(ids), len(entries)
-        packed = torch.tensor(ids + pos + slots + seq_of + ctx + cu + sample + flat_tables,
-                              dtype=torch.long).to(device, non_blocking=True)
-        (ids_t, pos_t, slots_t, seq_t, ctx_t, cu_t, sample_t,
-         tables_t) = packed.split([t, t, t, t, b, b + 1, len(sample), b * width])
+        alpha_bits = torch.tensor(alpha, dtype=torch.float32).view(torch.int32).tolist()  # fp32 bit patterns
+        packed = upload(ids + pos + slots + seq_of + ctx + cu + sample + flat_tables + alpha_bits, device)
+        (ids_t, pos_t, slots_t, seq_t, ctx_t, cu_t, sample_t, tables_t,
+         alpha_t) = packed.split([t, t, t, t, b, b + 1, len(sample), b * width, t])
         meta = PagedMetadata(slot_mapping=slots_t, block_tables=tables_t.view(b, width), context_lens=ctx_t,
                              cu_seqlens=cu_t, token_seq=seq_t, max_query_len=max(qlen))
-        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(device, non_blocking=True)
-        return cls(ids_t, pos_t, alpha_t, sample_t, meta)
+        return cls(ids_t, pos_t, alpha_t.to(torch.int32).view(torch.float32), sample_t, meta)
 
     @classmethod
     def decode_buffers(cls, num_seqs: int, max_blocks: int, scratch_block: int, block_size: int,
