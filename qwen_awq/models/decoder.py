@@ -12,7 +12,7 @@ from torch import nn
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
 from qwen_awq.models.fusion import add_rms_norm, silu_mul_down
-from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
+from qwen_awq.models.layers import RMSNorm, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
 
 
 class Attention(nn.Module):
@@ -28,15 +28,8 @@ class Attention(nn.Module):
                 fb: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)  # (tokens, heads, head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # (tokens, kv_heads, head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotation for both: fewer kernels
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        if logn is not None:
-            q = (q.float() * logn[:, None, None]).to(q.dtype)
-        out = fb.attn.attend(self.layer, q, k, v, self.scale)  # (tokens, heads, head_dim)
+        qkv = self.qkv_proj(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)  # (T, H + 2 Hkv, D)
+        out = fb.attn.attend_qkv(self.layer, qkv, cfg.num_heads, cos, sin, logn, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(t, cfg.q_size))
 
 
