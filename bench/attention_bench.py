@@ -129,7 +129,7 @@ class DecodeSetup:
                       for kv in self.kvs])
 
     def gather(self) -> float:
-        """The engine's decode path today: gather the table's slots, dequantize, SDPA with a length mask."""
+        """The engine's former decode path: gather the table's slots, dequantize, SDPA with a length mask."""
         slots = gather_slots(self.tables, BLOCK_SIZE)  # (B, L)
         mask = (torch.arange(slots.shape[1], device=slots.device) < self.lens[:, None])[:, None, None]  # (B,1,1,L)
 

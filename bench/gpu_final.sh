@@ -4,7 +4,8 @@
 # Sections, by importance, with their estimate on an H200 (seconds; from bench/results and the spec's figures:
 # torch.compile of the peer ~60-90 s, a 7B build on the GPU ~5 s, HF 7B init ~10 s, HF eager ~12 tok/s):
 #   copy          8  device-to-device copy bandwidth (the floors' denominator)
-#   fastpath     45  bench/gpu_fastpath_check.py, if present (p2-fastpath's check of the fused decode path)
+#   fastpath     45  bench/gpu_fastpath_check.py (fused add+RMSNorm / SiLU: kernels, greedy, kernels per layer)
+#   (engine)     30  bench/gpu_engine_check.py (paged kernels + CUDA graphs in the engine == dense greedy), same section
 #   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
 #                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
@@ -100,6 +101,7 @@ sec_fastpath() {
   else
     echo "=== [fastpath] bench/gpu_fastpath_check.py absent" | tee -a "$LOG"
   fi
+  run_section engine 30 "${ENGINE_CAP:-60}" $PY bench/gpu_engine_check.py --out "$WORK/engine.json"
 }
 sec_decode() {
   run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \

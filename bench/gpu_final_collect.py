@@ -43,16 +43,17 @@ def load(work: Path) -> tuple[dict[str, Any], list[str]]:
             results[name] = json.loads((work / js).read_text())
         if md and (work / md).is_file():
             markdown.append((work / md).read_text())
-    fast = work / "fastpath.json"  # bench/gpu_fastpath_check.py --out: its JSON; its table is what it printed
-    if fast.is_file():
-        try:
-            results["fastpath"] = json.loads(fast.read_text())
-        except ValueError:
-            results["fastpath"] = {"unreadable": fast.read_text()[:20000]}
-    printed = work / "fastpath.out"
-    if printed.is_file():
-        tail = "\n".join(printed.read_text().splitlines()[-60:])
-        markdown.insert(0, f"## Fast-path check (bench/gpu_fastpath_check.py, its output)\n\n```\n{tail}\n```")
+    for name, script in (("engine", "gpu_engine_check.py"), ("fastpath", "gpu_fastpath_check.py")):
+        fast = work / f"{name}.json"  # bench/<script> --out: its JSON; its table is what it printed
+        if fast.is_file():
+            try:
+                results[name] = json.loads(fast.read_text())
+            except ValueError:
+                results[name] = {"unreadable": fast.read_text()[:20000]}
+        printed = work / f"{name}.out"
+        if printed.is_file():
+            tail = "\n".join(printed.read_text().splitlines()[-60:])
+            markdown.insert(0, f"## GPU check bench/{script} (its output)\n\n```\n{tail}\n```")
     return results, markdown
 
 

@@ -14,8 +14,10 @@ from qwen_awq.cli_args import add_config_args, add_model_args, config_kwargs
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qwen_awq.loading import resolve_model_path
     from qwen_awq.quant.quantize import QuantizeConfig, quantize_model
+    from qwen_awq.threads import apply_thread_policy
 
     qcfg = QuantizeConfig(**config_kwargs(QuantizeConfig, args))
+    apply_thread_policy(args.threads)  # the model waits in host memory: CPU work on every device
     start = time.perf_counter()
     out = quantize_model(resolve_model_path(args.model), Path(args.output), qcfg)
     print(f"wrote {out} ({qcfg.method}, group size {qcfg.group_size}) in {time.perf_counter() - start:.0f} s",
@@ -49,6 +51,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 def register_tools(sub: Any) -> None:
     from qwen_awq.quant.quantize import QuantizeConfig
+    from qwen_awq.threads import ThreadsConfig
 
     q = sub.add_parser("quantize", help="quantize a model to 4-bit AWQ (AutoAWQ GEMM layout)",
                        description="Quantize an fp16/bf16/fp32 model folder (or .gguf) into an AutoAWQ-compatible "
@@ -56,6 +59,7 @@ def register_tools(sub: Any) -> None:
     q.add_argument("--model", default=None, help="source model folder or .gguf (default: the bundled SmolLM2)")
     q.add_argument("--output", required=True, help="destination folder (written atomically)")
     add_config_args(q, QuantizeConfig)
+    add_config_args(q, ThreadsConfig)  # --threads
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="evaluation: perplexity and benchmark suites", description="Evaluate a model.")
     esub = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_awq.models.attention import DenseAttention, ForwardBatch, sdpa
+from qwen_awq.models.attention import DenseAttention, ForwardBatch, RotatingAttention, sdpa
 
 
 @torch.inference_mode()
@@ -39,7 +39,7 @@ def dense_greedy(model, prompt: list[int], steps: int, vocab: int | None = None,
     return new
 
 
-class ContiguousKVCache:
+class ContiguousKVCache(RotatingAttention):
     """K/V for `batch` sequences that advance together: (layers, batch, max_len, Hkv, D) each.
 
     Call `step(num_new)` before each forward over `batch * num_new` tokens and `advance()` after it.
@@ -76,3 +76,43 @@ class ContiguousKVCache:
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]  # (B, L, Hkv, D)
         out = sdpa(q.view(b, s, *q.shape[1:]), keys, values, scale, self.mask, causal=False)
         return out.reshape(q.shape)
+
+
+class Int8ContiguousKVCache(ContiguousKVCache):
+    """Qwen's int8 KV scheme over the contiguous cache, derived from its description: each written chunk gets one
+    range per (sequence, head), scale = (max - min) / 255, zero = -min / scale, codes round(x / scale + zero)
+    clamped to 0..255; stored here already dequantized, scale * (code - zero)."""
+
+    @staticmethod
+    def _roundtrip(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # (B, S, Hkv, D)
+        lo, hi = xf.amin(dim=(1, 3), keepdim=True), xf.amax(dim=(1, 3), keepdim=True)  # (B, 1, Hkv, 1)
+        scale = ((hi - lo) / 255).clamp_min(1e-8)
+        zero = -lo / scale
+        codes = torch.round(xf / scale + zero).clamp(0, 255)
+        return (scale * (codes - zero)).to(x.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        b, s = self.batch, self.num_new
+        k = self._roundtrip(k.view(b, s, *k.shape[1:])).reshape(k.shape)
+        v = self._roundtrip(v.view(b, s, *v.shape[1:])).reshape(v.shape)
+        return super().attend(layer, q, k, v, scale)
+
+
+@torch.inference_mode()
+def int8_cache_greedy(model, prompt: list[int], steps: int, vocab: int | None = None) -> list[int]:
+    """Greedy tokens with Qwen's int8 KV cache: the prompt written as one chunk, then one token per step."""
+    cfg, device = model.cfg, model.device
+    cache = Int8ContiguousKVCache(cfg.num_layers, 1, len(prompt) + steps, cfg.num_kv_heads, cfg.head_dim,
+                                  model.dtype, device)
+    alpha, ids, new = model.prefill_alpha(len(prompt)), list(prompt), []
+    for _ in range(steps):
+        n = len(ids) - cache.length
+        cache.step(n)
+        fb = ForwardBatch(positions=torch.arange(cache.length, len(ids), device=device),
+                          ntk_alpha=torch.full((n,), alpha, device=device), attn=cache)
+        hidden = model.forward_tokens(torch.tensor(ids[cache.length:], device=device), fb)[-1]
+        cache.advance()
+        new.append(int(model.compute_logits(hidden)[:vocab].argmax()))
+        ids.append(new[-1])
+    return new

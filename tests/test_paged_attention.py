@@ -19,7 +19,6 @@ import pytest
 import torch
 from assets import DEVICE
 
-from qwen_awq.engine.kv_cache import quantize_chunk
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.paged_attention import DecodeConfig, paged_decode_attention
 from qwen_awq.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
@@ -297,18 +296,20 @@ def test_cpu_dispatch_takes_reference(case: Case) -> None:
     assert err <= TOLERANCE[case.dtype]
 
 
-def test_reference_quantize_matches_engine_chunk_scheme() -> None:
-    """The shared-range int8 write is the engine's quantize_chunk; per-token ranges are its one-token chunks.
-    (On the CPU the engine's `/ 255` is a true division: the scale may differ by an ulp, a code by one.)"""
+def test_reference_quantize_shares_one_range_per_chunk() -> None:
+    """Qwen's per-written-chunk scheme, re-derived: each (chunk, head) maps its own min..max onto codes 0..255
+    (the min to code 0, the max to 255); per-token groups are one-token chunks."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(9, 3, 64, generator=gen).half()
     seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     for group, n in ((seq, 3), (torch.arange(9), 9)):
         codes, sz = quantize(x, group, n)
-        engine_codes, engine_sz = quantize_chunk(x, group, n)
-        assert torch.allclose(sz, engine_sz, rtol=2.4e-7, atol=0)
-        assert int((codes.int() - engine_codes.int()).abs().max()) <= 1
-        assert float((codes != engine_codes).float().mean()) < 0.01
+        for g in range(n):
+            part, c = x[group == g].double(), codes[group == g].int()
+            lo, hi = part.amin(dim=(0, 2)), part.amax(dim=(0, 2))  # (Hkv,)
+            assert torch.allclose(sz[group == g][..., 0].double(), ((hi - lo) / 255)[None].expand(len(part), -1),
+                                  rtol=1e-6, atol=0)
+            assert (c.amin(dim=(0, 2)) == 0).all() and (c.amax(dim=(0, 2)) == 255).all()
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from qwen_awq.engine.sampler import (
+    SampleOutput,
     SamplingBatch,
     apply_min_p,
     apply_presence_frequency,
@@ -301,3 +302,15 @@ def test_from_defaults_max_tokens_and_hf_names():
 def test_build_rejects_out_of_vocab_ids():
     with pytest.raises(SamplingError, match="outside the vocabulary"):
         make_batch([SamplingParams(repetition_penalty=1.2)], 10, prompts=[[3, 10]])
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_to_host_packs_every_field_into_one_copy_exactly(k):
+    """ids, fp32 log-probs and top log-probs come back unchanged through the one float64 device-to-host copy."""
+    g = torch.Generator().manual_seed(k)
+    tokens, logprobs = torch.randint(0, 151936, (5,), generator=g), torch.randn(5, generator=g) * 30
+    top = (torch.randint(0, 151936, (5, k), generator=g), torch.randn(5, k, generator=g)) if k else None
+    host = SampleOutput(tokens, logprobs, top).to_host()
+    assert host.tokens == tokens.tolist() and host.logprobs == logprobs.tolist()
+    assert host.top_ids == (top[0].tolist() if k else None)
+    assert host.top_values == (top[1].tolist() if k else None)

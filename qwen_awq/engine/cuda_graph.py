@@ -1,14 +1,13 @@
 """CUDA-graph capture of the decode step (every scheduled sequence computes one token).
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes the launch gaps. Graphs are
-captured per padded batch size and per block-table width over static input buffers: paged attention reads every
-key the table names, so a graph only as wide as the longest running context keeps short contexts cheap. Padding
-rows and table columns point at a scratch block that no sequence owns. Every graph writes its logits into one
-shared buffer. The eager forward is the reference (tests compare the two on the GPU).
+captured per padded batch size over static input buffers whose block tables are as wide as the longest context:
+the paged decode kernel reads only up to each sequence's length, and its grid depends on shapes alone, so one graph
+per batch size serves every context length. Padding rows point at a scratch block that no sequence owns, with
+context length 1. Every graph writes its logits into one shared buffer. The eager forward is the reference (tests
+compare the two on the GPU).
 """
 from __future__ import annotations
-
-import itertools
 
 import torch
 
@@ -18,41 +17,36 @@ from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# Table widths in tokens (then the model's longest context): each step 4x the keys of the one below.
-WIDTH_TOKENS = (512, 2048, 8192)
 
 
 class DecodeGraphs:
     def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int, max_blocks: int, scratch_block: int) -> None:
         self.model, self.pool, self.max_blocks = model, pool, max_blocks
         self.sizes = [s for s in SIZES if s < max_num_seqs] + [max_num_seqs]
-        widths = (-(-t // pool.block_size) for t in WIDTH_TOKENS)
-        self.widths = [w for w in widths if w < max_blocks] + [max_blocks]
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * pool.block_size
         self.static = StepInput.decode_buffers(self.sizes[-1], max_blocks, scratch_block, pool.block_size,
                                                model.device)
         self.logits: torch.Tensor | None = None  # (n, V), written by every graph
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_handle = None
         self.replays = 0
 
-    def _forward(self, b: int, w: int) -> torch.Tensor:
-        step = self.static.rows(b, w)
+    def _forward(self, b: int) -> torch.Tensor:
+        step = self.static.rows(b, self.max_blocks)
         return self.model.compute_logits(self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool)))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        # largest first, so smaller graphs reuse its memory pool
-        for b, w in itertools.product(reversed(self.sizes), reversed(self.widths)):
-            logits = self._forward(b, w)  # warm-up (lazy inits, autotuning) outside the capture
+        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            logits = self._forward(b)  # warm-up (lazy inits, Triton compiles) outside the capture
             if self.logits is None:
                 self.logits = torch.empty(self.sizes[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool_handle):
-                self.logits[:b].copy_(self._forward(b, w))
+                self.logits[:b].copy_(self._forward(b))
             self.pool_handle = graph.pool()
-            self.graphs[b, w] = graph
+            self.graphs[b] = graph
         torch.cuda.synchronize()
 
     def fits(self, num_seqs: int, table_width: int) -> bool:
@@ -60,11 +54,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:
-        """Logits (n, V) for a decode step of n sequences; rows past n are padding that touches only the
-        scratch block, as do table columns past a sequence's own blocks."""
+        """Logits (n, V) for a decode step of n sequences; rows past n are padding that touches only the scratch
+        block. Table columns past a sequence's own blocks keep stale ids: the kernel stops at its length."""
         n, width = step.num_seqs, step.paged.block_tables.shape[1]
         b = next(s for s in self.sizes if s >= n)
-        w = next(w for w in self.widths if w >= width)
         static, meta = self.static, self.static.paged
         static.input_ids[:n].copy_(step.input_ids)
         static.positions[:n].copy_(step.positions)
@@ -72,10 +65,9 @@ class DecodeGraphs:
         meta.slot_mapping[:n].copy_(step.paged.slot_mapping)
         meta.slot_mapping[n:b].fill_(self.scratch_slot)
         meta.block_tables[:n, :width].copy_(step.paged.block_tables)
-        meta.block_tables[:n, width:w].fill_(self.scratch_block)
-        meta.block_tables[n:b, :w].fill_(self.scratch_block)
+        meta.block_tables[n:b].fill_(self.scratch_block)
         meta.context_lens[:n].copy_(step.paged.context_lens)
         meta.context_lens[n:b].fill_(1)
-        self.graphs[b, w].replay()
+        self.graphs[b].replay()
         self.replays += 1
         return self.logits[:n]

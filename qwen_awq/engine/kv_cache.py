@@ -1,4 +1,7 @@
-"""The paged KV pool and its plain-PyTorch paged attention (the reference and CPU path).
+"""The paged KV pool and the engine's attention backend over it: rotary + LogN + KV write in one kernel, then paged
+decode attention (all-decode steps) or chunked-prefill attention (any chunk longer than one token), read straight
+from the block tables. The kernels' dispatchers run Triton on CUDA (and under TRITON_INTERPRET=1), else their
+plain-PyTorch references (kernels/paged_reference.py), so the engine has one code path everywhere.
 
 The pool holds (layers, num_blocks, block_size, kv_heads, head_dim) keys and values, in the model dtype or, as an
 option, int8 with Qwen's per-chunk asymmetric scheme (use_cache_quantization): each (sequence, head) of a written
@@ -11,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.attention import sdpa
+from qwen_awq.kernels.paged_attention import paged_decode_attention
+from qwen_awq.kernels.paged_prefill import paged_prefill_attention
+from qwen_awq.kernels.paged_reference import PagedKV
+from qwen_awq.kernels.rotary_kv import rotary_kv_write
 from qwen_awq.models.config import ModelConfig
-
-INT8_LEVELS = 255  # uint8 codes 0..255 (Qwen's quantize_cache_v uses qmin 0, qmax 255)
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, int8: bool) -> int:
@@ -44,77 +48,28 @@ class PagedMetadata:
     """Per-step tensors of the flattened batch: B sequences, T tokens, each sequence's chunk is contiguous."""
 
     slot_mapping: torch.Tensor  # (T,) long: where each new token's K/V goes
-    block_tables: torch.Tensor  # (B, max_blocks) long, padded with block 0
+    block_tables: torch.Tensor  # (B, max_blocks) long; columns past a sequence's blocks are never read
     context_lens: torch.Tensor  # (B,) long: tokens in the cache after this step
-    query_lens: torch.Tensor  # (B,) long: new tokens this step
+    cu_seqlens: torch.Tensor  # (B + 1,) long: sequence b's chunk is tokens cu_seqlens[b]:cu_seqlens[b + 1]
     token_seq: torch.Tensor  # (T,) long: which sequence each token belongs to
-    token_col: torch.Tensor  # (T,) long: index of each token within its sequence's chunk
-    max_query_len: int
-
-
-def quantize_chunk(x: torch.Tensor, token_seq: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (T, Hkv, D) -> uint8 codes (T, Hkv, D) and per-token (scale, zero) (T, Hkv, 2) shared by its chunk."""
-    xf = x.float()
-    idx = token_seq[:, None].expand(-1, x.shape[1])  # (T, Hkv)
-    init = xf.new_full((num_seqs, x.shape[1]), float("inf"))
-    lo = init.scatter_reduce(0, idx, xf.amin(-1), "amin")  # (B, Hkv)
-    hi = (-init).scatter_reduce(0, idx, xf.amax(-1), "amax")
-    scale = ((hi - lo) / INT8_LEVELS).clamp_min(1e-8)
-    zero = -lo / scale
-    sz = torch.stack([scale, zero], dim=-1)[token_seq]  # (T, Hkv, 2)
-    codes = torch.round(xf / sz[..., :1] + sz[..., 1:]).clamp(0, INT8_LEVELS).to(torch.uint8)
-    return codes, sz
-
-
-def dequantize(codes: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (sz[..., :1] * (codes.float() - sz[..., 1:])).to(dtype)
+    max_query_len: int  # host int: 1 makes the step a decode step (the graph-capturable path)
 
 
 class PagedAttention:
-    """The attention backend for one engine step: writes new K/V into the pool, attends over each block table."""
+    """The attention backend for one engine step over the pool (see the module docstring)."""
 
     def __init__(self, pool: KVPool, meta: PagedMetadata) -> None:
         self.pool, self.meta = pool, meta
-        self._slots: torch.Tensor | None = None  # (B, L) gather slots, the same for every layer
-        self._mask: torch.Tensor | None = None  # (B, 1, max_q, L) causal + length mask, likewise
 
-    def _layout(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Computed on the first layer and reused by the others (fewer kernels per decode step)."""
-        if self._slots is None:
-            m, bs = self.meta, self.pool.block_size
-            self._slots = (m.block_tables[:, :, None] * bs + torch.arange(bs, device=device)).flatten(1)
-            cols = torch.arange(m.max_query_len, device=device)
-            qpos = (m.context_lens - m.query_lens)[:, None] + cols[None, :]  # (B, max_q) absolute positions
-            kpos = torch.arange(self._slots.shape[1], device=device)
-            mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < m.context_lens[:, None, None])
-            self._mask = mask[:, None]
-        return self._slots, self._mask
-
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        pool, slots = self.pool, self.meta.slot_mapping
-        if pool.int8:
-            b = self.meta.context_lens.shape[0]
-            for cache, sz_cache, x in ((pool.k, pool.k_sz, k), (pool.v, pool.v_sz, v)):
-                codes, sz = quantize_chunk(x, self.meta.token_seq, b)
-                cache[layer].index_copy_(0, slots, codes)
-                sz_cache[layer].index_copy_(0, slots, sz)
-        else:
-            pool.k[layer].index_copy_(0, slots, k.to(pool.dtype))
-            pool.v[layer].index_copy_(0, slots, v.to(pool.dtype))
-
-    def _gather(self, layer: int, cache: torch.Tensor, sz: torch.Tensor | None, dtype: torch.dtype,
-                slots: torch.Tensor) -> torch.Tensor:
-        """(B, max_blocks * block_size, Hkv, D) keys or values of every sequence, in block-table order."""
-        x = cache[layer][slots]
-        return dequantize(x, sz[layer][slots], dtype) if sz is not None else x.to(dtype)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        m, pool = self.meta, self.pool
-        self._write(layer, k, v)
-        slots, mask = self._layout(q.device)
-        keys = self._gather(layer, pool.k, pool.k_sz if pool.int8 else None, q.dtype, slots)  # (B, L, Hkv, D)
-        values = self._gather(layer, pool.v, pool.v_sz if pool.int8 else None, q.dtype, slots)
-        qp = q.new_zeros((keys.shape[0], m.max_query_len, *q.shape[1:]))  # (B, max_q, H, D)
-        qp[m.token_seq, m.token_col] = q
-        out = sdpa(qp, keys, values, scale, mask, causal=False)  # (B, max_q, H, D)
-        return out[m.token_seq, m.token_col]
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   logn: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """qkv (T, H + 2 Hkv, D) -> (T, H, D); this step's K/V are in the pool before attention reads it."""
+        m, kv = self.meta, PagedKV.from_pool(self.pool, layer)
+        # int8: Qwen quantizes each written chunk with one range per (sequence, head); a one-token chunk's range is
+        # its own, which the kernel's per-token path computes without the range-reduction pass
+        chunked = kv.int8 and m.max_query_len > 1
+        q = rotary_kv_write(qkv.flatten(1), cos, sin, logn, m.slot_mapping, kv, num_heads,
+                            m.token_seq if chunked else None, m.context_lens.shape[0])  # (T, H, D)
+        if m.max_query_len == 1:
+            return paged_decode_attention(q, kv, m.block_tables, m.context_lens, scale)
+        return paged_prefill_attention(q, kv, m.block_tables, m.cu_seqlens, m.context_lens, m.max_query_len, scale)

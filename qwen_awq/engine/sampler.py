@@ -23,9 +23,14 @@ class SampleOutput:
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to_host(self) -> HostSample:
-        """All of it as Python lists: one device-to-host copy per field instead of several per row."""
-        ids, values = (None, None) if self.top_logprobs is None else (t.tolist() for t in self.top_logprobs)
-        return HostSample(self.tokens.tolist(), self.logprobs.tolist(), ids, values)
+        """All of it as Python lists from one device-to-host copy (one sync per step): every field packed as
+        float64 columns, which hold the ids (< 2^53) and the fp32 log-probs exactly."""
+        fields = [self.tokens[:, None], self.logprobs[:, None], *(self.top_logprobs or ())]
+        rows = torch.cat([f.double() for f in fields], dim=1).tolist()  # (B, 2 + 2k)
+        k = 0 if self.top_logprobs is None else self.top_logprobs[0].shape[1]
+        top_ids = None if self.top_logprobs is None else [[int(i) for i in r[2:2 + k]] for r in rows]
+        top_values = None if self.top_logprobs is None else [r[2 + k:] for r in rows]
+        return HostSample([int(r[0]) for r in rows], [r[1] for r in rows], top_ids, top_values)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`StepInput`: one engine step flattened into the tensors the decoder and paged attention read.
 
-Built once per step from the scheduled chunks (one host pass, one host-to-device copy of all integer fields),
+Built once per step from the scheduled chunks (one host pass, one pinned host-to-device copy of every field),
 it feeds both the eager forward and the CUDA-graph replay. Its `paged` metadata (block tables, context and query
 lengths per sequence) is what a paged-attention kernel consumes directly.
 """
@@ -15,6 +15,13 @@ import torch
 from qwen_awq.engine.kv_cache import KVPool, PagedAttention, PagedMetadata
 from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.models.attention import ForwardBatch
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """One host-to-device copy that the host does not wait for: on CUDA from pinned memory, which PyTorch's caching
+    host allocator keeps from reuse until the asynchronous copy has read it."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=True)
 
 
 @dataclass
@@ -36,8 +43,8 @@ class StepInput:
 
     @classmethod
     def build(cls, entries: Sequence[ScheduledSeq], block_size: int, device: torch.device) -> StepInput:
-        """Flatten the scheduled chunks; block tables are padded with block 0 (masked by context_lens)."""
-        ids, pos, alpha, slots, seq_of, col = [], [], [], [], [], []
+        """Flatten the scheduled chunks; block tables are padded with block 0 (never read: past context_lens)."""
+        ids, pos, alpha, slots, seq_of = [], [], [], [], []
         for row, e in enumerate(entries):
             seq, span = e.seq, range(e.start, e.end)
             ids += seq.token_ids(e.start, e.end)
@@ -45,22 +52,21 @@ class StepInput:
             alpha += [seq.ntk_alpha] * e.num_tokens
             slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in span]
             seq_of += [row] * e.num_tokens
-            col += range(e.num_tokens)
         tables = [e.seq.block_table for e in entries]
         width = max(map(len, tables))
         flat_tables = [b for t in tables for b in (*t, *[0] * (width - len(t)))]
         qlen = [e.num_tokens for e in entries]
+        cu = [0, *accumulate(qlen)]
         ctx = [e.end for e in entries]
         sample = [end - 1 for end, e in zip(accumulate(qlen), entries, strict=True) if e.needs_sample]
         t, b = len(ids), len(entries)
-        packed = torch.tensor(ids + pos + slots + seq_of + col + ctx + qlen + sample + flat_tables,
-                              dtype=torch.long).to(device, non_blocking=True)
-        (ids_t, pos_t, slots_t, seq_t, col_t, ctx_t, qlen_t, sample_t,
-         tables_t) = packed.split([t, t, t, t, t, b, b, len(sample), b * width])
+        alpha_bits = torch.tensor(alpha, dtype=torch.float32).view(torch.int32).tolist()  # fp32 bit patterns
+        packed = upload(ids + pos + slots + seq_of + ctx + cu + sample + flat_tables + alpha_bits, device)
+        (ids_t, pos_t, slots_t, seq_t, ctx_t, cu_t, sample_t, tables_t,
+         alpha_t) = packed.split([t, t, t, t, b, b + 1, len(sample), b * width, t])
         meta = PagedMetadata(slot_mapping=slots_t, block_tables=tables_t.view(b, width), context_lens=ctx_t,
-                             query_lens=qlen_t, token_seq=seq_t, token_col=col_t, max_query_len=max(qlen))
-        alpha_t = torch.tensor(alpha, dtype=torch.float32).to(device, non_blocking=True)
-        return cls(ids_t, pos_t, alpha_t, sample_t, meta)
+                             cu_seqlens=cu_t, token_seq=seq_t, max_query_len=max(qlen))
+        return cls(ids_t, pos_t, alpha_t.to(torch.int32).view(torch.float32), sample_t, meta)
 
     @classmethod
     def decode_buffers(cls, num_seqs: int, max_blocks: int, scratch_block: int, block_size: int,
@@ -70,17 +76,18 @@ class StepInput:
         def full(shape: tuple[int, ...], value: float, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.full(shape, value, dtype=dtype, device=device)
 
-        rows = torch.arange(num_seqs, device=device)
+        rows = torch.arange(num_seqs + 1, device=device)
         meta = PagedMetadata(slot_mapping=full((num_seqs,), scratch_block * block_size),
                              block_tables=full((num_seqs, max_blocks), scratch_block),
-                             context_lens=full((num_seqs,), 1), query_lens=full((num_seqs,), 1),
-                             token_seq=rows, token_col=full((num_seqs,), 0), max_query_len=1)
-        return cls(full((num_seqs,), 0), full((num_seqs,), 0), full((num_seqs,), 1.0, torch.float32), rows, meta)
+                             context_lens=full((num_seqs,), 1), cu_seqlens=rows, token_seq=rows[:-1],
+                             max_query_len=1)
+        return cls(full((num_seqs,), 0), full((num_seqs,), 0), full((num_seqs,), 1.0, torch.float32), rows[:-1],
+                   meta)
 
     def rows(self, b: int, w: int) -> StepInput:
         """Views of the first b rows and w table columns of decode buffers (one token per sequence)."""
         m = self.paged
         meta = PagedMetadata(slot_mapping=m.slot_mapping[:b], block_tables=m.block_tables[:b, :w],
-                             context_lens=m.context_lens[:b], query_lens=m.query_lens[:b],
-                             token_seq=m.token_seq[:b], token_col=m.token_col[:b], max_query_len=1)
+                             context_lens=m.context_lens[:b], cu_seqlens=m.cu_seqlens[:b + 1],
+                             token_seq=m.token_seq[:b], max_query_len=1)
         return StepInput(self.input_ids[:b], self.positions[:b], self.ntk_alpha[:b], self.sample_index[:b], meta)

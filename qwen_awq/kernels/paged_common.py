@@ -89,11 +89,18 @@ def num_sms(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
+def _kernel_device(x: Tensor, kv: PagedKV) -> bool:
+    if triton.knobs.runtime.interpret:
+        return not x.is_cuda and not kv.k.is_cuda
+    return x.is_cuda and kv.k.is_cuda
+
+
 def triton_supports(x: Tensor, num_heads: int, kv: PagedKV) -> bool:
     """Whether the paged kernels take activations x (q or qkv) and this pool (else the dispatchers run the
-    reference): CUDA, fp16/bf16 in the pool's dtype or int8 codes, a power-of-two head_dim, whole GQA groups."""
+    reference): CUDA (or CPU tensors under TRITON_INTERPRET=1, so that CPU tests run the kernels end to end),
+    fp16/bf16 in the pool's dtype or int8 codes, a power-of-two head_dim, whole GQA groups."""
     d = kv.head_dim
-    return (triton is not None and x.is_cuda and kv.k.is_cuda and x.dtype in _TRITON_DTYPES
+    return (triton is not None and _kernel_device(x, kv) and x.dtype in _TRITON_DTYPES
             and (kv.int8 or kv.k.dtype == x.dtype) and d >= 16 and d & (d - 1) == 0
             and num_heads % kv.num_kv_heads == 0)
 

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qwen_awq.models.attention import sdpa
-from qwen_awq.models.layers import apply_rotary
+from qwen_awq.models.attention import rotate_qkv, sdpa
 
 INT8_LEVELS = 255  # uint8 codes 0..255 (Qwen's quantize_cache_v: qmin 0, qmax 255)
-MIN_SCALE = 1e-8  # a constant head slice would get scale 0; engine/kv_cache.py clamps the same way
+MIN_SCALE = 1e-8  # a constant head slice would get scale 0
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,7 @@ def quantize(x: Tensor, group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]
     """x (T, Hkv, D) -> uint8 codes (T, Hkv, D), (scale, zero) (T, Hkv, 2); each (group, head) shares one range.
 
     group (T,) names each token's group: the token itself (per-token scales) or its sequence's chunk (Qwen's
-    per-written-chunk scheme, as engine/kv_cache.py quantize_chunk, which equals this on CUDA; on the CPU its
-    `/ 255` is a true division, at most one fp32 ulp off the scale).
+    per-written-chunk scheme, which the engine writes through rotary_kv_write).
     """
     xf = x.float()
     idx = group[:, None].expand(-1, x.shape[1])  # (T, Hkv)
@@ -132,11 +130,7 @@ def rotary_kv_write_reference(
     with chunk_seq (T,) naming each token's sequence (num_seqs of them), one range per (sequence, head).
     """
     t, hkv, d = qkv.shape[0], kv.num_kv_heads, kv.head_dim
-    q, k, v = qkv.view(t, num_heads + 2 * hkv, d).split([num_heads, hkv, hkv], dim=1)
-    qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # (T, H + Hkv, D)
-    q, k = qk.split([num_heads, hkv], dim=1)
-    if logn is not None:
-        q = (q.float() * logn[:, None, None]).to(q.dtype)
+    q, k, v = rotate_qkv(qkv.view(t, num_heads + 2 * hkv, d), num_heads, cos, sin, logn)
     slots = slot_mapping.long()
     if kv.int8:
         group = torch.arange(t, device=qkv.device) if chunk_seq is None else chunk_seq.long()

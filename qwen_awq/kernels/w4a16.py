@@ -18,6 +18,7 @@ from torch import Tensor
 
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.reference import w4a16_matmul_reference
+from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
@@ -241,8 +242,7 @@ def w4a16_dense(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool =
     """y (..., N): dequantize to x's dtype, then the vendor GEMM (for large M, where it beats the fused kernel)."""
     x2d = _check(x, w, silu)
     if silu:
-        gate, up = x2d.split(w.k, dim=-1)
-        x2d = F.silu(gate) * up
+        x2d = silu_mul(x2d)  # one pass over [gate | up], rounding as F.silu(gate) * up does
     y = F.linear(x2d, dequantize_w4(w, x.dtype), None if bias is None else bias.to(x.dtype))
     return y.view(*x.shape[:-1], w.n)
 

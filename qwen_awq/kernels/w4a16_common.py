@@ -34,12 +34,16 @@ def scale_zero(sz, BF16_SCALES: tl.constexpr):
 
 @jit
 def load_x(x_ptr, offs, mask, up_offset, SILU: tl.constexpr):
-    """fp32 activations at offs; with SILU, x is a gate_up row and the value is silu(gate[k]) * up[k]."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """fp32 activations at offs; with SILU, x is a gate_up row and the value is silu(gate[k]) * up[k], rounded to
+    x's dtype after the silu and after the product as the unfused MLP's torch ops round (models/fusion.py), so the
+    fused decode step computes the same activations."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if SILU:
         u = tl.load(x_ptr + up_offset + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * u
-    return x
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+        x = (act * u).to(x.dtype)
+    return x.to(tl.float32)
 
 
 @jit

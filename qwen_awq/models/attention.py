@@ -1,7 +1,9 @@
-"""The attention seam: the decoder hands each layer's rotated q/k/v to a backend that owns the KV storage.
+"""The attention seam: the decoder hands each layer's raw qkv projection (with the step's rotary tables) to a
+backend that owns the KV storage and rotates q/k itself, so that the paged engine can fuse rotary, LogN and the
+KV write into one kernel (engine/kv_cache.py) while cache-less backends rotate in plain PyTorch (`rotate_qkv`).
 
-The backend here is DenseAttention (no cache, a full causal forward); the engine's paged cache
-(engine/kv_cache.py) implements the same `attend` method, and the tests hold a contiguous-cache oracle.
+Backends here: DenseAttention (no cache, a full causal forward); `RotatingAttention` is the base of every backend
+that takes rotated q/k/v (dense, the transformers Cache adapter, the tests' contiguous-cache oracle).
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from qwen_awq.models.layers import apply_rotary
+
 
 class AttentionBackend(Protocol):
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """q (T, H, D), k/v (T, Hkv, D) for the new tokens -> attention output (T, H, D)."""
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   logn: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """qkv (T, H + 2 Hkv, D) un-rotated q, k, v of the new tokens; cos/sin (T, D/2) fp32; logn (T,) fp32 or
+        None -> attention output (T, H, D)."""
         ...
 
 
@@ -29,6 +33,31 @@ class ForwardBatch:
     attn: AttentionBackend
 
 
+def rotate_qkv(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv (T, H + 2 Hkv, D) -> rotated, LogN-scaled q (T, H, D), rotated k and v (T, Hkv, D): the one plain-PyTorch
+    definition (the paged reference kernels/paged_reference.py and the fused Triton kernel match it bit for bit)."""
+    hkv = (qkv.shape[1] - num_heads) // 2
+    q, k, v = qkv.split([num_heads, hkv, hkv], dim=1)
+    qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotation for both: fewer kernels
+    q, k = qk.split([num_heads, hkv], dim=1)
+    if logn is not None:  # Qwen's LogN: the rounded rotation scaled, then rounded again
+        q = (q.float() * logn[:, None, None]).to(q.dtype)
+    return q, k, v
+
+
+class RotatingAttention:
+    """A backend over rotated q/k/v: subclasses implement `attend`; keys are stored after rotation."""
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   logn: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return self.attend(layer, *rotate_qkv(qkv, num_heads, cos, sin, logn), scale)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (T, H, D), k/v (T, Hkv, D) for the new tokens -> attention output (T, H, D)."""
+        raise NotImplementedError
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
           causal: bool) -> torch.Tensor:
     """q (B, S, H, D), k/v (B, L, Hkv, D) -> (B, S, H, D); grouped-query heads are expanded by SDPA."""
@@ -39,7 +68,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: 
     return out.transpose(1, 2)
 
 
-class DenseAttention:
+class DenseAttention(RotatingAttention):
     """Full causal attention over `batch` sequences of `seqlen` tokens each, without a cache."""
 
     def __init__(self, batch: int, seqlen: int) -> None:

@@ -7,12 +7,12 @@ Generation lives above it: `chat.ChatModel` adds HF's generate and Qwen's chat o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
-from qwen_awq.models.layers import RMSNorm, apply_rotary, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
+from qwen_awq.models.fusion import add_rms_norm, silu_mul_down
+from qwen_awq.models.layers import RMSNorm, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
 
 
 class Attention(nn.Module):
@@ -28,15 +28,8 @@ class Attention(nn.Module):
                 fb: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)  # (tokens, heads, head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # (tokens, kv_heads, head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        qk = apply_rotary(torch.cat([q, k], dim=1), cos, sin)  # one rotation for both: fewer kernels
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        if logn is not None:
-            q = (q.float() * logn[:, None, None]).to(q.dtype)
-        out = fb.attn.attend(self.layer, q, k, v, self.scale)  # (tokens, heads, head_dim)
+        qkv = self.qkv_proj(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)  # (T, H + 2 Hkv, D)
+        out = fb.attn.attend_qkv(self.layer, qkv, cfg.num_heads, cos, sin, logn, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(t, cfg.q_size))
 
 
@@ -50,8 +43,7 @@ class MLP(nn.Module):
         self.down_proj = make_linear(self.width, cfg.hidden_size, False, cfg.quant, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)  # (tokens, width) each
-        return self.down_proj(F.silu(gate) * up)
+        return silu_mul_down(self.gate_up_proj(x), self.down_proj)  # gate_up (tokens, 2 * width)
 
 
 class Block(nn.Module):
@@ -64,8 +56,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
                 fb: ForwardBatch) -> torch.Tensor:
-        h = x + self.attn(self.input_layernorm(x), cos, sin, logn, fb)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """The block's output hidden state h + mlp(norm(h)), h = x + attn(norm(x)) (the quantizer calls this)."""
+        out, residual = self.forward_residual(x, None, cos, sin, logn, fb)
+        return out + residual
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                         sin: torch.Tensor, logn: torch.Tensor | None, fb: ForwardBatch
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual) with the residual carried, not added: the hidden state is x + residual (x
+        alone in the first block), and each add happens inside the next norm's fused kernel (models/fusion.py)."""
+        normed, residual = add_rms_norm(x, residual, self.input_layernorm)
+        attn_out = self.attn(normed, cos, sin, logn, fb)
+        normed, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm)
+        return self.mlp(normed), residual
 
 
 class Decoder(nn.Module):
@@ -89,10 +92,10 @@ class Decoder(nn.Module):
         cfg = self.cfg
         cos, sin = rotary_cos_sin(fb.positions, fb.ntk_alpha, cfg.head_dim, cfg.rope_theta)  # (T, D/2)
         logn = logn_scale(fb.positions, cfg.seq_length) if cfg.use_logn_attn else None
-        x = self.embed_tokens(input_ids)  # (T, hidden)
+        x, residual = self.embed_tokens(input_ids), None  # (T, hidden); the hidden state is x + residual
         for block in self.layers:
-            x = block(x, cos, sin, logn, fb)
-        return self.norm(x)
+            x, residual = block.forward_residual(x, residual, cos, sin, logn, fb)
+        return add_rms_norm(x, residual, self.norm)[0]  # the last block's add fused into the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., hidden) -> fp32 logits (..., vocab_size incl. padding)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from qwen_awq.errors import CheckpointError
 from qwen_awq.kernels.awq_gemm import awq_matmul
-from qwen_awq.kernels.reference import silu_mul_reference
+from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16 import W4Weight, new_locks, w4a16_matmul
 from qwen_awq.quant.packing import (
     PACK_FACTOR,
@@ -139,7 +139,7 @@ class AWQLinear(nn.Module):
         """forward(silu(gate) * up) for gate_up = [gate | up] (..., 2K), fused into the kernel when repacked."""
         if self.repacked and not self.cache_dequantized:
             return w4a16_matmul(gate_up, self.w4, self.bias, silu=True)
-        return self(silu_mul_reference(gate_up))
+        return self(silu_mul(gate_up))  # one Triton pass on CUDA, else the reference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dequantized:

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qwen_awq.chat import DEFAULT_SYSTEM, DEFAULT_WINDOW, History, make_context
 from qwen_awq.errors import ConfigError
-from qwen_awq.models.attention import ForwardBatch
+from qwen_awq.models.attention import ForwardBatch, RotatingAttention
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.tokenizer import Tokenizer
 from qwen_awq.transformers.configuration import QWenConfig
@@ -26,7 +26,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 ALPHA_ATTR = "qwen_awq_ntk_alpha"  # set on the Cache object at prefill: the sequence's NTK alpha for its lifetime
 
 
-class CacheAttention:
+class CacheAttention(RotatingAttention):
     """Our attention seam over a transformers Cache: append this step's keys/values, attend with `mask`."""
 
     def __init__(self, cache: Any, batch: int, seqlen: int, mask: torch.Tensor | None) -> None:

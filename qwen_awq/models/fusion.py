@@ -1,0 +1,65 @@
+"""Which kernels a decoder block's elementwise work takes: the one place that decides, so Block and MLP hold no
+device or layer-type ifs and the kernel-count tool (eval/profile_step.py) can compare both paths in one process.
+
+Fused (the default): residual add + RMSNorm in one kernel (kernels/rms_norm.py), and SiLU(gate) * up either in the
+W4A16 down projection's prologue (AWQLinear.silu_mul_forward) or, for a plain Linear, in one pass over
+[gate | up] (kernels/silu_mul.py). Unfused (QWEN_AWQ_FUSED=0, or `with fusion(False)`): the separate torch ops
+the decoder used before. Both round to the model's dtype at the same points, so their outputs agree (exactly on
+the CPU references).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSED_ENV = "QWEN_AWQ_FUSED"  # "0" turns the fusions off
+_override: bool | None = None  # set by fusion(); wins over the environment
+
+
+def fused() -> bool:
+    """Whether the fused kernels run; read at every call (cheap), so a benchmark can flip it between runs.
+    CUDA graphs capture whichever path was on at capture time."""
+    if _override is not None:
+        return _override
+    return os.environ.get(FUSED_ENV, "1") != "0"
+
+
+@contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """Run the block with the fusions on or off, whatever the environment says (tests, profile_step)."""
+    global _override
+    saved, _override = _override, enabled
+    try:
+        yield
+    finally:
+        _override = saved
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual); with no residual yet (the first block), (norm(x), x)."""
+    if residual is None:
+        return norm(x), x
+    if fused():
+        from qwen_awq.kernels.rms_norm import fused_add_rms_norm
+
+        return fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    h = x + residual
+    return norm(h), h
+
+
+def silu_mul_down(gate_up: torch.Tensor, down: nn.Module) -> torch.Tensor:
+    """down(silu(gate) * up) for gate_up = [gate | up] (..., 2I)."""
+    if not fused():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return down(F.silu(gate) * up)
+    if hasattr(down, "silu_mul_forward"):  # AWQ: SiLU * up in the W4A16 kernel's prologue when repacked
+        return down.silu_mul_forward(gate_up)
+    from qwen_awq.kernels.silu_mul import silu_mul
+
+    return down(silu_mul(gate_up))
