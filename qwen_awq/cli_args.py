@@ -71,6 +71,13 @@ def config_kwargs(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in flag_fields(cls) if getattr(args, f.name, None) is not None}
 
 
+def parallel_config(args: argparse.Namespace):
+    """The ParallelConfig of parsed flags (absent ones, or a parser without them, take the defaults)."""
+    from qwen_awq.parallel.state import ParallelConfig
+
+    return ParallelConfig(**config_kwargs(ParallelConfig, args))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or .gguf file (default: the bundled SmolLM2-135M-"
                    "Instruct in 4-bit AWQ, converted on first use and cached)")

@@ -36,3 +36,8 @@ class Overloaded(QwenAwqError):
 
 class AssetMissing(QwenAwqError):
     """An optional asset (e.g. the bundled SmolLM2 model package) is not installed."""
+
+
+class ParallelError(QwenAwqError):
+    """Tensor or data parallelism cannot run as asked: a split that does not divide, too few devices, a dead
+    worker process."""

@@ -16,17 +16,33 @@ TQDM_MIN_PROMPTS = 4  # a bar for a couple of prompts is noise
 
 class LLM:
     def __init__(self, model: str | None = None, quantization: str | None = None, dtype: str = "auto",
-                 device: str = "auto", max_model_len: int | None = None, **engine_kwargs: Any) -> None:
+                 device: str = "auto", max_model_len: int | None = None, tensor_parallel_size: int = 1,
+                 **engine_kwargs: Any) -> None:
+        """tensor_parallel_size > 1 spawns that many - 1 worker processes (one per GPU, or CPU processes over
+        gloo): the calling script needs the `if __name__ == "__main__":` guard, as with any spawned process."""
         from qwen_awq.loading import load
 
         if quantization not in (None, "awq"):
             raise ConfigError(f"quantization={quantization!r} is not supported; use None or 'awq'")
-        self.model, self.tokenizer = load(model, dtype=dtype, device=device)
+        config = EngineConfig(max_model_len=max_model_len, **engine_kwargs)
+        self.workers = None  # qwen_awq.parallel.launch.WorkerGroup under tensor parallelism
+        if tensor_parallel_size > 1:
+            from qwen_awq.parallel.launch import load_tensor_parallel
+
+            self.model, self.tokenizer, self.engine, self.workers = load_tensor_parallel(
+                model, dtype, device, tensor_parallel_size, config)
+        else:
+            self.model, self.tokenizer = load(model, dtype=dtype, device=device)
         if quantization == "awq" and self.model.cfg.quant is None:
             raise ConfigError(f"quantization='awq' but {model} is not an AWQ checkpoint (no quantization_config)")
-        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_model_len=max_model_len,
-                                                                         **engine_kwargs))
+        if self.workers is None:
+            self.engine = LLMEngine(self.model, self.tokenizer, config)
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers now (they also stop when this LLM is collected or the process exits)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def get_tokenizer(self):
         return self.tokenizer

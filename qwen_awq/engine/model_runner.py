@@ -22,9 +22,13 @@ class ModelRunner:
             return False
         return self.graphs.fits(len(batch.entries), max(len(e.seq.block_table) for e in batch.entries))
 
+    def step_input(self, batch: ScheduledBatch) -> StepInput:
+        """The step's flattened inputs (a seam: the tensor-parallel runner also sends them to its workers)."""
+        return StepInput.build(batch.entries, self.pool.block_size, self.device)
+
     def logits(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Logits (S, V) of the entries that sample, from a captured graph for pure decode steps."""
-        step = StepInput.build(batch.entries, self.pool.block_size, self.device)
+        step = self.step_input(batch)
         if self._is_graph_decode(batch):
             return self.graphs.run(step)
         hidden = self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool))  # (T, hidden)

@@ -20,7 +20,7 @@ from qwen_awq.eval import peers
 from qwen_awq.eval.bench_engine import free_device_memory, kv_bytes_for, run_requests, sized_engine, weights_label
 from qwen_awq.eval.bench_report import GB, add_output_args, checkpoint, environment, write_outputs
 from qwen_awq.eval.bench_tables import decode_markdown
-from qwen_awq.eval.synthetic import add_synthetic_args, model_from_args
+from qwen_awq.eval.synthetic import add_parallel_args, add_synthetic_args, model_from_args
 
 WARMUP_TOKENS = 8  # one short run per engine first: lazy inits and allocator growth are not timed
 MEMORY_SLACK = 0.5 * GB  # issue 10: peak <= weights + KV actually used + 0.5 GB
@@ -194,6 +194,7 @@ def register_decode(bench_sub: Any) -> None:
                              description=__doc__.split("\n\n")[0])
     add_model_args(d)
     add_synthetic_args(d, quant="many")
+    add_parallel_args(d)
     d.add_argument("--tokens", type=int, nargs="+", default=[256], help="new tokens per run (default 256)")
     d.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences decoded together (default 1)")
     d.add_argument("--runs", type=int, default=3, help="timed runs per row; the median is reported (default 3)")

@@ -35,7 +35,9 @@ def sized_engine(model: Any, tokenizer: Any, max_num_seqs: int, max_len: int, **
     block), not a share of the free GPU memory; no prefix caching (the benchmarks' prompts must not share work)."""
     settings = {"max_num_seqs": max_num_seqs, "max_model_len": max_len, "enable_prefix_caching": False,
                 "kv_cache_memory": kv_bytes_for(model, max_num_seqs, max_len)} | config
-    return LLMEngine(model, tokenizer, EngineConfig(**settings))
+    from qwen_awq.parallel.launch import engine_for  # a tensor-parallel shard gets an engine on every rank
+
+    return engine_for(model, tokenizer, EngineConfig(**settings))
 
 
 def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:

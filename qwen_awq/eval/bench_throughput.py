@@ -19,7 +19,7 @@ from qwen_awq.eval import peers
 from qwen_awq.eval.bench_engine import free_device_memory, random_prompts, run_requests, sized_engine, weights_label
 from qwen_awq.eval.bench_report import add_output_args, checkpoint, environment, write_outputs
 from qwen_awq.eval.bench_tables import throughput_markdown
-from qwen_awq.eval.synthetic import add_synthetic_args, model_from_args
+from qwen_awq.eval.synthetic import add_parallel_args, add_synthetic_args, model_from_args
 
 WARMUP_SEED = 1_000_003  # the warm-up prompts differ from the timed ones
 VOCAB_MARGIN = 1000  # random prompt ids stay below the special tokens at the top of the vocabulary
@@ -112,6 +112,7 @@ def register_throughput(bench_sub: Any) -> None:
                              description=__doc__.split("\n\n")[0])
     add_model_args(t)
     add_synthetic_args(t, quant="many")
+    add_parallel_args(t)
     t.add_argument("--num-prompts", type=int, default=128, help="number of requests (default 128)")
     t.add_argument("--input-len", type=int, default=512, help="prompt tokens per request (default 512)")
     t.add_argument("--output-len", type=int, default=256, help="generated tokens per request (default 256)")

@@ -155,9 +155,26 @@ def add_synthetic_args(p: argparse.ArgumentParser, quant: str = "one") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """--tensor-parallel-size (the benchmarks: each row's engine runs on N ranks)."""
+    from qwen_awq.cli_args import add_config_args
+    from qwen_awq.parallel.state import ParallelConfig
+
+    add_config_args(p, ParallelConfig, only=("tensor_parallel_size",))
+
+
 def model_from_args(args: argparse.Namespace, quant: str | None = None, need_tokenizer: bool = False
                     ) -> tuple[Any, Any]:
-    """(model, tokenizer or None) from --synthetic/--quant/--tokenizer, else --model as `qwen_awq.load` reads it."""
+    """(model, tokenizer or None) from --synthetic/--quant/--tokenizer, else --model as `qwen_awq.load` reads it;
+    under --tensor-parallel-size N, rank 0's shard with its workers started (parallel/launch.py)."""
+    from qwen_awq.cli_args import parallel_config
+
+    world = parallel_config(args).tensor_parallel_size
+    if world > 1:
+        if need_tokenizer and args.synthetic is not None and args.tokenizer is None:
+            raise ConfigError("--synthetic needs --tokenizer here (a qwen.tiktoken file or a model folder)")
+        tokenizer = tokenizer_from(args.tokenizer) if getattr(args, "tokenizer", None) is not None else None
+        return parallel_model_from_args(args, quant, tokenizer, world)
     if args.synthetic is None:
         from qwen_awq.cli_args import load_for_cli
 
@@ -209,3 +226,26 @@ def write_synthetic_folder(folder: str | Path, name: str = "qwen-7b", quant: boo
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     return dst
+
+
+def parallel_model_from_args(args: argparse.Namespace, quant: str | None, tokenizer: Any, world: int
+                             ) -> tuple[Any, Any]:
+    """eval.synthetic.model_from_args under --tensor-parallel-size: workers load from a folder, so --synthetic
+    first writes its random model once into the cache (same name, quant and seed: the same weights)."""
+    from qwen_awq.assets import cache_dir
+    from qwen_awq.chat import ChatModel
+    from qwen_awq.loading import resolve_model_path
+    from qwen_awq.parallel.launch import start_tensor_parallel
+    from qwen_awq.tokenizer import load_tokenizer
+
+    if args.synthetic is None:
+        folder = resolve_model_path(args.model)
+        model, _ = start_tensor_parallel(folder, args.dtype, args.device, world, ChatModel)
+        return model, load_tokenizer(folder)
+    awq = (quant or args.quant) == "awq"
+    folder = cache_dir() / "synthetic" / f"{args.synthetic}-{'awq' if awq else 'plain'}-seed{args.seed}"
+    if not (folder / "config.json").exists():
+        write_synthetic_folder(folder, args.synthetic, awq, args.seed, device=args.device if args.device != "auto"
+                               else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = start_tensor_parallel(folder, args.dtype, args.device, world)
+    return model, tokenizer

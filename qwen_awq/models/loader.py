@@ -16,6 +16,8 @@ from qwen_awq.errors import CheckpointError, ConfigError
 from qwen_awq.models.config import ModelConfig, load_generation_config
 from qwen_awq.models.decoder import Decoder
 from qwen_awq.models.family import family_of, load_config
+from qwen_awq.parallel.sharding import parallelize, shard_config
+from qwen_awq.parallel.state import SINGLE, ParallelState
 from qwen_awq.quant.formats import PLAIN, after_load, quant_format
 
 DTYPES = {
@@ -89,6 +91,12 @@ class CheckpointReader:
                     from None
         return self._handles[path]
 
+    def slice(self, name: str):
+        """safetensors' lazy slice of a tensor: index it to read only that part (tensor-parallel shards)."""
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.folder}")
+        return self._open(self.files[name]).get_slice(name)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.folder}")
@@ -104,18 +112,24 @@ def _load_tensor(reader: CheckpointReader, parts: tuple[str, ...], suffix: str, 
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=fuse_dims[suffix])
 
 
-def load_weights(model: Decoder, folder: Path) -> None:
-    """Copy every canonical parameter/buffer of `model` from the checkpoint, checking names and shapes."""
+def load_weights(model: Decoder, folder: Path, full: ModelConfig | None = None,
+                 parallel: ParallelState = SINGLE) -> None:
+    """Copy every canonical parameter/buffer of `model` from the checkpoint, checking names and shapes; under
+    tensor parallelism (`full`: the whole model's config) only this rank's slice of each tensor is read."""
+    from qwen_awq.parallel.shard_loader import read_shard
+
     reader = CheckpointReader(folder)
-    modules = family_of(model.cfg).weights.modules(model.cfg.num_layers)
+    family = family_of(model.cfg)
+    modules = family.weights.modules(model.cfg.num_layers)
     fuse_dims = {**PLAIN.fuse_dims, **quant_format(model.cfg.quant).fuse_dims}
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     for key, target in targets.items():
         module, suffix = key.rsplit(".", 1)
         if model.cfg.tie_word_embeddings and module == "lm_head":
             continue
-        parts = modules[module]
-        tensor = _load_tensor(reader, parts, suffix, fuse_dims)
+        parts, shard = modules[module], family.shard_of(module) if parallel.parallel else None
+        tensor = (_load_tensor(reader, parts, suffix, fuse_dims) if shard is None
+                  else read_shard(reader, module, parts, suffix, shard, full or model.cfg, parallel, fuse_dims))
         if tensor.shape != target.shape:
             raise CheckpointError(
                 f"{' + '.join(f'{p}.{suffix}' for p in parts)} has shape {tuple(tensor.shape)}, "
@@ -126,10 +140,11 @@ def load_weights(model: Decoder, folder: Path) -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-               model_class: type[Decoder] = Decoder) -> Decoder:
+               model_class: type[Decoder] = Decoder, parallel: ParallelState = SINGLE) -> Decoder:
     """Build the decoder for the folder's config on the meta device, allocate it on `device`, stream weights in.
 
-    `model_class` is Decoder or a subclass (qwen_awq.load passes chat.ChatModel).
+    `model_class` is Decoder or a subclass (qwen_awq.load passes chat.ChatModel). Under tensor parallelism the
+    model is this rank's shard (its cfg has this rank's heads and MLP width) and only its slices are read.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -138,11 +153,12 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, cfg, dev)
     with torch.device("meta"):
-        model = model_class(cfg, torch_dtype)
+        model = model_class(shard_config(cfg, parallel), torch_dtype)
+        parallelize(model, cfg, parallel)
     model.to_empty(device=dev)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    load_weights(model, folder)
+    load_weights(model, folder, cfg, parallel)
     after_load(model, quant_format(cfg.quant), dev)
     model.generation_config = load_generation_config(folder).under(family_of(cfg).chat_fallbacks)
     return model.eval().requires_grad_(False)

@@ -28,6 +28,9 @@ def register_serve(subparsers) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model name clients send (default: the folder name)")
     add_config_args(p.add_argument_group("engine"), EngineConfig)
+    from qwen_awq.parallel.state import ParallelConfig
+
+    add_config_args(p.add_argument_group("parallelism"), ParallelConfig)
     p.add_argument("--max-body-bytes", type=parse_bytes, default=None,
                    help="largest request body (default: 64 bytes per context token, at least 1MiB)")
     p.add_argument("--no-special-tokens-in-prompts", action="store_true",
@@ -65,21 +68,37 @@ def urls(host: str, port: int) -> tuple[str, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from qwen_awq.engine.async_engine import AsyncEngine
-    from qwen_awq.engine.llm_engine import LLMEngine
-    from qwen_awq.eval.synthetic import model_from_args
     from qwen_awq.server.app import create_app
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     config = engine_config(args)
-    model, tokenizer = model_from_args(args, need_tokenizer=True)
-    engine = LLMEngine(model, tokenizer, config)
-    print(engine.kv_report, file=sys.stderr)
-    app = create_app(AsyncEngine(engine), served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+    engine = serving_engine(args, config)
+    print(engine.engine.kv_report, file=sys.stderr)
+    app = create_app(engine, served_name(args), api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      special_tokens_in_prompts=not args.no_special_tokens_in_prompts)
     page, api = urls(args.host, args.port)
     print(f"Web chat: {page}\nAPI:      {api} (OpenAI), {page} (TGI), {page}generate (vLLM)", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serving_engine(args: argparse.Namespace, config):
+    """The AsyncEngine the routes use: one engine (tensor-parallel under --tensor-parallel-size N), or N
+    replicas behind a router under --data-parallel-size N (parallel/data_parallel.py)."""
+    from qwen_awq.cli_args import parallel_config
+    from qwen_awq.engine.async_engine import AsyncEngine
+    from qwen_awq.errors import ParallelError
+    from qwen_awq.eval.synthetic import model_from_args
+    from qwen_awq.parallel.data_parallel import data_parallel_engine
+    from qwen_awq.parallel.launch import engine_for
+
+    parallel = parallel_config(args)
+    if parallel.data_parallel_size > 1:
+        if parallel.tensor_parallel_size > 1:
+            raise ParallelError("--data-parallel-size with --tensor-parallel-size > 1 is not supported yet: "
+                                "run one server per group of GPUs behind a load balancer")
+        return data_parallel_engine(args, config, parallel.data_parallel_size)
+    model, tokenizer = model_from_args(args, need_tokenizer=True)
+    return AsyncEngine(engine_for(model, tokenizer, config))

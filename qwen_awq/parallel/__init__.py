@@ -1,0 +1,1 @@
+"""Tensor and data parallelism: parallel state, weight sharding, tensor-parallel workers, engine replicas."""
