@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_awq.eval.peers import StaticPeer, copy_from_decoder, dense_linear, peer_greedy, weight_bytes
+from qwen_awq.eval.peers import StaticPeer, copy_from_decoder, dense_linear, peer_greedy, time_peer, weight_bytes
 from qwen_awq.eval.synthetic import build_synthetic, synthetic_config
 
 
@@ -30,3 +30,17 @@ def test_weight_bytes_are_the_spec_floors():
     cfg = synthetic_config("qwen-7b", None)
     assert abs(weight_bytes(cfg, int4=True) / 1e9 - 4.610) < 0.005  # spec: performance.md, W4 g128 + fp16 lm_head
     assert abs(weight_bytes(cfg, int4=False) / 1e9 - 14.198) < 0.005
+
+
+def test_compiled_peer_is_timed_and_decodes_like_the_eager_one():
+    """The GPU benchmark times the peer under torch.compile (reduce-overhead); the compiled module must go through
+    the same greedy loop (a compiled module has no truth value: `step or peer` raised on the H200)."""
+    model = build_synthetic("qwen-tiny", quant=False, dtype=torch.float32, device="cpu", seed=2)
+    cpu = torch.device("cpu")
+    peer = StaticPeer(model.cfg, dense_linear(torch.float32, cpu), 1, 8, torch.float32, cpu)
+    copy_from_decoder(peer, model)
+    result = time_peer(peer, batch=1, new_tokens=8, runs=1, compile=True)
+    assert result["compiled"] and result["tokens"] == 8 and result["out_tok_per_s"] > 0
+    first = torch.tensor([[1]])
+    compiled = torch.compile(peer, mode="reduce-overhead", fullgraph=True)
+    assert torch.equal(peer_greedy(peer, first, 8, compiled), peer_greedy(peer, first, 8))

@@ -147,7 +147,7 @@ def copy_from_decoder(peer: StaticPeer, model: nn.Module) -> None:
 @torch.no_grad()
 def peer_greedy(peer: StaticPeer, first: torch.Tensor, new_tokens: int, step: Callable | None = None) -> torch.Tensor:
     """Greedy decode from a (B, 1) first token, one position per step: (B, new_tokens) ids."""
-    step = step or peer
+    step = peer if step is None else step  # a compiled module has no truth value (OptimizedModule.__len__)
     tok, out = first, []
     for p in range(new_tokens):
         pos = torch.tensor([p], device=first.device)
