@@ -2,7 +2,7 @@
 
 1. kernels: silu_mul and fused add + RMSNorm against their torch references at Qwen-7B widths (fp16, bf16): the
    residual exact, the rest within 1 ulp on at most 1% of the elements (the exp / sum order's last fp32 bit).
-   The W4A16 down projection with SiLU * up in its prologue against the same kernel on the unfused activations.
+   The W4A16 down projection with SiLU * up in its prologue against a float64 oracle, no worse than the unfused.
 2. greedy: a small random fp16 model (plain, and AWQ repacked so SiLU * up runs in the W4A16 prologue), 16 greedy
    tokens of tests/reference.dense_greedy, fused vs unfused; a mismatch is reported with the unfused logit gap at
    the first divergence (AWQ rows are judged from that gap, not failed: exp's last bit may flip a near tie).
@@ -68,10 +68,14 @@ def kernel_checks() -> list[dict]:
 
 
 def w4a16_silu_checks() -> list[dict]:
-    """The W4A16 down projection with SiLU * up in its prologue against the same kernel on silu_mul_reference's
-    output (the unfused path): the prologue rounds as the torch ops do, so only exp's last bit may differ."""
+    """The W4A16 down projection with SiLU * up in its prologue, and the same kernel on silu_mul_reference's output
+    (the unfused path), each against a float64 oracle on the same dequantized weight. Triton's exp and torch's
+    differ in the last bit of some silu values, which the K = 11008 sum spreads over a few output ulps (the H200
+    run of 2026-12-02: 0.4-0.7% of outputs, up to 43 ulps near zero), so bit equality is the wrong test: the
+    fused error must be no larger than the unfused one's (x 1.25, plus fp16 rounding of the output)."""
     from qwen_awq.eval.bench_kernels_common import random_layer
     from qwen_awq.kernels import w4a16 as kern
+    from qwen_awq.quant.packing import dequantize_repacked
 
     if DEV != "cuda":  # --smoke: the W4A16 kernels take CUDA tensors only
         return []
@@ -82,8 +86,16 @@ def w4a16_silu_checks() -> list[dict]:
         gate_up = (torch.randn(m, 2 * 11008, generator=gen) * 3).half().to(DEV)
         fused = kern.w4a16_matmul(gate_up, w, None, silu=True)
         unfused = kern.w4a16_matmul(silu_mul_reference(gate_up), w)
-        out.append({"kernel": "w4a16_silu_prologue", "dtype": "torch.float16", "rows": m}
-                   | _ulp_check(fused, unfused))
+        gate, up = gate_up.double().chunk(2, dim=-1)
+        weight = dequantize_repacked(w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype, torch.float64)
+        oracle = (torch.nn.functional.silu(gate) * up) @ weight.t()  # (M, N) in float64
+        scale = float(oracle.abs().max())
+        err_fused = float((fused.double() - oracle).abs().max()) / scale
+        err_unfused = float((unfused.double() - oracle).abs().max()) / scale
+        row = {"kernel": "w4a16_silu_prologue", "dtype": "torch.float16", "rows": m} | _ulp_check(fused, unfused)
+        row |= {"rel_err_fused": err_fused, "rel_err_unfused": err_unfused,
+                "ok": err_fused <= 1.25 * err_unfused + torch.finfo(torch.float16).eps}
+        out.append(row)
     return out
 
 
