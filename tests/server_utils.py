@@ -6,7 +6,6 @@ In-process so that tests can also look at the engine (running requests, free KV 
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 from qwen_awq.engine.async_engine import AsyncEngine
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
+from qwen_awq.ports import free_port
 from qwen_awq.server.app import create_app
 
 START_TIMEOUT_S = 30.0
@@ -48,12 +48,6 @@ class LiveServer:
                 return True
             time.sleep(0.02)
         return self.all_blocks_free()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -8,22 +8,18 @@ so `python tests/test_awq_kernel.py` (with the variable set) computes every case
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from assets import DEVICE
+from interpret import run_interpreted
 
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.awq_gemm import TileConfig, awq_matmul
 from qwen_awq.kernels.reference import awq_matmul_reference
 from qwen_awq.quant.packing import dequantize
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Max |y - ref| / max |ref|: one rounding of the output plus fp32 summation order; bf16 keeps 8 mantissa bits.
 # A misplaced nibble, zero or scale errs by O(1) on this scale.
@@ -142,13 +138,7 @@ def kernel_errors() -> dict[str, list[float]]:
         from qwen_awq.kernels import awq_gemm as kern
 
         return {case.id: list(_run_case(kern, case, seed, DEVICE)) for seed, case in enumerate(CASES)}
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

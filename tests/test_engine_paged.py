@@ -6,8 +6,6 @@ the interpreter is chosen when kernels are decorated); `python tests/test_engine
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,13 +13,13 @@ import pytest
 import torch
 from assets import DEVICE
 from checkpoints import write_llama_checkpoint
+from interpret import run_interpreted
 from reference import dense_greedy, int8_cache_greedy
 
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.models.loader import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 8
 
 
@@ -115,12 +113,7 @@ def llama_d16_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", ["qwen", "llama"])
 def test_triton_kernels_in_the_engine_under_the_interpreter(family, qwen_dir, llama_d16_dir):
     folder = qwen_dir if family == "qwen" else llama_d16_dir
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__, str(folder)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_interpreted(__file__, folder)
     assert result["engine"] == result["dense"]
     assert all(len(t) == MAX_TOKENS for t in result["int8"])
 

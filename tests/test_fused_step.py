@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpret import run_interpreted
 from reference import dense_greedy
 
 from qwen_awq.models import fusion
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.layers import logn_scale, rotary_cos_sin
-
-ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = [101, 2024, 7, 33000, 512]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -204,12 +201,7 @@ def _main() -> None:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, threads=1)
 
 
 def test_silu_mul_kernel_matches_reference(interpreted: dict) -> None:

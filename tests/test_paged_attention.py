@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from assets import DEVICE
+from interpret import run_interpreted
 
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.paged_attention import DecodeConfig, paged_decode_attention
@@ -26,7 +23,6 @@ from qwen_awq.kernels.paged_reference import PagedKV, quantize, rotary_kv_write_
 from qwen_awq.kernels.rotary_kv import rotary_kv_write
 from qwen_awq.models.layers import logn_scale, rotary_cos_sin
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Max |out - ref| / max |ref| against float64: one output rounding plus fp16 weights in the tensor-core products.
 # The interpreter rounds to bf16 by truncation (the GPU rounds to nearest), hence bf16's wider bound.
@@ -273,12 +269,7 @@ def kernel_errors() -> dict[str, list[float]]:
     """Per case (error, tolerance): on the GPU when QWEN_AWQ_TEST_DEVICE=cuda, else in the interpreter."""
     if DEVICE.startswith("cuda"):
         return {case.id: list(_run_case(_kernels(), case, seed, DEVICE)) for seed, case in enumerate(CASES)}
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -20,7 +20,8 @@ from qwen_awq.errors import ParallelError
 from qwen_awq.models.family import load_config
 from qwen_awq.models.loader import load_model
 from qwen_awq.parallel.sharding import shard_config
-from qwen_awq.parallel.state import ParallelState, free_port
+from qwen_awq.parallel.state import ParallelState
+from qwen_awq.ports import free_port
 from qwen_awq.quant.quantize import QuantizeConfig, quantize_model
 
 RTN = QuantizeConfig(group_size=32, method="rtn", samples=4, seqlen=16)  # whole groups on 2 ranks of the tiny models

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from assets import DEVICE
+from interpret import run_interpreted
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Max |y - oracle| / max |oracle|: one rounding of the output (fp16 2**-11, bf16 2**-8) plus fp32 summation
 # order; a misplaced nibble, zero or scale errs by O(1) on this scale.
@@ -185,12 +182,7 @@ def kernel_errors() -> dict[str, list[float]]:
     interpreter on the CPU, in a subprocess because TRITON_INTERPRET is read when kernels are decorated."""
     if DEVICE.startswith("cuda"):
         return {case.id: list(_run_case(case, seed, DEVICE)) for seed, case in enumerate(_cases())}
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=900, threads=1)
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)

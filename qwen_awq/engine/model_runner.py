@@ -28,13 +28,15 @@ class ModelRunner:
 
     def logits(self, batch: ScheduledBatch) -> torch.Tensor | None:
         """Logits (S, V) of the entries that sample, from a captured graph for pure decode steps."""
-        step = self.step_input(batch)
-        if self._is_graph_decode(batch):
+        return self.run(self.step_input(batch), self._is_graph_decode(batch), bool(batch.sampling))
+
+    def run(self, step: StepInput, graph: bool, sample: bool) -> torch.Tensor | None:
+        """The forward of one step: a captured decode graph's replay, or the eager forward, with logits (S, V)
+        when some entry samples (tensor-parallel workers run the same, on their shard)."""
+        if graph:
             return self.graphs.run(step)
         hidden = self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool))  # (T, hidden)
-        if not batch.sampling:
-            return None
-        return self.model.compute_logits(hidden[step.sample_index])  # (S, V)
+        return self.model.compute_logits(hidden[step.sample_index]) if sample else None  # (S, V)
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> SampleOutput | None:

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ from typing import Any
 
 from qwen_awq.errors import ConfigError
 from qwen_awq.eval.bench_report import environment, exit_on_sigterm, md_table, num
+from qwen_awq.ports import free_port
 
 HEALTH_POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
 WARMUP_REQUESTS = 4
 METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:

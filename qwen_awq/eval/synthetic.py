@@ -235,6 +235,7 @@ def parallel_model_from_args(args: argparse.Namespace, quant: str | None, tokeni
     from qwen_awq.assets import cache_dir
     from qwen_awq.chat import ChatModel
     from qwen_awq.loading import resolve_model_path
+    from qwen_awq.models.loader import resolve_device
     from qwen_awq.parallel.launch import start_tensor_parallel
     from qwen_awq.tokenizer import load_tokenizer
 
@@ -245,7 +246,6 @@ def parallel_model_from_args(args: argparse.Namespace, quant: str | None, tokeni
     awq = (quant or args.quant) == "awq"
     folder = cache_dir() / "synthetic" / f"{args.synthetic}-{'awq' if awq else 'plain'}-seed{args.seed}"
     if not (folder / "config.json").exists():
-        write_synthetic_folder(folder, args.synthetic, awq, args.seed, device=args.device if args.device != "auto"
-                               else ("cuda" if torch.cuda.is_available() else "cpu"))
+        write_synthetic_folder(folder, args.synthetic, awq, args.seed, device=resolve_device(args.device))
     model, _ = start_tensor_parallel(folder, args.dtype, args.device, world)
     return model, tokenizer

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from qwen_awq.kernels.reference import silu_mul_reference
 
 FUSED_ENV = "QWEN_AWQ_FUSED"  # "0" turns the fusions off
 _override: bool | None = None  # set by fusion(); wins over the environment
@@ -56,8 +57,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
 def silu_mul_down(gate_up: torch.Tensor, down: nn.Module) -> torch.Tensor:
     """down(silu(gate) * up) for gate_up = [gate | up] (..., 2I)."""
     if not fused():
-        gate, up = gate_up.chunk(2, dim=-1)
-        return down(F.silu(gate) * up)
+        return down(silu_mul_reference(gate_up))
     if hasattr(down, "silu_mul_forward"):  # AWQ: SiLU * up in the W4A16 kernel's prologue when repacked
         return down.silu_mul_forward(gate_up)
     from qwen_awq.kernels.silu_mul import silu_mul

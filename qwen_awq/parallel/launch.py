@@ -25,11 +25,11 @@ from qwen_awq.parallel.state import (
     broadcast_object,
     check_devices,
     destroy_group,
-    free_port,
     init_group,
     rank_device,
 )
 from qwen_awq.parallel.worker import StepMessage, WorkerSpec, agree_on_engine, report_loaded, step_to, worker_main
+from qwen_awq.ports import free_port
 
 JOIN_TIMEOUT_S = 10.0  # a worker that has not exited this long after the stop message is terminated
 WATCH_INTERVAL_S = 0.5  # how often the NCCL watchdog looks at the workers

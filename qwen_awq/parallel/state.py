@@ -5,7 +5,6 @@ object handed to the loader and the decoder's parallel layers, never module-leve
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -51,13 +50,6 @@ class ParallelState:
 
 
 SINGLE = ParallelState()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for the group's rendezvous on localhost."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_devices(world: int, device: torch.device) -> None:

@@ -62,14 +62,8 @@ def step_to(step: StepInput, device: torch.device) -> StepInput:
 
 
 def run_message(runner: ModelRunner, msg: StepMessage) -> None:
-    """Run the forward rank 0 runs for this step (ModelRunner.logits' two paths), discarding the logits."""
-    step = step_to(msg.step, runner.device)
-    if msg.graph:
-        runner.graphs.run(step)
-        return
-    hidden = runner.model.forward_tokens(step.input_ids, step.forward_batch(runner.pool))
-    if msg.sample:
-        runner.model.compute_logits(hidden[step.sample_index])
+    """Run the forward rank 0 runs for this step (ModelRunner.run), discarding the logits."""
+    runner.run(step_to(msg.step, runner.device), msg.graph, msg.sample)
 
 
 def report_loaded(state: ParallelState, error: str | None) -> None:
