@@ -132,3 +132,18 @@ def test_every_architecture_has_a_family_record(qwen_dir):
         "transformer.h.0.mlp.w2", "transformer.h.0.mlp.w1")  # Qwen's gate is w2
     with pytest.raises(ConfigError, match="unknown model family 'gpt2'"):
         family_of(replace(load_config(qwen_dir), family="gpt2"))
+
+
+def test_an_awq_model_is_repacked_for_the_w4a16_kernels_once_loaded(monkeypatch):
+    """Every AWQ layer gets AWQLinear.post_load (the repack for the W4A16 kernels; a no-op on the CPU) from the
+    load path itself: without it a GPU model silently runs the slower AutoAWQ-layout kernels."""
+    from qwen_awq.eval.synthetic import load_synthetic
+    from qwen_awq.quant.linear import AWQLinear
+
+    calls: list = []
+    original = AWQLinear.post_load
+    monkeypatch.setattr(AWQLinear, "post_load", lambda self, cpu=False: (calls.append(self), original(self, cpu)))
+    model = load_synthetic("qwen-tiny", quant=True, device="cpu", layers=2)
+    layers = [m for m in model.modules() if isinstance(m, AWQLinear)]
+    assert len(layers) == 8 and calls == layers
+    assert all(m.cache_dequantized and not m.repacked for m in layers)  # the CPU keeps AutoAWQ's tensors

@@ -38,6 +38,12 @@ def _awq_linear(n_in: int, n_out: int, bias: bool, quant: QuantConfig | None, dt
     return AWQLinear(n_in, n_out, quant.group_size, bias=bias, dtype=dtype)
 
 
+def _repack(layer: nn.Module) -> None:
+    # The W4A16 kernels read a repacked layout (kernels/w4a16.py); without it a GPU layer runs the slower AutoAWQ-
+    # layout kernels (kernels/awq_gemm.py). A no-op on the CPU, where the layer dequantizes once instead.
+    layer.post_load()
+
+
 def _dequantize_once(layer: nn.Module) -> None:
     # On the CPU 4-bit weights save no time (no fused kernel), while dequantizing every call costs several passes
     # over the weights: the layer dequantizes once, lazily, and keeps the dense weight.
@@ -47,7 +53,8 @@ def _dequantize_once(layer: nn.Module) -> None:
 PLAIN = QuantFormat(method=None, linear=nn.Linear, make_linear=_plain_linear, fuse_dims={"weight": 0, "bias": 0})
 # AWQ tensors are stored [in, out/8] (qweight, qzeros) and [in/G, out] (scales): outputs are dim 1.
 AWQ = QuantFormat(method="awq", linear=AWQLinear, make_linear=_awq_linear,
-                  fuse_dims={"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0}, post_load_cpu=_dequantize_once)
+                  fuse_dims={"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0}, post_load=_repack,
+                  post_load_cpu=_dequantize_once)
 FORMATS = {f.method: f for f in (PLAIN, AWQ)}
 
 

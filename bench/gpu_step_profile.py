@@ -1,0 +1,128 @@
+"""Where an engine decode step's time goes on the GPU (issues 10 and 12): host phases, GPU busy time, kernels.
+
+For each (weights, batch): a sized engine with CUDA graphs (eval/bench_engine.sized_engine), a warm-up, then
+torch.profiler over the decode steps of one run. Per step: wall time (host clock), GPU busy time (device
+activities summed), the host phases' CPU time (record_function around the engine's own methods: no extra syncs),
+and the kernel table (device time per step by kernel name). The engine is unchanged; the phases are wrapped only
+in this process.
+
+  python3 bench/gpu_step_profile.py --out DIR [--batch 1 32] [--quant awq none] [--tokens 64] [--unfused]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from qwen_awq.engine import llm_engine, model_runner, sampler
+from qwen_awq.engine.cuda_graph import DecodeGraphs
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.engine.scheduler import Scheduler
+from qwen_awq.eval.bench_engine import free_device_memory, run_requests, sized_engine
+from qwen_awq.eval.synthetic import load_synthetic
+
+PHASES = [  # (owner, attribute, label): the host work of one engine step, in order
+    (Scheduler, "schedule", "schedule"),
+    (model_runner.ModelRunner, "step_input", "build StepInput (+H2D)"),
+    (DecodeGraphs, "run", "graph copies + replay"),
+    (sampler.SamplingBatch, "build", "SamplingBatch.build"),
+    (model_runner, "sample", "sample()"),
+    (sampler.SampleOutput, "to_host", "to_host (D2H, waits)"),
+    (Scheduler, "update", "scheduler.update"),
+    (llm_engine.LLMEngine, "_process", "outputs (_process)"),
+    (llm_engine.LLMEngine, "step", "engine.step"),
+]
+
+
+@contextlib.contextmanager
+def tagged_phases():
+    saved = []
+    for owner, name, label in PHASES:
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        raw = original.__func__ if isinstance(original, classmethod) else original
+
+        def wrapped(*a, _f=raw, _label=label, **k):
+            with record_function("phase::" + _label):
+                return _f(*a, **k)
+        setattr(owner, name, classmethod(wrapped) if isinstance(original, classmethod) else wrapped)
+        saved.append((owner, name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def profile_run(model, batch: int, tokens: int) -> dict:
+    engine = sized_engine(model, None, batch, 1 + tokens + 8)
+    prompts = [[100 + i] for i in range(batch)]
+    run_requests(engine, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    plain = run_requests(engine, prompts, params)  # unprofiled reference timing
+    with tagged_phases(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed = run_requests(engine, prompts, params)
+    steps = timed["steps"]
+    phases, kernels, busy = defaultdict(float), defaultdict(lambda: [0.0, 0]), 0.0
+    for evt in prof.events():
+        if evt.name.startswith("phase::"):
+            phases[evt.name[7:]] += evt.cpu_time_total
+        elif evt.device_type == torch.autograd.DeviceType.CUDA:
+            dur = evt.time_range.elapsed_us()
+            busy += dur
+            kernels[evt.name][0] += dur
+            kernels[evt.name][1] += 1
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    result = {
+        "batch": batch, "tokens": tokens, "steps": steps,
+        "unprofiled_ms_per_step": 1e3 * plain["seconds"] / plain["steps"],
+        "unprofiled_tok_per_s": plain["tokens"] / plain["seconds"],
+        "profiled_ms_per_step": 1e3 * timed["seconds"] / steps,
+        "gpu_busy_ms_per_step": busy / 1e3 / steps,
+        "host_phase_us_per_step": {k: v / steps for k, v in phases.items()},
+        "kernels_per_step": sum(c for _, c in kernels.values()) / steps,
+        "top_kernels_us_per_step": [{"name": n[:120], "us": t / steps, "calls": c / steps} for n, (t, c) in top],
+    }
+    del engine
+    free_device_memory()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--quant", nargs="+", default=["awq", "none"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default="qwen-7b")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--unfused", action="store_true", help="also AWQ with QWEN_AWQ_FUSED=0")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    variants = [(q, "1") for q in args.quant] + ([("awq", "0")] if args.unfused else [])
+    for quant, fused in variants:
+        os.environ["QWEN_AWQ_FUSED"] = fused
+        t0 = time.time()
+        model = load_synthetic(args.model, quant=quant == "awq", device=args.device)
+        for b in args.batch:
+            row = profile_run(model, b, args.tokens) | {"quant": quant, "fused": fused}
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_us_per_step"}), flush=True)
+            for k in row["top_kernels_us_per_step"][:25]:
+                print(f"   {k['us']:9.1f} us  x{k['calls']:6.1f}  {k['name']}", flush=True)
+        del model
+        free_device_memory()
+        print(f"[{quant} fused={fused}] {time.time() - t0:.0f}s", flush=True)
+        (out / "step_profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
