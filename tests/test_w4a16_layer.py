@@ -112,7 +112,11 @@ def test_post_load_leaves_fp32_scales_alone() -> None:
     assert not layer.repacked
 
 
-def test_silu_mul_forward_is_down_of_silu_gate_times_up() -> None:
+@pytest.mark.parametrize("prologue_max_m", [0, 64])  # silu_mul first / SiLU in the kernel's prologue
+def test_silu_mul_forward_is_down_of_silu_gate_times_up(monkeypatch, prologue_max_m: int) -> None:
+    from qwen_awq.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "SILU_PROLOGUE_MAX_M", prologue_max_m)
     layer = AWQLinear.from_linear(_linear(128, 32, False, seed=7), 32)
     gate_up = torch.randn(4, 256, generator=torch.Generator().manual_seed(8)).double()
     w = layer.dequantized_weight(torch.float64)  # (N, K)

@@ -163,7 +163,7 @@ def bench_fusions(gen: torch.Generator, hidden: int = 4096, inter: int = 11008) 
         for name, fn in (("fused", fused_add_rms_norm), ("torch", fused_add_rms_norm_reference)):
             out[f"add_rms_norm_m{m}_{name}_us"] = time_repeated(partial(fn, x, r, weight, 1e-6))
     w, fn = random_layer(inter, hidden, gen)[1], kern.w4a16_triton  # the dispatcher's choice for each M
-    for m in (1, 16):
+    for m in (1, 16, 32, 128):
         gate_up = torch.randn(m, 2 * inter, generator=gen).half().cuda()
         fused = fn(gate_up, w, silu=True)
         split = fn(silu_mul_reference(gate_up), w)

@@ -78,6 +78,15 @@ class MmaConfig:
 
 Choice = tuple[str, "GemvConfig | MmaConfig | None"]  # ("gemv" | "mma" | "dense", config)
 DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
+# Up to this M the down projection takes SiLU(gate) * up in its prologue; beyond it silu_mul runs first. On the
+# H200 the prologue lost at every M measured (`qwen-awq bench kernels`, fusions: M = 1: 23.5 us fused vs 18.3
+# separate; M = 16: 26.8 vs 26.2; in the engine at M = 128 the down kernels took ~60 us per layer more than
+# without it: bench/results/gpu_step_profile_H200.md): each N tile recomputes the activations of its whole K range.
+SILU_PROLOGUE_MAX_M = 0
+
+
+def silu_in_prologue(m: int) -> bool:
+    return m <= SILU_PROLOGUE_MAX_M
 
 
 def default_choice(m: int) -> Choice:

@@ -2,8 +2,8 @@
 device or layer-type ifs and the kernel-count tool (eval/profile_step.py) can compare both paths in one process.
 
 Fused (the default): residual add + RMSNorm in one kernel (kernels/rms_norm.py), and SiLU(gate) * up either in the
-W4A16 down projection's prologue (AWQLinear.silu_mul_forward) or, for a plain Linear, in one pass over
-[gate | up] (kernels/silu_mul.py). Unfused (QWEN_AWQ_FUSED=0, or `with fusion(False)`): the separate torch ops
+W4A16 down projection's prologue (AWQLinear.silu_mul_forward, at the M where that measured faster:
+kernels/w4a16.silu_in_prologue) or in one pass over [gate | up] (kernels/silu_mul.py). Unfused (QWEN_AWQ_FUSED=0, or `with fusion(False)`): the separate torch ops
 the decoder used before. Both round to the model's dtype at the same points, so their outputs agree (exactly on
 the CPU references).
 """
@@ -58,7 +58,7 @@ def silu_mul_down(gate_up: torch.Tensor, down: nn.Module) -> torch.Tensor:
     """down(silu(gate) * up) for gate_up = [gate | up] (..., 2I)."""
     if not fused():
         return down(silu_mul_reference(gate_up))
-    if hasattr(down, "silu_mul_forward"):  # AWQ: SiLU * up in the W4A16 kernel's prologue when repacked
+    if hasattr(down, "silu_mul_forward"):  # AWQ: the W4A16 prologue where it measured faster
         return down.silu_mul_forward(gate_up)
     from qwen_awq.kernels.silu_mul import silu_mul
 
