@@ -5,15 +5,17 @@
 # torch.compile of the peer ~60-90 s, a 7B build on the GPU ~5 s, HF 7B init ~10 s, HF eager ~12 tok/s):
 #   copy          8  device-to-device copy bandwidth (the floors' denominator)
 #   fastpath     45  bench/gpu_fastpath_check.py (fused add+RMSNorm / SiLU: kernels, greedy, kernels per layer)
-#   (engine)     30  bench/gpu_engine_check.py (paged kernels + CUDA graphs in the engine == dense greedy), same section
+#   (engine)     30  bench/gpu_engine_check.py (paged kernels + CUDA graphs in the engine == dense greedy), same section;
+#                    when it fails the script stops (GATE=0: go on)
+#   steps        45  bench/gpu_step_profile.py: decode steps by host phase and kernel, batch 1/32/128, AWQ and fp16
 #   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
 #                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
-#   kernels      45  paged attention bench (no sweep, short budget) and bench kernels at M = 1
+#   kernels      55  paged attention bench (no sweep, short budget) and bench kernels at M = 1/16/32/128 (KERNEL_MS)
 #   serve        60  bench serve-sweep at concurrency 1/16/64/128, 2 x concurrency requests each (server start ~25 s)
 #   coldstart    70  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton
 #                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
-#   quantize     35  bench quantize --layers 1, 128 x 512 calibration tokens (per-block time, extrapolated)
+#   quantize     35  bench quantize --layers 1 (QUANT_LAYERS), 128 x 512 calibration tokens (per-block time, extrapolated)
 #   profile8k    75  only if time is left: the profile rows at 8192 tokens
 # Sum without profile8k: ~535 s (+ ~12 s setup). TOTAL_BUDGET (default 540 s) counts from the start: each section
 # gets min(its cap, what is left) under `timeout` and is skipped when under MIN_SECTION_S are left, so the tail
@@ -102,6 +104,16 @@ sec_fastpath() {
     echo "=== [fastpath] bench/gpu_fastpath_check.py absent" | tee -a "$LOG"
   fi
   run_section engine 30 "${ENGINE_CAP:-60}" $PY bench/gpu_engine_check.py --out "$WORK/engine.json"
+  # a wrong engine makes every later figure meaningless: stop here (GATE=0 runs on regardless)
+  if [ "${GATE:-1}" = 1 ] && ! $PY -c "import json, sys; sys.exit(not json.load(open('$WORK/engine.json'))['ok'])" 2>/dev/null; then
+    echo "=== engine check failed: stopping before the measurements" | tee -a "$LOG"
+    $PY bench/gpu_final_collect.py --work "$WORK" --out "$OUT" --print >>"$LOG" 2>&1
+    exit 1
+  fi
+}
+sec_steps() {
+  run_section steps 45 90 $PY bench/gpu_step_profile.py --out "$WORK/steps" --model $M "${DEV[@]}" \
+    --batch 1 32 128 --quant awq none --tokens 64
 }
 sec_decode() {
   run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
@@ -113,7 +125,7 @@ sec_throughput() {
 }
 sec_kernels() {
   run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" "${ATTN[@]}"
-  run_section kernels 20 40 $CLI bench kernels --out "$WORK/kernels.json" --ms 1
+  run_section kernels 30 60 $CLI bench kernels --out "$WORK/kernels.json" --ms "${KERNEL_MS:-1,16,32,128}"
 }
 sec_serve() {
   local offline=()
@@ -136,7 +148,7 @@ sec_coldstart() {
   rm -rf "$WORK/cold"
 }
 sec_quantize() {
-  run_section quantize 35 120 $CLI bench quantize --synthetic $M "${DEV[@]}" --layers 1 --tokenizer "$VOCAB" \
+  run_section quantize 35 120 $CLI bench quantize --synthetic $M "${DEV[@]}" --layers "${QUANT_LAYERS:-1}" --tokenizer "$VOCAB" \
     "${QUANT[@]}" --dir "$WORK/quant" --json-out "$WORK/quantize.json"
   rm -rf "$WORK/quant"
 }
@@ -145,7 +157,7 @@ sec_profile8k() {
     --batch 1 --runs 1 --profile $P8K --json-out "$WORK/profile8k.json"
 }
 
-ALL=(copy fastpath decode throughput kernels serve coldstart quantize profile8k)
+ALL=(copy fastpath steps decode throughput kernels serve coldstart quantize profile8k)
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=("${ALL[@]}")
 for s in "${SECTIONS[@]}"; do

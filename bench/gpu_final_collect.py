@@ -20,7 +20,7 @@ FILES = {  # section -> (JSON, Markdown) under WORK
     "attention": ("attention/paged_attention.json", "attention/paged_attention.md"),
     "kernels": ("kernels.json", "kernels.md"), "serve": ("serve/serve_sweep.json", "serve/serve_sweep.md"),
     "coldstart": ("cold_start.json", "cold_start.md"), "quantize": ("quantize.json", "quantize.md"),
-    "profile8k": ("profile8k.json", "profile8k.md"),
+    "profile8k": ("profile8k.json", "profile8k.md"), "steps": ("steps/step_profile.json", None),
 }
 
 
@@ -43,6 +43,10 @@ def load(work: Path) -> tuple[dict[str, Any], list[str]]:
             results[name] = json.loads((work / js).read_text())
         if md and (work / md).is_file():
             markdown.append((work / md).read_text())
+    printed = work / "steps.out"  # bench/gpu_step_profile.py: its printed per-step summary and kernel tables
+    if printed.is_file():
+        markdown.append(f"## Decode steps by phase and kernel (bench/gpu_step_profile.py)\n\n```\n"
+                        f"{printed.read_text()[-12000:]}\n```")
     for name, script in (("engine", "gpu_engine_check.py"), ("fastpath", "gpu_fastpath_check.py")):
         fast = work / f"{name}.json"  # bench/<script> --out: its JSON; its table is what it printed
         if fast.is_file():

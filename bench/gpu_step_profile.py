@@ -27,6 +27,7 @@ from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.scheduler import Scheduler
 from qwen_awq.eval.bench_engine import free_device_memory, run_requests, sized_engine
 from qwen_awq.eval.synthetic import load_synthetic
+from qwen_awq.quant.linear import AWQLinear
 
 PHASES = [  # (owner, attribute, label): the host work of one engine step, in order
     (Scheduler, "schedule", "schedule"),
@@ -112,6 +113,8 @@ def main() -> None:
         os.environ["QWEN_AWQ_FUSED"] = fused
         t0 = time.time()
         model = load_synthetic(args.model, quant=quant == "awq", device=args.device)
+        awq = [m for m in model.modules() if isinstance(m, AWQLinear)]
+        print(f"[{quant}] AWQ layers {len(awq)}, repacked for the W4A16 kernels {sum(m.repacked for m in awq)}")
         for b in args.batch:
             row = profile_run(model, b, args.tokens) | {"quant": quant, "fused": fused}
             results.append(row)
