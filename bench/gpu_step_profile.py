@@ -7,6 +7,7 @@ and the kernel table (device time per step by kernel name). The engine is unchan
 in this process.
 
   python3 bench/gpu_step_profile.py --out DIR [--batch 1 32] [--quant awq none] [--tokens 64] [--unfused]
+      [--also QWEN_AWQ_PDL=0 ...]
 """
 from __future__ import annotations
 
@@ -104,26 +105,32 @@ def main() -> None:
     ap.add_argument("--model", default="qwen-7b")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--unfused", action="store_true", help="also AWQ with QWEN_AWQ_FUSED=0")
+    ap.add_argument("--also", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="also AWQ with this environment variable set (e.g. QWEN_AWQ_PDL=0)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    variants = [(q, "1") for q in args.quant] + ([("awq", "0")] if args.unfused else [])
-    for quant, fused in variants:
-        os.environ["QWEN_AWQ_FUSED"] = fused
+    variants = [(q, {}) for q in args.quant] + ([("awq", {"QWEN_AWQ_FUSED": "0"})] if args.unfused else [])
+    variants += [("awq", dict([kv.split("=", 1)])) for kv in args.also]
+    saved = dict(os.environ)
+    for quant, env in variants:
+        os.environ.clear()
+        os.environ.update(saved | env)
+        fused = os.environ.get("QWEN_AWQ_FUSED", "1")
         t0 = time.time()
         model = load_synthetic(args.model, quant=quant == "awq", device=args.device)
         awq = [m for m in model.modules() if isinstance(m, AWQLinear)]
         print(f"[{quant}] AWQ layers {len(awq)}, repacked for the W4A16 kernels {sum(m.repacked for m in awq)}")
         for b in args.batch:
-            row = profile_run(model, b, args.tokens) | {"quant": quant, "fused": fused}
+            row = profile_run(model, b, args.tokens) | {"quant": quant, "fused": fused, "env": env}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_us_per_step"}), flush=True)
             for k in row["top_kernels_us_per_step"][:25]:
                 print(f"   {k['us']:9.1f} us  x{k['calls']:6.1f}  {k['name']}", flush=True)
         del model
         free_device_memory()
-        print(f"[{quant} fused={fused}] {time.time() - t0:.0f}s", flush=True)
+        print(f"[{quant} {env or ''}] {time.time() - t0:.0f}s", flush=True)
         (out / "step_profile.json").write_text(json.dumps(results, indent=1))
 
 
