@@ -12,15 +12,14 @@ import torch
 from torch import Tensor
 
 from qwen_awq.kernels.reference import fused_add_rms_norm_reference
-from qwen_awq.kernels.w4a16_common import allow_dependents, jit, pdl, tl, triton
+from qwen_awq.kernels.w4a16_common import jit, tl, triton
 
 _MAX_BLOCK = 16384  # one row per program in registers; wider rows take the reference
 
 
 @jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, H, stride_x, stride_r, eps,
-                         BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    allow_dependents(USE_GDC)  # the next W4A16 matmul may start loading its weights
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -63,5 +62,5 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
         block = triton.next_power_of_2(h)
         _add_rms_norm_kernel[(x2d.shape[0],)](
             x2d, r2d, weight, normed, new_res, h, x2d.stride(0), r2d.stride(0), eps, BLOCK=block,
-            USE_GDC=pdl(x2d), num_warps=min(16, max(1, block // 512)))
+            num_warps=min(16, max(1, block // 512)))
     return normed.view(x.shape), new_res.view(x.shape)

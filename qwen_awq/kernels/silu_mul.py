@@ -1,7 +1,6 @@
-"""SiLU(gate) * up over a gate_up row [gate | up] in one pass (before the down projection, plain or W4A16, unless
-kernels/w4a16.silu_in_prologue says the W4A16 prologue is faster). Rounds where the torch ops do: silu to the input
-dtype, then the product, so the result equals reference.silu_mul_reference up to the exp's last fp32 bit. CPU
-tensors take the reference."""
+"""SiLU(gate) * up over a gate_up row [gate | up] in one pass (the plain-Linear MLP; AWQ fuses it into the down
+projection's prologue instead). Rounds where the torch ops do: silu to the input dtype, then the product, so the
+result equals reference.silu_mul_reference up to the exp's last fp32 bit. CPU tensors take the reference."""
 
 from __future__ import annotations
 
@@ -11,14 +10,13 @@ import torch
 from torch import Tensor
 
 from qwen_awq.kernels.reference import silu_mul_reference
-from qwen_awq.kernels.w4a16_common import allow_dependents, jit, pdl, tl, triton
+from qwen_awq.kernels.w4a16_common import jit, tl, triton
 
 _BLOCK = 1024  # columns per program: a few 16-byte loads per thread at 4 warps
 
 
 @jit
-def _silu_mul_kernel(x_ptr, out_ptr, width, stride_x, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-    allow_dependents(USE_GDC)  # the next W4A16 matmul may start loading its weights
+def _silu_mul_kernel(x_ptr, out_ptr, width, stride_x, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < width
@@ -50,5 +48,5 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     out = torch.empty((x2d.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)  # (rows, I)
     if x2d.shape[0] and width:
         grid = (x2d.shape[0], triton.cdiv(width, _BLOCK))
-        _silu_mul_kernel[grid](x2d, out, width, x2d.stride(0), BLOCK=_BLOCK, USE_GDC=pdl(x2d), num_warps=4)
+        _silu_mul_kernel[grid](x2d, out, width, x2d.stride(0), BLOCK=_BLOCK, num_warps=4)
     return out.view(*gate_up.shape[:-1], width)

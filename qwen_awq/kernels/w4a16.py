@@ -19,7 +19,7 @@ from torch import Tensor
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.reference import w4a16_matmul_reference
 from qwen_awq.kernels.silu_mul import silu_mul
-from qwen_awq.kernels.w4a16_common import pdl, triton
+from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -173,12 +173,6 @@ def _use_asm(x: Tensor) -> bool:
     return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def _pdl_args(x: Tensor) -> dict:
-    """The matmul kernels' launch options for programmatic dependent launch (w4a16_common.pdl)."""
-    on = pdl(x)
-    return {"USE_GDC": on, "launch_pdl": True} if on else {"USE_GDC": False}
-
-
 def _grid_rows(n: int, m_groups: int, splits: int, cfg: GemvConfig, sms: int) -> tuple[int, int]:
     """(rows per program, programs along N) so that about progs_per_sm programs land on each SM."""
     target = max(1, cfg.progs_per_sm * sms // (splits * m_groups))
@@ -208,8 +202,7 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
         G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1,
-        **_pdl_args(x))
+        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1)
     return out.view(*x.shape[:-1], n)
 
 
@@ -236,8 +229,7 @@ def w4a16_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = F
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, per_split, split, MAGIC_BF16 if bf16 else MAGIC_FP16,
         G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SILU=silu,
         HAS_BIAS=bias is not None, SPLIT=split > 1, BF16=bf16, BF16_SCALES=w.scale_dtype == torch.bfloat16,
-        USE_ASM=_use_asm(x), SCALE_W=cfg.scale_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_pdl_args(x))
+        USE_ASM=_use_asm(x), SCALE_W=cfg.scale_w, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*x.shape[:-1], n)
 
 

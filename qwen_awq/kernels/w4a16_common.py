@@ -1,5 +1,5 @@
 """Pieces shared by the W4A16 kernels on the repacked layout (quant/packing.py): the Triton import guard, the
-scale/zero decoding, the SiLU(gate) * up prologue, the fused split-K epilogue and programmatic dependent launch.
+scale/zero decoding, the SiLU(gate) * up prologue and the fused split-K epilogue.
 
 Split-K without a second kernel: every program of an output tile stores its fp32 partial, then bumps the tile's
 counter (acq_rel); the program that sees count == splits - 1 sums the partials in split order (deterministic),
@@ -7,10 +7,6 @@ adds the bias, writes x's dtype and resets the counter to 0, so the kernels stay
 """
 
 from __future__ import annotations
-
-import dataclasses
-import functools
-import os
 
 try:
     import triton
@@ -22,42 +18,6 @@ except ImportError:  # CPU-only installs: the dispatcher takes the plain-PyTorch
 
 def jit(fn):
     return fn if triton is None else triton.jit(fn)
-
-
-PDL_ENV = "QWEN_AWQ_PDL"  # "0": launch every kernel after the previous one has finished, as without PDL
-
-
-@functools.cache
-def _pdl_device(index: int) -> bool:
-    import torch
-    from triton.backends.nvidia.compiler import CUDAOptions
-
-    has_option = "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
-    return has_option and torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl(t) -> bool:
-    """Whether kernels on t's device use programmatic dependent launch (Hopper and later, CUDA tensors outside
-    the interpreter): a kernel launched so starts while the previous one finishes and waits in-kernel
-    (wait_for_inputs) before it touches anything that kernel may write."""
-    return (t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get(PDL_ENV, "1") != "0"
-            and _pdl_device(t.device.index or 0))
-
-
-@jit
-def wait_for_inputs(USE_GDC: tl.constexpr):
-    """griddepcontrol.wait: the previous kernel's writes are visible after it. Only loads of the packed weights,
-    which no kernel writes, may come before it."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-
-
-@jit
-def allow_dependents(USE_GDC: tl.constexpr):
-    """griddepcontrol.launch_dependents: a small kernel lets the next one (a W4A16 matmul launched with PDL)
-    start now, so its weight loads overlap this kernel; that kernel still waits for these results."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @jit

@@ -10,17 +10,7 @@ per lane and row (a lane's chunks share a group): sum_k x_k (q_k - z) s = s * (s
 
 from __future__ import annotations
 
-from qwen_awq.kernels.w4a16_common import (
-    arrive,
-    jit,
-    load_x,
-    release,
-    scale_zero,
-    store_out,
-    sum_partials,
-    tl,
-    wait_for_inputs,
-)
+from qwen_awq.kernels.w4a16_common import arrive, jit, load_x, release, scale_zero, store_out, sum_partials, tl
 
 # fp32 bit patterns of 256.0 and 16.0: a nibble in bits 15..18 (19..22) of a float with one of these
 # exponents and an empty mantissa reads as 256 + q (16 + q). Passed as runtime arguments so that ptxas
@@ -141,7 +131,7 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                 M, N, KW, KG, stride_xm, up_offset, rows_per_prog, n_splits, magic_256, magic_16,
                 G: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr,
                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, USE_GDC: tl.constexpr):
+                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr):
     """Grid (row programs, K splits, x row groups): rows [pid_n * rows_per_prog, +rows_per_prog) of x rows
     [pid_m * BLOCK_M, +BLOCK_M) over K chunks [pid_k * LANES * CHUNKS, +LANES * CHUNKS), a chunk being
     4 words = 32 k; 32 CHUNKS <= G."""
@@ -149,6 +139,7 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     m0 = pid_m * BLOCK_M
     lane = tl.arange(0, LANES)[:, None, None]
     ck3 = (pid_k * LANES + lane) * CHUNKS + tl.arange(0, CHUNKS)[None, None, :]  # (LANES, 1, CHUNKS)
+    xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M)
     # Lanes past K read the last chunk instead of being masked (x = 0 there): no predicates, no zero fills.
     last = tl.minimum(ck3, KW // 4 - 1)
     kw = last[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # (LANES, 1, CHUNKS, 4) word index
@@ -158,10 +149,8 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     rows = row0 + tl.arange(0, BLOCK_N)
     w_ptrs = qw_ptr + rows[None, :, None, None] * KW + kw  # (LANES, BLOCK_N, CHUNKS, 4), advanced per step
     sz_ptrs = sz_ptr + rows[None, :] * KG + grp  # (LANES, BLOCK_N)
-    if PREFETCH:  # the first weights are in flight while the previous kernel (with PDL) finishes
+    if PREFETCH:
         w, sz = _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N)
-    wait_for_inputs(USE_GDC)
-    xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M)
     for r in range(row0, row_end, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         if PREFETCH:  # the next block's loads go out before this block's arithmetic; the last block reloads

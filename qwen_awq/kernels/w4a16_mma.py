@@ -8,7 +8,7 @@ side and M <= 16 pads only x. Dequantization stays in 16-bit lanes: one lop3 per
 
 from __future__ import annotations
 
-from qwen_awq.kernels.w4a16_common import finish_tile, jit, load_x, scale_zero, tl, wait_for_inputs
+from qwen_awq.kernels.w4a16_common import finish_tile, jit, load_x, scale_zero, tl
 
 # Two 16-bit lanes of 1024.0 (fp16 0x6400) or 128.0 (bf16 0x4300): 4-bit codes OR-ed into their mantissas.
 MAGIC_FP16, MAGIC_BF16 = 0x64006400, 0x43004300
@@ -96,7 +96,7 @@ def mma_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                M, N, KW, KG, stride_xm, up_offset, iters_per_split, n_splits, magic,
                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                SILU: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BF16: tl.constexpr,
-               BF16_SCALES: tl.constexpr, USE_ASM: tl.constexpr, SCALE_W: tl.constexpr, USE_GDC: tl.constexpr):
+               BF16_SCALES: tl.constexpr, USE_ASM: tl.constexpr, SCALE_W: tl.constexpr):
     """Grid (N tiles, M tiles, K splits); BLOCK_K divides G, so each K tile has one scale per row. SCALE_W
     scales the weights before the dot (one packed multiply per two weights) so the MMAs accumulate in place
     and can overlap the next tile's dequantization; otherwise the fp32 accumulator takes the scale per tile."""
@@ -107,7 +107,6 @@ def mma_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
     start = pid_k * iters_per_split
     end = tl.minimum(start + iters_per_split, KW * 8 // BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    wait_for_inputs(USE_GDC)  # with PDL: launched while the previous kernel finishes
     for it in range(start, end):
         a, s = _weights(qw_ptr, sz_ptr, rows, it, N, KW, KG, magic, G, BLOCK_N, BLOCK_K, USE_ASM, BF16,
                         BF16_SCALES)
