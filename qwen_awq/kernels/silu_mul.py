@@ -1,6 +1,7 @@
-"""SiLU(gate) * up over a gate_up row [gate | up] in one pass (the plain-Linear MLP; AWQ fuses it into the down
-projection's prologue instead). Rounds where the torch ops do: silu to the input dtype, then the product, so the
-result equals reference.silu_mul_reference up to the exp's last fp32 bit. CPU tensors take the reference."""
+"""SiLU(gate) * up over a gate_up row [gate | up] in one pass (before the down projection, plain or W4A16, unless
+kernels/w4a16.silu_in_prologue says the W4A16 prologue is faster). Rounds where the torch ops do: silu to the input
+dtype, then the product, so the result equals reference.silu_mul_reference up to the exp's last fp32 bit. CPU
+tensors take the reference."""
 
 from __future__ import annotations
 
