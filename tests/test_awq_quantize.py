@@ -206,7 +206,8 @@ def test_module_loss_equals_direct_forward(group_index, qwen_dir):
     calib = awq.Calibration(model, 3, seqlen, torch.device("cpu"))
     x = model.embed_tokens(_ids((seqs, seqlen), model.cfg.vocab_size, seed=8))
     with torch.inference_mode():
-        _, feats = awq.record_block(block, x, calib)
+        _, inputs = awq.record_block(block, x, calib, search_samples=seqs)  # every sequence
+        feats = {name: rec.search for name, rec in inputs.items()}  # (seqs, S, K)
         group = scale_groups(model.cfg)[group_index]
         weight = block.get_submodule(group.linear).weight
         dw = 0.02 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(9))

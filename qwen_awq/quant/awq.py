@@ -20,6 +20,7 @@ from qwen_awq.models.layers import logn_scale, rotary_cos_sin
 from qwen_awq.quant.groups import QUANT_LINEARS, FusedRows, ScaleGroup, clipped_rows, fused_rows
 from qwen_awq.quant.linear import AWQLinear
 from qwen_awq.quant.packing import MAX_Q, MIN_RANGE
+from qwen_awq.quant.record import InputRecorder, LinearInputs
 
 N_GRID = 20  # ratios 0, 0.05, ..., 0.95 (spec; AutoAWQ _compute_best_scale n_grid)
 S_MIN, W_EPS = 1e-4, 1e-4  # spec: s = clamp(x_mean^a / (w_mean^(1-a) + 1e-4), min 1e-4)
@@ -100,30 +101,28 @@ class _Constant(nn.Module):
         return self.value
 
 
-def record_block(block: Block, x: torch.Tensor,
-                 calib: Calibration) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run the unquantized block on x (n, S, hidden); return its output and each Linear's input (n, S, in)."""
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in QUANT_LINEARS}
-    hooks = [block.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, name=name: inputs[name].append(args[0])) for name in QUANT_LINEARS]
+def record_block(block: Block, x: torch.Tensor, calib: Calibration,
+                 search_samples: int) -> tuple[torch.Tensor, dict[str, LinearInputs]]:
+    """Run the unquantized block on x (n, S, hidden); return its output and what the search needs of each
+    Linear's inputs."""
+    recorder = InputRecorder(x.shape[0], x.shape[1], search_samples, CLIP_TOKENS)
+    hooks = [block.get_submodule(name).register_forward_pre_hook(recorder.hook(name)) for name in QUANT_LINEARS]
     out = torch.empty_like(x)
     try:
         for rows in calib.chunks(x.shape[0]):
+            recorder.rows = rows
             out[rows] = calib.run(block, x[rows].flatten(0, 1)).view_as(x[rows])
     finally:
         for hook in hooks:
             hook.remove()
-    feats = {name: torch.cat(t).view(*x.shape[:2], -1) for name, t in inputs.items()}
-    return out, feats
+    return out, recorder.inputs(x.shape[0] * x.shape[1])
 
 
-def channel_means(x: torch.Tensor, w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_mean = mean |x| per input channel (fp32 sums); w_mean = row mean of |w| / max|w| of its group."""
+def weight_means(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w_mean (K,): the row mean of |w| / max|w| of its group, per input channel."""
     k = w.shape[1]
-    x_mean = sum(chunk.abs().float().sum((0, 1)) for chunk in x.split(8)) / (x.shape[0] * x.shape[1])  # (K,)
     wg = w.float().abs().view(-1, k // group_size, group_size)  # (rows, groups, group_size)
-    w_mean = (wg / (wg.amax(-1, keepdim=True) + GROUP_EPS)).view(-1, k).mean(0)  # (K,)
-    return x_mean, w_mean
+    return (wg / (wg.amax(-1, keepdim=True) + GROUP_EPS)).view(-1, k).mean(0)  # (K,)
 
 
 def ratio_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -238,17 +237,15 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tens
     return best.squeeze(-1).t()  # (rows, groups)
 
 
-def clip_block(block: Block, feats: dict[str, torch.Tensor], group_size: int,
+def clip_block(block: Block, tokens: dict[str, torch.Tensor], group_size: int,
                rows: FusedRows) -> dict[str, torch.Tensor]:
-    """Clip every Linear's weights to the searched per-(row, group) limits; return the limits."""
+    """Clip every Linear's weights to the limits searched on its sampled input tokens (t, K); return them."""
     clips = {}
     for name in QUANT_LINEARS:
         w = block.get_submodule(name).weight  # (N, K)
-        x = feats[name].flatten(0, 1)  # (tokens, K)
-        x = x[::max(1, x.shape[0] // CLIP_TOKENS)]  # strided token sample, as AutoAWQ takes it
         limits = w.float().view(w.shape[0], -1, group_size).abs().amax(-1)  # (N, K/G): no clipping
         for lo, hi in clipped_rows(rows, name, w.shape[0]):
-            limits[lo:hi] = search_clip(w[lo:hi], x, group_size)
+            limits[lo:hi] = search_clip(w[lo:hi], tokens[name], group_size)
         bound = limits.repeat_interleave(group_size, dim=1)  # (N, K)
         w.copy_(torch.clamp(w.float(), -bound, bound))
         clips[name] = limits
@@ -267,22 +264,25 @@ def awq_block(block: Block, x: torch.Tensor, calib: Calibration, group_size: int
               search_samples: int) -> tuple[torch.Tensor, BlockRecord]:
     """Search, fold, clip and quantize one block; return the unquantized block's output and the record."""
     cfg = block.attn.cfg
-    out, feats = record_block(block, x, calib)
-    step = max(1, x.shape[0] // search_samples)
-    subset = {name: t[::step][:search_samples] for name, t in feats.items()}  # whole sequences, spread out
+    out, inputs = record_block(block, x, calib, search_samples)
+    subset = {name: rec.search for name, rec in inputs.items()}  # (search_samples, S, K)
+    tokens = {name: rec.clip for name, rec in inputs.items()}  # (t, K)
+    x_means = {name: rec.x_mean for name, rec in inputs.items()}  # (K,)
+    del inputs
     dtype, rows, record = search_dtype(x.device, x.dtype), fused_rows(cfg), BlockRecord()
     for group in scale_groups(cfg):
         w = block.get_submodule(group.linear).weight
-        x_mean, w_mean = channel_means(feats[group.linear], w, group_size)
         loss_of = (module_loss(block, group, subset, calib, dtype) if group.inspect
                    else linear_loss(subset[group.linear], calib, dtype))
-        record.scales[group.linear] = search_scale(w, x_mean, w_mean, group_size, loss_of)
+        record.scales[group.linear] = search_scale(w, x_means[group.linear], weight_means(w, group_size),
+                                                   group_size, loss_of)
+    del subset, loss_of  # the search sequences and the loss's chunks, before the clip search
     for group in scale_groups(cfg):  # all searches see the unscaled block, as in AutoAWQ; folding is exact
         s = record.scales[group.linear]
         fold_scale(block, group, s, rows)
-        feats[group.linear] = feats[group.linear] / s.to(x.dtype)
+        tokens[group.linear].div_(s.to(x.dtype))  # the inputs of the folded block, in place: not held twice
     if clip:
-        record.clips = clip_block(block, feats, group_size, rows)
+        record.clips = clip_block(block, tokens, group_size, rows)
     quantize_linears(block, group_size)
     return out, record
 
