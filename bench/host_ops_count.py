@@ -1,0 +1,115 @@
+"""Device ops that an engine decode step runs outside its CUDA graph (issue 12 item 2), counted on the CPU.
+
+A qwen-tiny engine gets DecodeGraphs whose "graphs" replay the forward eagerly (as tests/test_engine.py does);
+a TorchDispatchMode counts every aten op of the decode steps except those inside a replay, by kind: tensors made
+from host data (torch.tensor: an H2D copy each on a GPU when made on the device; `to.dtype_layout` is the
+.to(device) of a host-built tensor, the H2D of step_input.upload), copies, fills, and other compute ops (views are free and not counted).
+
+  python3 bench/host_ops_count.py [--batch 1] [--tokens 8] [--sampling greedy|topp]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwen_awq.engine.cuda_graph import DecodeGraphs
+from qwen_awq.engine.kv_cache import KVPool
+from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
+from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.eval.synthetic import load_synthetic
+
+HOST_DATA = {"aten.detach_.default"}  # what torch.tensor(list) dispatches under inference mode: an H2D on a GPU
+
+
+# lift_fresh: torch.tensor's no-op; resolve_*: what tolist() calls on the tensor it reads (host work, no kernel).
+HOST_ONLY = {torch.ops.aten.lift_fresh.default, torch.ops.aten.resolve_conj.default,
+             torch.ops.aten.resolve_neg.default}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused and func not in HOST_ONLY and not _is_view(out, args):  # views cost nothing
+            self.counts[str(func)] += 1
+        return out
+
+
+def _is_view(out, args) -> bool:
+    """True when the op returned (a view of) an input's storage without writing it: `to` a dtype it already has,
+    slices, views; in-place ops (copy_, fill_) and new tensors count."""
+    if isinstance(out, (tuple, list)):
+        return bool(out) and all(_is_view(o, args) for o in out)
+    if not isinstance(out, torch.Tensor):
+        return False
+    inputs = [a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)]
+    return out.untyped_storage().data_ptr() in inputs and not any(a is out for a in args)
+
+
+class CountedReplay:
+    """An eager stand-in for a captured graph, invisible to the counter."""
+
+    def __init__(self, graphs: DecodeGraphs, b: int, counter: OpCounter) -> None:
+        self.graphs, self.b, self.counter = graphs, b, counter
+
+    def replay(self) -> None:
+        self.counter.paused = True
+        self.graphs.logits[:self.b].copy_(self.graphs._forward(self.b))
+        self.counter.paused = False
+
+
+def graphed_engine(batch: int, counter: OpCounter) -> LLMEngine:
+    model = load_synthetic("qwen-tiny", device="cpu", dtype="float32")
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, max_model_len=256, kv_cache_memory=2**24))
+    n = engine.block_manager.num_blocks
+    engine.pool = engine.runner.pool = KVPool(model.cfg, n + 1, 16, model.dtype, model.device)
+    graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, batch, 256 // 16, scratch_block=n)
+    graphs.logits = torch.empty(graphs.sizes[-1], model.cfg.vocab_size)
+    graphs.graphs = {b: CountedReplay(graphs, b, counter) for b in graphs.sizes}
+    return engine
+
+
+def summarize(counts: Counter[str]) -> dict[str, int]:
+    kinds = Counter()
+    for name, k in counts.items():
+        kind = ("host data" if name in HOST_DATA else "copy" if "copy" in name else "fill" if "fill" in name
+                else "compute")
+        kinds[kind] += k
+    return dict(kinds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--sampling", choices=["greedy", "topp"], default="greedy")
+    args = ap.parse_args()
+    counter = OpCounter()
+    engine = graphed_engine(args.batch, counter)
+    params = (SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True) if args.sampling == "greedy"
+              else SamplingParams(temperature=0.7, top_p=0.8, max_tokens=args.tokens, ignore_eos=True, seed=1))
+    for i in range(args.batch):
+        engine.add_request(f"r{i}", [100 + i, 7, 9], params)
+    engine.step()  # the prefill step (eager) is not counted
+    decode_steps = 0
+    with torch.inference_mode(), counter:
+        while engine.has_unfinished():
+            engine.step()
+            decode_steps += 1
+    per_step = {k: round(v / decode_steps, 2) for k, v in sorted(counter.counts.items())}
+    kinds = {k: round(v / decode_steps, 2) for k, v in summarize(counter.counts).items()}
+    print(json.dumps({"batch": args.batch, "sampling": args.sampling, "decode_steps": decode_steps,
+                      "replays": engine.runner.graphs.replays, "per_step_by_kind": kinds,
+                      "per_step_ops": per_step}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
