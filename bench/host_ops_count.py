@@ -2,8 +2,8 @@
 
 A qwen-tiny engine gets DecodeGraphs whose "graphs" replay the forward eagerly (as tests/test_engine.py does);
 a TorchDispatchMode counts every aten op of the decode steps except those inside a replay, by kind: tensors made
-from host data (torch.tensor: an H2D copy each on a GPU when made on the device; `to.dtype_layout` is the
-.to(device) of a host-built tensor, the H2D of step_input.upload), copies, fills, and other compute ops (views are free and not counted).
+from host data (torch.tensor: an H2D copy each on a GPU when made on the device; `to.dtype_layout` is
+the .to(device) of a host-built tensor: an upload H2D), copies, fills, other compute ops (views: free, not counted).
 
   python3 bench/host_ops_count.py [--batch 1] [--tokens 8] [--sampling greedy|topp]
 """

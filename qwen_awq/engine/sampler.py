@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qwen_awq.engine.sampling_params import SamplingParams
@@ -45,15 +46,20 @@ class HostSample:
 
 @dataclass
 class SamplingBatch:
+    """Per-row settings of one sampling step. The columns are None when no row reads them (every row greedy
+    without penalties), so a plain greedy step uploads nothing; otherwise all come from one host-to-device copy."""
+
     vocab_size: int  # real token ids; logits columns beyond it (padding) are never sampled
-    temperature: torch.Tensor  # (B,) float32, 1.0 on greedy rows so the division is harmless
-    top_k: torch.Tensor  # (B,) long, 0 = off
-    top_p: torch.Tensor  # (B,) float32, 1.0 = off
-    min_p: torch.Tensor  # (B,) float32, 0.0 = off
-    repetition_penalty: torch.Tensor  # (B,) float32
-    presence_penalty: torch.Tensor  # (B,) float32
-    frequency_penalty: torch.Tensor  # (B,) float32
-    sample_rows: torch.Tensor  # (S,) long: indices of non-greedy rows
+    batch_size: int
+    sampled: list[int]  # rows that draw a token (not greedy), on the host: their generators are picked by it
+    temperature: torch.Tensor | None = None  # (B,) float32, 1.0 on greedy rows so the division is harmless
+    top_k: torch.Tensor | None = None  # (B,) long, 0 = off
+    top_p: torch.Tensor | None = None  # (B,) float32, 1.0 = off
+    min_p: torch.Tensor | None = None  # (B,) float32, 0.0 = off
+    repetition_penalty: torch.Tensor | None = None  # (B,) float32
+    presence_penalty: torch.Tensor | None = None  # (B,) float32
+    frequency_penalty: torch.Tensor | None = None  # (B,) float32
+    sample_rows: torch.Tensor | None = None  # (S,) long: `sampled` on the device
     seen_mask: torch.Tensor | None = None  # (B, V) bool: ids in prompt + output; None when no row needs it
     output_counts: torch.Tensor | None = None  # (B, V) float32: occurrences in output; None when unused
     suppress_mask: torch.Tensor | None = None  # (B, V) bool: stop ids banned until min_tokens; None if none
@@ -62,10 +68,6 @@ class SamplingBatch:
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
             raise SamplingError(f"vocab_size must be >= 1, got {self.vocab_size}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.temperature.shape[0]
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
@@ -80,11 +82,16 @@ class SamplingBatch:
             stop_ids_per_row = [p.stop_token_ids for p in params]
         if not len(params) == len(prompt_ids) == len(output_ids) == len(stop_ids_per_row):
             raise ValueError("params, prompt_ids, output_ids and stop_ids_per_row need one entry per row")
-        batch = cls(vocab_size=vocab_size, **_param_columns(params, device))
-        if any(p.repetition_penalty != 1.0 for p in params):
+        repetition = any(p.repetition_penalty != 1.0 for p in params)
+        presence = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        batch = cls(vocab_size, len(params), sampled, num_logprobs=max((p.logprobs or 0 for p in params), default=0))
+        if sampled or repetition or presence:
+            batch.__dict__.update(_param_columns(params, sampled, torch.device(device)))
+        if repetition:
             context = [a + b for a, b in zip(prompt_ids, output_ids, strict=True)]
             batch.seen_mask = _scatter_ids(context, vocab_size, device, torch.bool)
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        if presence:
             batch.output_counts = _scatter_ids(output_ids, vocab_size, device, torch.float32)
         banned = [ids if len(out) < p.min_tokens else []
                   for p, out, ids in zip(params, output_ids, stop_ids_per_row, strict=True)]
@@ -93,21 +100,25 @@ class SamplingBatch:
         return batch
 
 
-def _param_columns(params: list[SamplingParams], device: torch.device | str) -> dict[str, torch.Tensor | int]:
-    def col(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
-    return dict(
-        temperature=col([1.0 if p.greedy else p.temperature for p in params]),
-        top_k=col([p.top_k for p in params], torch.long),
-        top_p=col([p.top_p for p in params]),
-        min_p=col([p.min_p for p in params]),
-        repetition_penalty=col([p.repetition_penalty for p in params]),
-        presence_penalty=col([p.presence_penalty for p in params]),
-        frequency_penalty=col([p.frequency_penalty for p in params]),
-        sample_rows=col([i for i, p in enumerate(params) if not p.greedy], torch.long),
-        num_logprobs=max((p.logprobs or 0 for p in params), default=0),
-    )
+
+def _param_columns(params: list[SamplingParams], sampled: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every per-row column from one host-to-device copy (from pinned memory on CUDA, which the host does not wait
+    for): an int64 buffer holding top_k (B), the sampled rows (S), then the six fp32 columns' bits, two a slot."""
+    b, n_long = len(params), len(params) + len(sampled)
+    host = torch.empty(n_long + (len(FLOAT_COLUMNS) * b + 1) // 2, dtype=torch.long,
+                       pin_memory=device.type == "cuda")  # (L,)
+    buf = host.numpy()
+    buf[:b] = [p.top_k for p in params]
+    buf[b:n_long] = sampled
+    floats = buf[n_long:].view(np.float32)[:len(FLOAT_COLUMNS) * b].reshape(len(FLOAT_COLUMNS), b)  # (6, B)
+    floats[:] = [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                 [p.min_p for p in params], [p.repetition_penalty for p in params],
+                 [p.presence_penalty for p in params], [p.frequency_penalty for p in params]]
+    dev = host.to(device, non_blocking=True)  # (L,)
+    columns = dev[n_long:].view(torch.float32)[:len(FLOAT_COLUMNS) * b].view(len(FLOAT_COLUMNS), b)  # (6, B)
+    return dict(zip(FLOAT_COLUMNS, columns, strict=True)) | {"top_k": dev[:b], "sample_rows": dev[b:n_long]}
 
 
 def _scatter_ids(rows: list[list[int]], vocab_size: int, device: torch.device | str,
@@ -258,10 +269,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     raw_logprobs = raw.log_softmax(dim=-1)  # (B, V)
     penalized = penalize(raw, batch)
     tokens = penalized.argmax(dim=-1)  # (B,)
-    rows = batch.sample_rows
-    if rows.numel():
-        probs = truncated_probs(penalized, batch, rows)
-        tokens[rows] = exponential_race(probs, [generators[i] for i in rows.tolist()])
+    if batch.sampled:
+        probs = truncated_probs(penalized, batch, batch.sample_rows)
+        tokens[batch.sample_rows] = exponential_race(probs, [generators[i] for i in batch.sampled])
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
     top = None
     if batch.num_logprobs:
