@@ -50,13 +50,14 @@ def test_plain_greedy_batch_builds_no_columns_and_still_honours_min_tokens():
     assert sample(logits, batch).tokens.tolist() == [6, 3]
 
 
+@pytest.mark.parametrize("top", [None, 3])  # None: logit - logsumexp; 3: the top-logprobs path (log_softmax)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_chosen_logprob_equals_log_softmax(dtype):
+def test_chosen_logprob_equals_log_softmax(dtype, top):
     gen = torch.Generator().manual_seed(7)
     logits = (torch.randn(5, 1000, generator=gen) * 6).to(dtype)  # (B, V_padded); vocab 987
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=1),
               SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=1.2, top_p=0.5),
-              SamplingParams(temperature=0.0)]
+              SamplingParams(temperature=0.0, logprobs=top)]
     out = sample(logits, SamplingBatch.build(params, [[4, 9]] * 5, [[2]] * 5, vocab_size=987))
     reference = logits[:, :987].float().log_softmax(-1).gather(-1, out.tokens[:, None]).squeeze(-1)  # (B,)
     torch.testing.assert_close(out.logprobs, reference, rtol=0, atol=2e-6)
