@@ -10,6 +10,7 @@ the .to(device) of a host-built tensor: an upload H2D), copies, fills, other com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 
@@ -22,12 +23,13 @@ from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.eval.synthetic import load_synthetic
 
-HOST_DATA = {"aten.detach_.default"}  # what torch.tensor(list) dispatches under inference mode: an H2D on a GPU
+HOST_DATA = {"aten.detach_.default"}  # what torch.tensor(list) dispatches under inference mode
 
 
-# lift_fresh: torch.tensor's no-op; resolve_*: what tolist() calls on the tensor it reads (host work, no kernel).
+# lift_fresh: torch.tensor's no-op; resolve_*: what tolist() calls on the tensor it reads (host work, no kernel);
+# empty: an allocation, no kernel.
 HOST_ONLY = {torch.ops.aten.lift_fresh.default, torch.ops.aten.resolve_conj.default,
-             torch.ops.aten.resolve_neg.default}
+             torch.ops.aten.resolve_neg.default, torch.ops.aten.empty.memory_format}
 
 
 class OpCounter(TorchDispatchMode):
@@ -36,22 +38,34 @@ class OpCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
         self.paused = False
 
+    @contextlib.contextmanager
+    def hidden(self):
+        paused, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = paused
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.paused and func not in HOST_ONLY and not _is_view(out, args):  # views cost nothing
+        if not self.paused and func not in HOST_ONLY and not _is_view(func, out, args):  # views cost nothing
             self.counts[str(func)] += 1
         return out
 
 
-def _is_view(out, args) -> bool:
+class _READ:
+    is_write = False
+
+
+def _is_view(func, out, args) -> bool:
     """True when the op returned (a view of) an input's storage without writing it: `to` a dtype it already has,
     slices, views; in-place ops (copy_, fill_) and new tensors count."""
     if isinstance(out, (tuple, list)):
-        return bool(out) and all(_is_view(o, args) for o in out)
+        return bool(out) and all(_is_view(func, o, args) for o in out)
     if not isinstance(out, torch.Tensor):
         return False
     inputs = [a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)]
-    return out.untyped_storage().data_ptr() in inputs and not any(a is out for a in args)
+    return out.untyped_storage().data_ptr() in inputs and not (func._schema.returns[0].alias_info or _READ).is_write
 
 
 class CountedReplay:
@@ -64,6 +78,27 @@ class CountedReplay:
         self.counter.paused = True
         self.graphs.logits[:self.b].copy_(self.graphs._forward(self.b))
         self.counter.paused = False
+
+
+@contextlib.contextmanager
+def counted_uploads(counter: OpCounter):
+    """Tensor.to(device, non_blocking=True) of a host tensor is an H2D copy on a GPU but returns the tensor itself
+    on the CPU (no op): counted here as "upload". Tensor.numpy() (host-only) is hidden from the counter."""
+    to, numpy = torch.Tensor.to, torch.Tensor.numpy
+
+    def counted_to(self, *a, **k):
+        if k.get("non_blocking") and not counter.paused:
+            counter.counts["upload (H2D on a GPU)"] += 1
+        return to(self, *a, **k)
+
+    def hidden_numpy(self, *a, **k):
+        with counter.hidden():
+            return numpy(self, *a, **k)
+    torch.Tensor.to, torch.Tensor.numpy = counted_to, hidden_numpy
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.numpy = to, numpy
 
 
 def graphed_engine(batch: int, counter: OpCounter) -> LLMEngine:
@@ -80,8 +115,8 @@ def graphed_engine(batch: int, counter: OpCounter) -> LLMEngine:
 def summarize(counts: Counter[str]) -> dict[str, int]:
     kinds = Counter()
     for name, k in counts.items():
-        kind = ("host data" if name in HOST_DATA else "copy" if "copy" in name else "fill" if "fill" in name
-                else "compute")
+        kind = ("host data" if name in HOST_DATA else "upload" if name.startswith("upload")
+                else "copy" if "copy" in name else "fill" if "fill" in name else "compute")
         kinds[kind] += k
     return dict(kinds)
 
@@ -100,7 +135,7 @@ def main() -> None:
         engine.add_request(f"r{i}", [100 + i, 7, 9], params)
     engine.step()  # the prefill step (eager) is not counted
     decode_steps = 0
-    with torch.inference_mode(), counter:
+    with torch.inference_mode(), counter, counted_uploads(counter):
         while engine.has_unfinished():
             engine.step()
             decode_steps += 1
