@@ -1,9 +1,9 @@
 """Device ops that an engine decode step runs outside its CUDA graph (issue 12 item 2), counted on the CPU.
 
-A qwen-tiny engine gets DecodeGraphs whose "graphs" replay the forward eagerly (as tests/test_engine.py does);
-a TorchDispatchMode counts every aten op of the decode steps except those inside a replay, by kind: tensors made
-from host data (torch.tensor: an H2D copy each on a GPU when made on the device; `to.dtype_layout` is
-the .to(device) of a host-built tensor: an upload H2D), copies, fills, other compute ops (views: free, not counted).
+A qwen-tiny engine gets DecodeGraphs whose "graphs" (and greedy tails) replay eagerly, as tests/test_engine.py
+does; a TorchDispatchMode counts every aten op of the decode steps outside those replays, by kind: tensors made
+from host data (torch.tensor: an H2D copy each on a GPU when made on the device), uploads (.to(device) of a
+host-built tensor: an H2D on a GPU, a no-op here), copies, fills, graph replays, other compute (views are free).
 
   python3 bench/host_ops_count.py [--batch 1] [--tokens 8] [--sampling greedy|topp]
 """
@@ -69,15 +69,15 @@ def _is_view(func, out, args) -> bool:
 
 
 class CountedReplay:
-    """An eager stand-in for a captured graph, invisible to the counter."""
+    """An eager stand-in for a captured graph, invisible to the counter but for one "graph replay"."""
 
-    def __init__(self, graphs: DecodeGraphs, b: int, counter: OpCounter) -> None:
-        self.graphs, self.b, self.counter = graphs, b, counter
+    def __init__(self, fn, b: int, counter: OpCounter) -> None:
+        self.fn, self.b, self.counter = fn, b, counter
 
     def replay(self) -> None:
-        self.counter.paused = True
-        self.graphs.logits[:self.b].copy_(self.graphs._forward(self.b))
-        self.counter.paused = False
+        self.counter.counts["graph replay"] += 1
+        with self.counter.hidden():
+            self.fn(self.b)
 
 
 @contextlib.contextmanager
@@ -108,7 +108,10 @@ def graphed_engine(batch: int, counter: OpCounter) -> LLMEngine:
     engine.pool = engine.runner.pool = KVPool(model.cfg, n + 1, 16, model.dtype, model.device)
     graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, batch, 256 // 16, scratch_block=n)
     graphs.logits = torch.empty(graphs.sizes[-1], model.cfg.vocab_size)
-    graphs.graphs = {b: CountedReplay(graphs, b, counter) for b in graphs.sizes}
+    def forward(b: int) -> None:
+        graphs.logits[:b].copy_(graphs._forward(b))
+    graphs.graphs = {b: CountedReplay(forward, b, counter) for b in graphs.sizes}
+    graphs.tails = {b: CountedReplay(graphs._greedy_tail, b, counter) for b in graphs.sizes}
     return engine
 
 
@@ -116,6 +119,7 @@ def summarize(counts: Counter[str]) -> dict[str, int]:
     kinds = Counter()
     for name, k in counts.items():
         kind = ("host data" if name in HOST_DATA else "upload" if name.startswith("upload")
+                else "graph replay" if name == "graph replay"
                 else "copy" if "copy" in name else "fill" if "fill" in name else "compute")
         kinds[kind] += k
     return dict(kinds)

@@ -14,17 +14,23 @@ import torch
 
 from qwen_awq.engine.decode_input import DecodeInput, decode_views, pack_decode, packed_len
 from qwen_awq.engine.kv_cache import KVPool
+from qwen_awq.engine.sampler import SampleOutput, greedy_rows
 from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Greedy tails are captured up to this batch: their fp32 temporaries (~2 * b * V * 4 bytes: 78 MB at b = 64 over
+# Qwen's 151,936 ids) stay in the graph pool, and past it a step's GPU time dwarfs the host's sampling work.
+TAIL_MAX_BATCH = 64
 
 
 class DecodeGraphs:
-    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int, max_blocks: int, scratch_block: int,
+                 vocab_size: int | None = None) -> None:
         self.model, self.pool, self.max_blocks = model, pool, max_blocks
+        self.vocab_size = vocab_size or model.cfg.vocab_size  # the ids a greedy tail picks from
         self.sizes = [s for s in SIZES if s < max_num_seqs] + [max_num_seqs]
         self.scratch_block = scratch_block
         device = model.device
@@ -34,7 +40,10 @@ class DecodeGraphs:
         self.static = self.view(self.sizes[-1])
         self.load(self.pack([], self.sizes[-1]))  # every row padding until a step fills it
         self.logits: torch.Tensor | None = None  # (n, V), written by every graph
+        # (n, 2) float64 [argmax id, log-prob]: what a greedy tail writes (sampler.greedy_rows)
+        self.greedy = torch.empty(self.sizes[-1], 2, dtype=torch.float64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.tails: dict[int, torch.cuda.CUDAGraph] = {}  # graph b's logits -> greedy[:b]
         self.pool_handle = None
         self.replays = 0
 
@@ -69,7 +78,22 @@ class DecodeGraphs:
                 self.logits[:b].copy_(self._forward(b))
             self.pool_handle = graph.pool()
             self.graphs[b] = graph
+            if b <= TAIL_MAX_BATCH:
+                self.tails[b] = self._capture_tail(b)
         torch.cuda.synchronize()
+
+    def _greedy_tail(self, b: int) -> None:
+        self.greedy[:b].copy_(greedy_rows(self.logits[:b], self.vocab_size))
+
+    def _capture_tail(self, b: int) -> torch.cuda.CUDAGraph:
+        """A second graph per size for plain greedy steps: argmax and log-prob of every row, so that such a step
+        samples with one more replay and reads its result with one device-to-host copy."""
+        self._greedy_tail(b)  # warm-up
+        torch.cuda.synchronize()
+        tail = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(tail, pool=self.pool_handle):
+            self._greedy_tail(b)
+        return tail
 
     def fits(self, num_seqs: int, table_width: int) -> bool:
         return num_seqs <= self.sizes[-1] and table_width <= self.max_blocks
@@ -82,3 +106,9 @@ class DecodeGraphs:
         self.graphs[step.size].replay()
         self.replays += 1
         return self.logits[:step.num_seqs]
+
+    def sample_greedy(self, step: DecodeInput) -> SampleOutput:
+        """After run(step): the plain greedy sample of its rows, from the tail graph (valid until the next run)."""
+        self.tails[step.size].replay()
+        rows = self.greedy[:step.num_seqs]  # (n, 2)
+        return SampleOutput(tokens=rows[:, 0], logprobs=rows[:, 1], packed=rows)

@@ -5,6 +5,7 @@ Order: min_tokens suppression -> repetition -> presence/frequency -> temperature
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,18 +17,22 @@ from qwen_awq.errors import SamplingError
 
 @dataclass
 class SampleOutput:
-    tokens: torch.Tensor  # (B,) long
+    tokens: torch.Tensor  # (B,) long; float64 ids (exact) when `packed` is set
     # (B,) float32: log-probability of each chosen token under the raw model distribution (padded vocab
     # columns removed), before penalties, temperature and truncation: independent of sampling settings.
     logprobs: torch.Tensor
     # (ids (B, k) long, values (B, k) float32) of the raw distribution; k = the batch's largest `logprobs`.
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (B, 2) float64 [token, logprob] rows, already packed as to_host packs them (a decode graph's greedy tail
+    # writes them); None: to_host packs the fields.
+    packed: torch.Tensor | None = None
 
     def to_host(self) -> HostSample:
         """All of it as Python lists from one device-to-host copy (one sync per step): every field packed as
         float64 columns, which hold the ids (< 2^53) and the fp32 log-probs exactly."""
         fields = [self.tokens[:, None], self.logprobs[:, None], *(self.top_logprobs or ())]
-        rows = torch.cat([f.double() for f in fields], dim=1).tolist()  # (B, 2 + 2k)
+        packed = self.packed if self.packed is not None else torch.cat([f.double() for f in fields], dim=1)
+        rows = packed.tolist()  # (B, 2 + 2k)
         k = 0 if self.top_logprobs is None else self.top_logprobs[0].shape[1]
         top_ids = None if self.top_logprobs is None else [[int(i) for i in r[2:2 + k]] for r in rows]
         top_values = None if self.top_logprobs is None else [r[2 + k:] for r in rows]
@@ -274,9 +279,29 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         probs = truncated_probs(penalized, batch, batch.sample_rows)
         tokens[batch.sample_rows] = exponential_race(probs, [generators[i] for i in batch.sampled])
     if not batch.num_logprobs:
-        chosen = raw.gather(-1, tokens[:, None]).squeeze(-1) - raw.logsumexp(dim=-1)  # (B,)
-        return SampleOutput(tokens=tokens, logprobs=chosen)
+        return SampleOutput(tokens=tokens, logprobs=chosen_logprobs(raw, tokens))
     raw_logprobs = raw.log_softmax(dim=-1)  # (B, V)
     values, ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)  # (B, k) each
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
     return SampleOutput(tokens=tokens, logprobs=chosen, top_logprobs=(ids, values))
+
+
+def chosen_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(raw)[tokens] of fp32 logits (B, V) as logit - logsumexp(row), without the (B, V) log_softmax."""
+    return raw.gather(-1, tokens[:, None]).squeeze(-1) - raw.logsumexp(dim=-1)  # (B,)
+
+
+def plain_greedy(params: SamplingParams, num_outputs: int, stop_ids: Sequence[int]) -> bool:
+    """Whether sample() reduces to argmax + its log-prob for this row: greedy, no penalty, no top log-probs, no
+    min_tokens ban in force (the caller also checks that no grammar masks the row)."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and not params.logprobs
+            and not (num_outputs < params.min_tokens and stop_ids))
+
+
+def greedy_rows(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, 2) float64 [argmax id, its log-prob] of logits (B, V_padded): sample() of a plain greedy batch, packed as
+    SampleOutput.to_host packs it; the same ops as sample(), so the same values (a decode graph captures it)."""
+    raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
+    tokens = raw.argmax(dim=-1)  # (B,)
+    return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)
