@@ -32,8 +32,8 @@ from qwen_awq.quant.linear import AWQLinear
 
 PHASES = [  # (owner, attribute, label): the host work of one engine step, in order
     (Scheduler, "schedule", "schedule"),
-    (model_runner.ModelRunner, "step_input", "build StepInput (+H2D)"),
-    (DecodeGraphs, "run", "graph copies + replay"),
+    (model_runner.ModelRunner, "step_input", "build StepInput (+H2D) / pack decode"),
+    (DecodeGraphs, "run", "graph input H2D + replay"),
     (sampler.SamplingBatch, "build", "SamplingBatch.build"),
     (model_runner, "sample", "sample()"),
     (sampler.SampleOutput, "to_host", "to_host (D2H, waits)"),

@@ -4,40 +4,71 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 captured per padded batch size over static input buffers whose block tables are as wide as the longest context:
 the paged decode kernel reads only up to each sequence's length, and its grid depends on shapes alone, so one graph
 per batch size serves every context length. Padding rows point at a scratch block that no sequence owns, with
-context length 1. Every graph writes its logits into one shared buffer. The eager forward is the reference (tests
-compare the two on the GPU).
+context length 1. The inputs of every graph are views of one packed int64 buffer (engine/decode_input.py): a step
+fills them with one host-to-device copy, then replays. Every graph writes its logits into one shared buffer. The
+eager forward is the reference (tests compare the two on the GPU).
 """
 from __future__ import annotations
 
 import torch
 
+from qwen_awq.engine.decode_input import DecodeInput, decode_views, pack_decode, packed_len
 from qwen_awq.engine.kv_cache import KVPool
+from qwen_awq.engine.sampler import SampleOutput, greedy_rows
+from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Greedy tails are captured up to this batch: their fp32 temporaries (~2 * b * V * 4 bytes: 78 MB at b = 64 over
+# Qwen's 151,936 ids) stay in the graph pool, and past it a step's GPU time dwarfs the host's sampling work.
+TAIL_MAX_BATCH = 64
 
 
 class DecodeGraphs:
-    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(self, model: Decoder, pool: KVPool, max_num_seqs: int, max_blocks: int, scratch_block: int,
+                 vocab_size: int | None = None) -> None:
         self.model, self.pool, self.max_blocks = model, pool, max_blocks
+        self.vocab_size = vocab_size or model.cfg.vocab_size  # the ids a greedy tail picks from
         self.sizes = [s for s in SIZES if s < max_num_seqs] + [max_num_seqs]
-        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * pool.block_size
-        self.static = StepInput.decode_buffers(self.sizes[-1], max_blocks, scratch_block, pool.block_size,
-                                               model.device)
+        self.scratch_block = scratch_block
+        device = model.device
+        # graph b reads the prefix of this buffer that a padded batch of b rows fills (decode_input's layout)
+        self.buffer = torch.empty(packed_len(self.sizes[-1], max_blocks), dtype=torch.long, device=device)
+        self.arange = torch.arange(self.sizes[-1] + 1, device=device)
+        self.static = self.view(self.sizes[-1])
+        self.load(self.pack([], self.sizes[-1]))  # every row padding until a step fills it
         self.logits: torch.Tensor | None = None  # (n, V), written by every graph
+        # (n, 2) float64 [argmax id, log-prob]: what a greedy tail writes (sampler.greedy_rows)
+        self.greedy = torch.empty(self.sizes[-1], 2, dtype=torch.float64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.tails: dict[int, torch.cuda.CUDAGraph] = {}  # graph b's logits -> greedy[:b]
         self.pool_handle = None
         self.replays = 0
 
+    def view(self, b: int) -> StepInput:
+        """Graph b's static inputs: views of the buffer."""
+        return decode_views(self.buffer, self.arange, b, self.max_blocks)
+
+    def pack(self, entries: list[ScheduledSeq], size: int | None = None) -> DecodeInput:
+        """A decode step's inputs, on the host, padded to the smallest captured size that holds it."""
+        size = size or next(s for s in self.sizes if s >= len(entries))
+        return pack_decode(entries, size, self.max_blocks, self.pool.block_size, self.scratch_block,
+                           pinned=self.buffer.device.type == "cuda")
+
+    def load(self, step: DecodeInput) -> None:
+        """Fill graph step.size's inputs: one host-to-device copy, not waited for when `packed` is pinned."""
+        self.buffer[:step.packed.numel()].copy_(step.packed, non_blocking=True)
+
     def _forward(self, b: int) -> torch.Tensor:
-        step = self.static.rows(b, self.max_blocks)
+        step = self.view(b)
         return self.model.compute_logits(self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool)))
 
     @torch.inference_mode()
     def capture(self) -> None:
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory pool
+            self.load(self.pack([], b))  # all padding rows in graph b's layout, for the warm-up
             logits = self._forward(b)  # warm-up (lazy inits, Triton compiles) outside the capture
             if self.logits is None:
                 self.logits = torch.empty(self.sizes[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
@@ -47,27 +78,37 @@ class DecodeGraphs:
                 self.logits[:b].copy_(self._forward(b))
             self.pool_handle = graph.pool()
             self.graphs[b] = graph
+            if b <= TAIL_MAX_BATCH:
+                self.tails[b] = self._capture_tail(b)
         torch.cuda.synchronize()
+
+    def _greedy_tail(self, b: int) -> None:
+        self.greedy[:b].copy_(greedy_rows(self.logits[:b], self.vocab_size))
+
+    def _capture_tail(self, b: int) -> torch.cuda.CUDAGraph:
+        """A second graph per size for plain greedy steps: argmax and log-prob of every row, so that such a step
+        samples with one more replay and reads its result with one device-to-host copy."""
+        self._greedy_tail(b)  # warm-up
+        torch.cuda.synchronize()
+        tail = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(tail, pool=self.pool_handle):
+            self._greedy_tail(b)
+        return tail
 
     def fits(self, num_seqs: int, table_width: int) -> bool:
         return num_seqs <= self.sizes[-1] and table_width <= self.max_blocks
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> torch.Tensor:
-        """Logits (n, V) for a decode step of n sequences; rows past n are padding that touches only the scratch
-        block. Table columns past a sequence's own blocks keep stale ids: the kernel stops at its length."""
-        n, width = step.num_seqs, step.paged.block_tables.shape[1]
-        b = next(s for s in self.sizes if s >= n)
-        static, meta = self.static, self.static.paged
-        static.input_ids[:n].copy_(step.input_ids)
-        static.positions[:n].copy_(step.positions)
-        static.ntk_alpha[:n].copy_(step.ntk_alpha)
-        meta.slot_mapping[:n].copy_(step.paged.slot_mapping)
-        meta.slot_mapping[n:b].fill_(self.scratch_slot)
-        meta.block_tables[:n, :width].copy_(step.paged.block_tables)
-        meta.block_tables[n:b].fill_(self.scratch_block)
-        meta.context_lens[:n].copy_(step.paged.context_lens)
-        meta.context_lens[n:b].fill_(1)
-        self.graphs[b].replay()
+    def run(self, step: DecodeInput) -> torch.Tensor:
+        """Logits (n, V) for a packed decode step of n sequences: one copy into the buffer, one replay. Rows past n
+        are padding that touches only the scratch block."""
+        self.load(step)
+        self.graphs[step.size].replay()
         self.replays += 1
-        return self.logits[:n]
+        return self.logits[:step.num_seqs]
+
+    def sample_greedy(self, step: DecodeInput) -> SampleOutput:
+        """After run(step): the plain greedy sample of its rows, from the tail graph (valid until the next run)."""
+        self.tails[step.size].replay()
+        rows = self.greedy[:step.num_seqs]  # (n, 2)
+        return SampleOutput(tokens=rows[:, 0], logprobs=rows[:, 1], packed=rows)

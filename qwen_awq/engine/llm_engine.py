@@ -131,11 +131,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.max_waiting)
         graphs = None
+        vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
         if use_graphs:
             graphs = DecodeGraphs(model, self.pool, config.max_num_seqs, -(-self.max_model_len // config.block_size),
-                                  scratch_block=num_blocks)
+                                  scratch_block=num_blocks, vocab_size=vocab)
             graphs.capture()
-        vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
         self.runner = ModelRunner(model, self.pool, vocab, graphs)
         self.eos = eos_ids(tokenizer, model.cfg.eos_token_ids)
         self.requests: dict[str, _Request] = {}

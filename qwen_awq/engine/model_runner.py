@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from qwen_awq.engine.cuda_graph import DecodeGraphs
+from qwen_awq.engine.decode_input import DecodeInput
 from qwen_awq.engine.guided import apply_step_masks
 from qwen_awq.engine.kv_cache import KVPool
-from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, sample
+from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, plain_greedy, sample
 from qwen_awq.engine.scheduler import ScheduledBatch
 from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
@@ -22,18 +23,17 @@ class ModelRunner:
             return False
         return self.graphs.fits(len(batch.entries), max(len(e.seq.block_table) for e in batch.entries))
 
-    def step_input(self, batch: ScheduledBatch) -> StepInput:
-        """The step's flattened inputs (a seam: the tensor-parallel runner also sends them to its workers)."""
+    def step_input(self, batch: ScheduledBatch) -> StepInput | DecodeInput:
+        """The step's inputs: packed for a captured graph on pure decode steps, else flattened for the eager forward
+        (a seam: the tensor-parallel runner also sends them to its workers)."""
+        if self._is_graph_decode(batch):
+            return self.graphs.pack(batch.entries)
         return StepInput.build(batch.entries, self.pool.block_size, self.device)
 
-    def logits(self, batch: ScheduledBatch) -> torch.Tensor | None:
-        """Logits (S, V) of the entries that sample, from a captured graph for pure decode steps."""
-        return self.run(self.step_input(batch), self._is_graph_decode(batch), bool(batch.sampling))
-
-    def run(self, step: StepInput, graph: bool, sample: bool) -> torch.Tensor | None:
+    def run(self, step: StepInput | DecodeInput, sample: bool) -> torch.Tensor | None:
         """The forward of one step: a captured decode graph's replay, or the eager forward, with logits (S, V)
         when some entry samples (tensor-parallel workers run the same, on their shard)."""
-        if graph:
+        if isinstance(step, DecodeInput):
             return self.graphs.run(step)
         hidden = self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool))  # (T, hidden)
         return self.model.compute_logits(hidden[step.sample_index]) if sample else None  # (S, V)
@@ -41,11 +41,15 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch) -> SampleOutput | None:
         """Run the model on the batch; sample one token for each entry whose chunk ends at its last token, with
-        that sequence's own parameters, stop ids and generator."""
-        logits = self.logits(batch)
+        that sequence's own parameters, stop ids and generator (a plain greedy graph step: in a second graph)."""
+        step = self.step_input(batch)
+        logits = self.run(step, bool(batch.sampling))  # (S, V)
         if logits is None:
             return None
         seqs = [e.seq for e in batch.sampling]
+        if isinstance(step, DecodeInput) and step.size in self.graphs.tails and all(
+                s.matcher is None and plain_greedy(s.params, len(s.output_token_ids), s.stop_ids) for s in seqs):
+            return self.graphs.sample_greedy(step)
         apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,

@@ -5,8 +5,10 @@ Order: min_tokens suppression -> repetition -> presence/frequency -> temperature
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qwen_awq.engine.sampling_params import SamplingParams
@@ -15,18 +17,22 @@ from qwen_awq.errors import SamplingError
 
 @dataclass
 class SampleOutput:
-    tokens: torch.Tensor  # (B,) long
+    tokens: torch.Tensor  # (B,) long; float64 ids (exact) when `packed` is set
     # (B,) float32: log-probability of each chosen token under the raw model distribution (padded vocab
     # columns removed), before penalties, temperature and truncation: independent of sampling settings.
     logprobs: torch.Tensor
     # (ids (B, k) long, values (B, k) float32) of the raw distribution; k = the batch's largest `logprobs`.
     top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (B, 2) float64 [token, logprob] rows, already packed as to_host packs them (a decode graph's greedy tail
+    # writes them); None: to_host packs the fields.
+    packed: torch.Tensor | None = None
 
     def to_host(self) -> HostSample:
         """All of it as Python lists from one device-to-host copy (one sync per step): every field packed as
         float64 columns, which hold the ids (< 2^53) and the fp32 log-probs exactly."""
         fields = [self.tokens[:, None], self.logprobs[:, None], *(self.top_logprobs or ())]
-        rows = torch.cat([f.double() for f in fields], dim=1).tolist()  # (B, 2 + 2k)
+        packed = self.packed if self.packed is not None else torch.cat([f.double() for f in fields], dim=1)
+        rows = packed.tolist()  # (B, 2 + 2k)
         k = 0 if self.top_logprobs is None else self.top_logprobs[0].shape[1]
         top_ids = None if self.top_logprobs is None else [[int(i) for i in r[2:2 + k]] for r in rows]
         top_values = None if self.top_logprobs is None else [r[2 + k:] for r in rows]
@@ -45,15 +51,20 @@ class HostSample:
 
 @dataclass
 class SamplingBatch:
+    """Per-row settings of one sampling step. The columns are None when no row reads them (every row greedy
+    without penalties), so a plain greedy step uploads nothing; otherwise all come from one host-to-device copy."""
+
     vocab_size: int  # real token ids; logits columns beyond it (padding) are never sampled
-    temperature: torch.Tensor  # (B,) float32, 1.0 on greedy rows so the division is harmless
-    top_k: torch.Tensor  # (B,) long, 0 = off
-    top_p: torch.Tensor  # (B,) float32, 1.0 = off
-    min_p: torch.Tensor  # (B,) float32, 0.0 = off
-    repetition_penalty: torch.Tensor  # (B,) float32
-    presence_penalty: torch.Tensor  # (B,) float32
-    frequency_penalty: torch.Tensor  # (B,) float32
-    sample_rows: torch.Tensor  # (S,) long: indices of non-greedy rows
+    batch_size: int
+    sampled: list[int]  # rows that draw a token (not greedy), on the host: their generators are picked by it
+    temperature: torch.Tensor | None = None  # (B,) float32, 1.0 on greedy rows so the division is harmless
+    top_k: torch.Tensor | None = None  # (B,) long, 0 = off
+    top_p: torch.Tensor | None = None  # (B,) float32, 1.0 = off
+    min_p: torch.Tensor | None = None  # (B,) float32, 0.0 = off
+    repetition_penalty: torch.Tensor | None = None  # (B,) float32
+    presence_penalty: torch.Tensor | None = None  # (B,) float32
+    frequency_penalty: torch.Tensor | None = None  # (B,) float32
+    sample_rows: torch.Tensor | None = None  # (S,) long: `sampled` on the device
     seen_mask: torch.Tensor | None = None  # (B, V) bool: ids in prompt + output; None when no row needs it
     output_counts: torch.Tensor | None = None  # (B, V) float32: occurrences in output; None when unused
     suppress_mask: torch.Tensor | None = None  # (B, V) bool: stop ids banned until min_tokens; None if none
@@ -62,10 +73,6 @@ class SamplingBatch:
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
             raise SamplingError(f"vocab_size must be >= 1, got {self.vocab_size}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.temperature.shape[0]
 
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
@@ -80,11 +87,16 @@ class SamplingBatch:
             stop_ids_per_row = [p.stop_token_ids for p in params]
         if not len(params) == len(prompt_ids) == len(output_ids) == len(stop_ids_per_row):
             raise ValueError("params, prompt_ids, output_ids and stop_ids_per_row need one entry per row")
-        batch = cls(vocab_size=vocab_size, **_param_columns(params, device))
-        if any(p.repetition_penalty != 1.0 for p in params):
+        repetition = any(p.repetition_penalty != 1.0 for p in params)
+        presence = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        batch = cls(vocab_size, len(params), sampled, num_logprobs=max((p.logprobs or 0 for p in params), default=0))
+        if sampled or repetition or presence:
+            batch.__dict__.update(_param_columns(params, sampled, torch.device(device)))
+        if repetition:
             context = [a + b for a, b in zip(prompt_ids, output_ids, strict=True)]
             batch.seen_mask = _scatter_ids(context, vocab_size, device, torch.bool)
-        if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        if presence:
             batch.output_counts = _scatter_ids(output_ids, vocab_size, device, torch.float32)
         banned = [ids if len(out) < p.min_tokens else []
                   for p, out, ids in zip(params, output_ids, stop_ids_per_row, strict=True)]
@@ -93,21 +105,25 @@ class SamplingBatch:
         return batch
 
 
-def _param_columns(params: list[SamplingParams], device: torch.device | str) -> dict[str, torch.Tensor | int]:
-    def col(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
-    return dict(
-        temperature=col([1.0 if p.greedy else p.temperature for p in params]),
-        top_k=col([p.top_k for p in params], torch.long),
-        top_p=col([p.top_p for p in params]),
-        min_p=col([p.min_p for p in params]),
-        repetition_penalty=col([p.repetition_penalty for p in params]),
-        presence_penalty=col([p.presence_penalty for p in params]),
-        frequency_penalty=col([p.frequency_penalty for p in params]),
-        sample_rows=col([i for i, p in enumerate(params) if not p.greedy], torch.long),
-        num_logprobs=max((p.logprobs or 0 for p in params), default=0),
-    )
+
+def _param_columns(params: list[SamplingParams], sampled: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every per-row column from one host-to-device copy (from pinned memory on CUDA, which the host does not wait
+    for): an int64 buffer holding top_k (B), the sampled rows (S), then the six fp32 columns' bits, two a slot."""
+    b, n_long = len(params), len(params) + len(sampled)
+    host = torch.empty(n_long + (len(FLOAT_COLUMNS) * b + 1) // 2, dtype=torch.long,
+                       pin_memory=device.type == "cuda")  # (L,)
+    buf = host.numpy()
+    buf[:b] = [p.top_k for p in params]
+    buf[b:n_long] = sampled
+    floats = buf[n_long:].view(np.float32)[:len(FLOAT_COLUMNS) * b].reshape(len(FLOAT_COLUMNS), b)  # (6, B)
+    floats[:] = [[1.0 if p.greedy else p.temperature for p in params], [p.top_p for p in params],
+                 [p.min_p for p in params], [p.repetition_penalty for p in params],
+                 [p.presence_penalty for p in params], [p.frequency_penalty for p in params]]
+    dev = host.to(device, non_blocking=True)  # (L,)
+    columns = dev[n_long:].view(torch.float32)[:len(FLOAT_COLUMNS) * b].view(len(FLOAT_COLUMNS), b)  # (6, B)
+    return dict(zip(FLOAT_COLUMNS, columns, strict=True)) | {"top_k": dev[:b], "sample_rows": dev[b:n_long]}
 
 
 def _scatter_ids(rows: list[list[int]], vocab_size: int, device: torch.device | str,
@@ -246,7 +262,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
            generators: list[torch.Generator | None] | None = None) -> SampleOutput:
     """Pick one token per row of `logits` (B, V_padded >= vocab_size); greedy rows take the penalized argmax.
 
-    `generators[i]` is row i's own generator (from `make_generator(seed)`), None for unseeded rows.
+    `generators[i]` is row i's own generator (from `make_generator(seed)`), None for unseeded rows. Without top
+    log-probs only the chosen ids' are needed: logit - logsumexp(row), no (B, V) log_softmax (34 us a step at
+    batch 1 over Qwen's 151,936 ids on an H200, bench/gpu_step_profile.py).
     """
     n_rows, width = logits.shape
     if n_rows != batch.batch_size or width < batch.vocab_size:
@@ -255,16 +273,35 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     generators = generators if generators is not None else [None] * n_rows
     # Dropping the padded columns equals masking them to -inf and keeps every id < vocab_size.
     raw = logits[:, : batch.vocab_size].float().contiguous()  # (B, V); later ops are out of place
-    raw_logprobs = raw.log_softmax(dim=-1)  # (B, V)
     penalized = penalize(raw, batch)
     tokens = penalized.argmax(dim=-1)  # (B,)
-    rows = batch.sample_rows
-    if rows.numel():
-        probs = truncated_probs(penalized, batch, rows)
-        tokens[rows] = exponential_race(probs, [generators[i] for i in rows.tolist()])
+    if batch.sampled:
+        probs = truncated_probs(penalized, batch, batch.sample_rows)
+        tokens[batch.sample_rows] = exponential_race(probs, [generators[i] for i in batch.sampled])
+    if not batch.num_logprobs:
+        return SampleOutput(tokens=tokens, logprobs=chosen_logprobs(raw, tokens))
+    raw_logprobs = raw.log_softmax(dim=-1)  # (B, V)
+    values, ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)  # (B, k) each
     chosen = raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # (B,)
-    top = None
-    if batch.num_logprobs:
-        values, ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)  # (B, k) each
-        top = (ids, values)
-    return SampleOutput(tokens=tokens, logprobs=chosen, top_logprobs=top)
+    return SampleOutput(tokens=tokens, logprobs=chosen, top_logprobs=(ids, values))
+
+
+def chosen_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(raw)[tokens] of fp32 logits (B, V) as logit - logsumexp(row), without the (B, V) log_softmax."""
+    return raw.gather(-1, tokens[:, None]).squeeze(-1) - raw.logsumexp(dim=-1)  # (B,)
+
+
+def plain_greedy(params: SamplingParams, num_outputs: int, stop_ids: Sequence[int]) -> bool:
+    """Whether sample() reduces to argmax + its log-prob for this row: greedy, no penalty, no top log-probs, no
+    min_tokens ban in force (the caller also checks that no grammar masks the row)."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and not params.logprobs
+            and not (num_outputs < params.min_tokens and stop_ids))
+
+
+def greedy_rows(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, 2) float64 [argmax id, its log-prob] of logits (B, V_padded): sample() of a plain greedy batch, packed as
+    SampleOutput.to_host packs it; the same ops as sample(), so the same values (a decode graph captures it)."""
+    raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
+    tokens = raw.argmax(dim=-1)  # (B,)
+    return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)

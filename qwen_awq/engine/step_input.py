@@ -1,8 +1,8 @@
 """`StepInput`: one engine step flattened into the tensors the decoder and paged attention read.
 
-Built once per step from the scheduled chunks (one host pass, one pinned host-to-device copy of every field),
-it feeds both the eager forward and the CUDA-graph replay. Its `paged` metadata (block tables, context and query
-lengths per sequence) is what a paged-attention kernel consumes directly.
+Built once per step from the scheduled chunks (one host pass, one pinned host-to-device copy of every field), it
+feeds the eager forward; decode steps that replay a CUDA graph are packed by engine/decode_input.py instead. Its
+`paged` metadata (block tables, context and query lengths per sequence) is what a paged-attention kernel reads.
 """
 from __future__ import annotations
 
@@ -67,27 +67,3 @@ class StepInput:
         meta = PagedMetadata(slot_mapping=slots_t, block_tables=tables_t.view(b, width), context_lens=ctx_t,
                              cu_seqlens=cu_t, token_seq=seq_t, max_query_len=max(qlen))
         return cls(ids_t, pos_t, alpha_t.to(torch.int32).view(torch.float32), sample_t, meta)
-
-    @classmethod
-    def decode_buffers(cls, num_seqs: int, max_blocks: int, scratch_block: int, block_size: int,
-                       device: torch.device) -> StepInput:
-        """Static inputs for decode steps of up to num_seqs sequences (one new token each), every row and
-        table column pointing at the scratch block until a step fills it: what CUDA graphs are captured over."""
-        def full(shape: tuple[int, ...], value: float, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.full(shape, value, dtype=dtype, device=device)
-
-        rows = torch.arange(num_seqs + 1, device=device)
-        meta = PagedMetadata(slot_mapping=full((num_seqs,), scratch_block * block_size),
-                             block_tables=full((num_seqs, max_blocks), scratch_block),
-                             context_lens=full((num_seqs,), 1), cu_seqlens=rows, token_seq=rows[:-1],
-                             max_query_len=1)
-        return cls(full((num_seqs,), 0), full((num_seqs,), 0), full((num_seqs,), 1.0, torch.float32), rows[:-1],
-                   meta)
-
-    def rows(self, b: int, w: int) -> StepInput:
-        """Views of the first b rows and w table columns of decode buffers (one token per sequence)."""
-        m = self.paged
-        meta = PagedMetadata(slot_mapping=m.slot_mapping[:b], block_tables=m.block_tables[:b, :w],
-                             context_lens=m.context_lens[:b], cu_seqlens=m.cu_seqlens[:b + 1],
-                             token_seq=m.token_seq[:b], max_query_len=1)
-        return StepInput(self.input_ids[:b], self.positions[:b], self.ntk_alpha[:b], self.sample_index[:b], meta)

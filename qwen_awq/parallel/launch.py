@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from qwen_awq.engine.decode_input import DecodeInput
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.sampler import SampleOutput
@@ -117,9 +118,13 @@ class TensorParallelRunner(ModelRunner):
         super().__init__(runner.model, runner.pool, runner.vocab_size, runner.graphs)
         self.group = group
 
-    def step_input(self, batch: ScheduledBatch) -> StepInput:
+    def step_input(self, batch: ScheduledBatch) -> StepInput | DecodeInput:
+        if self._is_graph_decode(batch):  # packed on the host already: every rank copies it into its graph inputs
+            packed = self.graphs.pack(batch.entries)
+            self.group.send(StepMessage(packed, bool(batch.sampling)))
+            return packed
         host = StepInput.build(batch.entries, self.pool.block_size, torch.device("cpu"))
-        self.group.send(StepMessage(host, self._is_graph_decode(batch), bool(batch.sampling)))
+        self.group.send(StepMessage(host, bool(batch.sampling)))
         return step_to(host, self.device)
 
     def step(self, batch: ScheduledBatch) -> SampleOutput | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from qwen_awq.engine.decode_input import DecodeInput
 from qwen_awq.engine.kv_cache import PagedMetadata
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine, kv_budget
 from qwen_awq.engine.model_runner import ModelRunner
@@ -41,10 +42,9 @@ class WorkerSpec:
 
 @dataclass
 class StepMessage:
-    """One engine step as rank 0 runs it: its inputs (on the host) and which path ModelRunner.logits takes."""
+    """One engine step as rank 0 runs it: its inputs on the host (packed ones replay a captured decode graph)."""
 
-    step: StepInput
-    graph: bool  # replay a captured decode graph
+    step: StepInput | DecodeInput
     sample: bool  # compute logits (the vocab-parallel gather is a collective: every rank joins it)
 
 
@@ -62,8 +62,10 @@ def step_to(step: StepInput, device: torch.device) -> StepInput:
 
 
 def run_message(runner: ModelRunner, msg: StepMessage) -> None:
-    """Run the forward rank 0 runs for this step (ModelRunner.run), discarding the logits."""
-    runner.run(step_to(msg.step, runner.device), msg.graph, msg.sample)
+    """Run the forward rank 0 runs for this step (ModelRunner.run), discarding the logits; a packed decode step
+    stays on the host: the graph's one copy moves it."""
+    step = msg.step if isinstance(msg.step, DecodeInput) else step_to(msg.step, runner.device)
+    runner.run(step, msg.sample)
 
 
 def report_loaded(state: ParallelState, error: str | None) -> None:
