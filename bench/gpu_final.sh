@@ -7,7 +7,8 @@
 #   fastpath     45  bench/gpu_fastpath_check.py (fused add+RMSNorm / SiLU: kernels, greedy, kernels per layer)
 #   (engine)     30  bench/gpu_engine_check.py (paged kernels + CUDA graphs in the engine == dense greedy), same section;
 #                    when it fails the script stops (GATE=0: go on)
-#   steps        45  bench/gpu_step_profile.py: decode steps by host phase and kernel, batch 1/32/128, AWQ and fp16
+#   steps        45  bench/gpu_step_profile.py: AWQ decode steps by host phase and kernel, batch 1/32/128
+#   gputests     40  the pytest tests that skip without a GPU (CUDA graphs in the engine), on the GPU
 #   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
 #                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
@@ -113,7 +114,11 @@ sec_fastpath() {
 }
 sec_steps() {
   run_section steps 45 90 $PY bench/gpu_step_profile.py --out "$WORK/steps" --model $M "${DEV[@]}" \
-    --batch 1 32 128 --quant awq none --tokens 64
+    --batch 1 32 128 --quant awq --tokens 64
+}
+sec_gputests() {  # the suite's tests that skip without a GPU (AutoAWQ's needs its package: not on this image)
+  (export QWEN_AWQ_TEST_DEVICE=cuda; run_section gputests 40 120 $PY -m pytest -q -p no:cacheprovider \
+    tests/test_engine.py tests/test_greedy_tail.py -k "cuda or greedy")
 }
 sec_decode() {
   run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
@@ -157,7 +162,7 @@ sec_profile8k() {
     --batch 1 --runs 1 --profile $P8K --json-out "$WORK/profile8k.json"
 }
 
-ALL=(copy fastpath steps decode throughput kernels serve coldstart quantize profile8k)
+ALL=(copy gputests fastpath steps decode throughput kernels serve coldstart quantize profile8k)
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=("${ALL[@]}")
 for s in "${SECTIONS[@]}"; do
