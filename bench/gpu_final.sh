@@ -22,7 +22,7 @@
 # gets min(its cap, what is left) under `timeout` and is skipped when under MIN_SECTION_S are left, so the tail
 # (quantize, profile8k) is what a slow run loses. Results go to $OUT as each section ends (at most 8 files come
 # back): results.json (every section's JSON), summary.md (key figures + every table), log.txt, serve_sweep.png.
-# Env: VOCAB (qwen.tiktoken), WHL_DIR (carried wheels), TOTAL_BUDGET, COLD_WARM, SMOKE=1 (CPU, qwen-tiny: checks
+# Env: VOCAB (qwen.tiktoken), WHL_DIR (carried wheels), TOTAL_BUDGET, COLD_WARM, SKIP_ATTENTION=1, SMOKE=1 (CPU, qwen-tiny: checks
 # the script, not the GPU).
 set -u -o pipefail
 START=$(date +%s)
@@ -129,7 +129,8 @@ sec_throughput() {
     "${THROUGHPUT[@]}" --peers --json-out "$WORK/throughput.json"
 }
 sec_kernels() {
-  run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" "${ATTN[@]}"
+  [ "${SKIP_ATTENTION:-0}" = 1 ] || run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" \
+    "${ATTN[@]}"
   run_section kernels 30 60 $CLI bench kernels --out "$WORK/kernels.json" --ms "${KERNEL_MS:-1,16,32,128}"
 }
 sec_serve() {
