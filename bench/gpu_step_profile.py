@@ -62,9 +62,13 @@ def tagged_phases():
             setattr(owner, name, original)
 
 
-def profile_run(model, batch: int, tokens: int) -> dict:
-    engine = sized_engine(model, None, batch, 1 + tokens + 8)
-    prompts = [[100 + i] for i in range(batch)]
+def profile_run(model, batch: int, tokens: int, prompt_len: int = 1) -> dict:
+    """Every step of one run of `batch` prompts of prompt_len ids (1: decode steps only; longer: the prefill
+    and mixed steps too)."""
+    engine = sized_engine(model, None, batch, prompt_len + tokens + 8)
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [[100 + i] + torch.randint(1000, 100000, (prompt_len - 1,), generator=gen).tolist()
+               for i in range(batch)]
     run_requests(engine, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     plain = run_requests(engine, prompts, params)  # unprofiled reference timing
@@ -102,6 +106,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--quant", nargs="+", default=["awq", "none"])
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=1, help="prompt ids per sequence (> 1: prefill steps too)")
     ap.add_argument("--model", default="qwen-7b")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--unfused", action="store_true", help="also AWQ with QWEN_AWQ_FUSED=0")
@@ -123,7 +128,8 @@ def main() -> None:
         awq = [m for m in model.modules() if isinstance(m, AWQLinear)]
         print(f"[{quant}] AWQ layers {len(awq)}, repacked for the W4A16 kernels {sum(m.repacked for m in awq)}")
         for b in args.batch:
-            row = profile_run(model, b, args.tokens) | {"quant": quant, "fused": fused, "env": env}
+            row = profile_run(model, b, args.tokens, args.prompt_len) | {"quant": quant, "fused": fused, "env": env,
+                                                                         "prompt_len": args.prompt_len}
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_us_per_step"}), flush=True)
             for k in row["top_kernels_us_per_step"][:25]:

@@ -109,7 +109,8 @@ def paged_attention_reference(
     values = _gather(kv.v, kv.v_sz, slots, q.dtype)
     cu, ctx = cu_seqlens.long(), context_lens.long()
     qlens = cu[1:] - cu[:-1]  # (B,)
-    token_seq = torch.repeat_interleave(torch.arange(len(qlens), device=q.device), qlens)  # (T,)
+    # output_size: no device-to-host sync, so an fp32 model's decode step (this path on CUDA) stays capturable
+    token_seq = torch.repeat_interleave(torch.arange(len(qlens), device=q.device), qlens, output_size=q.shape[0])
     token_col = torch.arange(q.shape[0], device=q.device) - cu[token_seq]
     qp = q.new_zeros((len(qlens), max_query_len, *q.shape[1:]))  # (B, max_q, H, D)
     qp[token_seq, token_col] = q
