@@ -5,9 +5,12 @@ releases the GIL as a CUDA sync does), so whatever slows the served run below th
   python bench/serve_overhead.py --step-ms 25 --concurrency 128 --output-len 256  # both runs, side by side
   python bench/serve_overhead.py --profile out.txt   # also py-spy's per-thread top functions of the served run
 
-The offline run steps the same engine with the same requests in a plain loop. The load comes from a child
-process (eval/bench_serve.py's stdlib client, /v1/completions streaming, ignore_eos) so that the clients' Python
-does not share the server's GIL. On a shared machine the numbers are relative: compare runs made together.
+The offline run steps the same engine with the same requests in a plain loop. cpu_us_per_token is the
+process's CPU time (all its threads, the load excluded) per output token: less noisy than throughput on a
+shared machine, and the served minus the offline figure is what the HTTP path costs per token. The load comes
+from a child process (eval/bench_serve.py's stdlib client, /v1/completions streaming, ignore_eos) so that the
+clients' Python does not share the server's GIL. On a shared machine the numbers are relative: compare runs
+made together.
 """
 from __future__ import annotations
 
@@ -95,11 +98,12 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for i, ids in enumerate(prompts(args)):
         engine.add_request(f"r{i}", ids, params)
-    start, tokens = time.perf_counter(), 0
+    start, cpu, tokens = time.perf_counter(), time.process_time(), 0
     while engine.has_unfinished():
         tokens += sum(len(o.delta_token_ids) for out in engine.step() for o in out.outputs)
     took = time.perf_counter() - start
-    return {"output_tok_s": tokens / took, "steps_s": fake.steps_per_s(), "duration_s": took}
+    return {"output_tok_s": tokens / took, "steps_s": fake.steps_per_s(), "duration_s": took,
+            "cpu_us_per_token": (time.process_time() - cpu) / tokens * 1e6}
 
 
 def served(args: argparse.Namespace) -> dict[str, float]:
@@ -116,12 +120,12 @@ def served(args: argparse.Namespace) -> dict[str, float]:
         spy = subprocess.Popen(["py-spy", "record", "-p", str(os.getpid()), "-f", "raw", "-o", args.profile + ".raw",
                                 "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     child = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}",
                             *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                               ("concurrency", "input_len", "output_len", "requests"))],
                            capture_output=True, text=True, check=True)
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
     if spy is not None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT, not SIGTERM
         spy.wait()
@@ -130,7 +134,8 @@ def served(args: argparse.Namespace) -> dict[str, float]:
     client = json.loads(child.stdout.strip().splitlines()[-1])
     return {"output_tok_s": client["output_throughput"], "steps_s": fake.steps_per_s(),
             "p99_itl_ms": client["p99_itl_ms"], "median_itl_ms": client["median_itl_ms"],
-            "failed": client["failed"], "duration_s": took}
+            "failed": client["failed"], "duration_s": took,
+            "cpu_us_per_token": cpu / (client["output_throughput"] * client["duration_s"]) * 1e6}
 
 
 def client(args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ from qwen_awq.server.responses import (
     TopLogprob,
     content_delta,
 )
+from qwen_awq.server.runner import Run
 
 
 class CountingEngine:
@@ -131,6 +132,43 @@ def test_client_leaving_aborts_and_leaves_no_state():
     assert seen == [0, 1, 2]
     assert rest == list(range(60))  # the other stream is untouched by the abort
     assert not core.requests and not engine._streams and engine._pending == 0
+
+
+class Records(list):
+    """Metrics' one method that Run calls."""
+
+    def observe(self, record) -> None:
+        self.append(record)
+
+
+def test_run_of_one_prompt_reads_its_stream_directly_and_cleans_up():
+    core = CountingEngine(step_s=0.001)
+    engine = AsyncEngine(core)
+    records = Records()
+
+    async def main() -> list[int]:
+        engine.start()
+        try:
+            run = Run(engine, records, "read", [[1, 2, 3]], SamplingParams(max_tokens=7))
+            await run.start()
+            got = [t async for _, out in run.outputs() for t in out.outputs[0].delta_token_ids]
+            gone = Run(engine, records, "gone", [[1]], SamplingParams(max_tokens=1 << 30))
+            await gone.start()
+            await asyncio.sleep(0.02)  # it generates, unread
+            gone.close()  # the client left before the first byte
+            gone.close()
+            for _ in range(400):
+                if not core.requests:
+                    break
+                await asyncio.sleep(0.005)
+            return got
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(main()) == list(range(7))
+    assert not core.requests and not engine._streams  # the unread request was aborted
+    assert [(r.prompt_tokens, r.output_tokens, r.finish_reasons) for r in records] == [
+        (3, [7], [FinishReason.LENGTH]), (1, [], [])]  # each recorded once
 
 
 def test_snapshot_copies_every_field_and_shares_no_list():

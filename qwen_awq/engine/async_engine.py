@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from qwen_awq.engine.llm_engine import LLMEngine, RequestOutput
@@ -72,6 +73,15 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs; leaving the iteration early (client gone) aborts it and frees its blocks."""
+        stream = self.submit(request_id, prompt_ids, params, prompt, cache_salt)
+        async with aclosing(self.outputs(request_id, stream)) as outs:
+            async for out in outs:
+                yield out
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+               cache_salt: str | None = None) -> asyncio.Queue:
+        """Queue the request now (raising at once what the engine would refuse); read its outputs with
+        `outputs(request_id, stream)`, or give it up with `release`."""
         self.check(prompt_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
@@ -79,6 +89,10 @@ class AsyncEngine:
             self._pending += params.n
         self._commands.put(_Add(request_id, prompt_ids, params, prompt, cache_salt))
         self._wake.set()
+        return stream
+
+    async def outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """A submitted request's outputs up to its finished one; leaving early aborts it."""
         finished = False
         try:
             while not finished:
@@ -91,6 +105,12 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Give up a submitted request whose outputs are not being read: forget its stream and abort it (nothing
+        to do once `outputs` has ended)."""
+        if self._streams.pop(request_id, None) is not None:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(request_id)
