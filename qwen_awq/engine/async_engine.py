@@ -3,7 +3,8 @@
 Adds and aborts are queued and applied by the step thread between steps, so the engine itself is never touched
 by two threads at once. A step's outputs cross to each event loop in one call_soon_threadsafe (one self-pipe
 write and one loop wake-up per step, not one per request: issue 12's profile had the engine thread spend 40% of
-its time in those writes at 128 streams). `shutdown()` stops and joins the thread.
+its time in those writes at 128 streams), or none when the loop has not yet run the last one (they are added to
+it: each write drops the GIL, and retaking it waits while the loop is busy). `shutdown()` stops and joins the thread.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._pending = 0  # adds queued but not yet seen by the step thread (for the Overloaded check)
         self._lock = threading.Lock()
+        # per event loop, the items handed off that it has not run yet (the engine thread appends to them)
+        self._unread: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]] = {}
+        self._handoff_lock = threading.Lock()
         self.errors = 0
 
     @property
@@ -127,7 +131,25 @@ class AsyncEngine:
             if target is not None:
                 batches.setdefault(target[0], []).append((target[1], item))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            with self._handoff_lock:
+                unread = self._unread.get(loop)
+                if unread is not None:  # that loop has not run the last hand-off yet: this step rides along
+                    unread.extend(batch)
+                    continue
+                self._unread[loop] = batch
+            try:
+                loop.call_soon_threadsafe(self._drain, loop)
+            except RuntimeError:  # the loop is closed: its streams are gone with it
+                with self._handoff_lock:
+                    del self._unread[loop]
+                raise
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: the steps' items handed off since the last drain into their streams, in order."""
+        with self._handoff_lock:
+            batch = self._unread.pop(loop)
+        for stream, item in batch:
+            stream.put_nowait(item)
 
     def _apply_commands(self) -> None:
         while True:
@@ -165,9 +187,3 @@ class AsyncEngine:
         for request_id in failed:
             self.engine.abort(request_id)
         self._deliver_all([(request_id, GenerationFailed(f"generation failed: {error}")) for request_id in failed])
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
-    """On the event loop: one step's items into their streams, in the engine's order."""
-    for stream, item in batch:
-        stream.put_nowait(item)
