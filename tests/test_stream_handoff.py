@@ -7,7 +7,9 @@ import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import fields
+from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from qwen_awq.engine.async_engine import AsyncEngine
 from qwen_awq.engine.llm_engine import CompletionOutput, RequestOutput
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.sequence import FinishReason
+from qwen_awq.parallel.data_parallel import DataParallelEngine
 from qwen_awq.server.responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -36,6 +39,7 @@ class CountingEngine:
 
     tokenizer = None
     max_model_len = 1 << 20
+    config = SimpleNamespace(block_size=16)  # what DataParallelEngine's router reads
 
     def __init__(self, step_s: float = 0.0) -> None:
         self.requests: dict[str, list[int]] = {}  # id -> [tokens so far, max_tokens]
@@ -163,9 +167,10 @@ class Records(list):
         self.append(record)
 
 
-def test_run_of_one_prompt_reads_its_stream_directly_and_cleans_up():
-    core = CountingEngine(step_s=0.001)
-    engine = AsyncEngine(core)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_run_of_one_prompt_reads_its_stream_directly_and_cleans_up(replicas):
+    cores = [CountingEngine(step_s=0.001) for _ in range(replicas)]
+    engine = AsyncEngine(cores[0]) if replicas == 1 else DataParallelEngine([AsyncEngine(c) for c in cores])
     records = Records()
 
     async def main() -> list[int]:
@@ -180,7 +185,7 @@ def test_run_of_one_prompt_reads_its_stream_directly_and_cleans_up():
             gone.close()  # the client left before the first byte
             gone.close()
             for _ in range(400):
-                if not core.requests:
+                if not any(c.requests for c in cores):
                     break
                 await asyncio.sleep(0.005)
             return got
@@ -188,7 +193,11 @@ def test_run_of_one_prompt_reads_its_stream_directly_and_cleans_up():
             engine.shutdown()
 
     assert asyncio.run(main()) == list(range(7))
-    assert not core.requests and not engine._streams  # the unread request was aborted
+    assert not any(c.requests for c in cores)  # the unread request was aborted
+    served = [engine] if replicas == 1 else engine.replicas
+    assert not any(e._streams for e in served)
+    if replicas > 1:
+        assert engine.router.load == [0, 0] and not engine._routed
     assert [(r.prompt_tokens, r.output_tokens, r.finish_reasons) for r in records] == [
         (3, [7], [FinishReason.LENGTH]), (1, [], [])]  # each recorded once
 
