@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,10 +86,13 @@ class RequestOutput:
     first_token_time: float | None = None
 
     def snapshot(self) -> RequestOutput:
-        """A copy that later steps do not mutate (handed to another thread)."""
-        outs = [replace(o, token_ids=list(o.token_ids), delta_token_ids=list(o.delta_token_ids),
-                        logprobs=None if o.logprobs is None else list(o.logprobs)) for o in self.outputs]
-        return replace(self, outputs=outs)
+        """A copy that later steps do not mutate (handed to another thread). Built with the constructors, not
+        dataclasses.replace (which inspects the fields on every call): it runs once per request per step."""
+        outs = [CompletionOutput(o.index, o.text, o.token_ids[:], o.finish_reason, o.stop_reason,
+                                 None if o.logprobs is None else o.logprobs[:], o.cumulative_logprob, o.delta_text,
+                                 o.delta_token_ids[:]) for o in self.outputs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                             self.num_cached_tokens, self.arrival_time, self.first_token_time)
 
 
 @dataclass

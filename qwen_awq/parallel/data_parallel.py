@@ -8,9 +8,11 @@ come from replica 0 (all replicas are alike).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import torch
 
@@ -54,12 +56,13 @@ class PrefixRouter:
 
 
 class DataParallelEngine:
-    """N AsyncEngines behind one interface: generate() routes, the rest fans out or asks replica 0."""
+    """N AsyncEngines behind one interface: submit() and generate() route, the rest fans out or asks replica 0."""
 
     def __init__(self, replicas: list[AsyncEngine]) -> None:
         self.replicas = replicas
         self.engine = replicas[0].engine  # model facts, limits, structured-output state: all replicas alike
         self.router = PrefixRouter(len(replicas), self.engine.config.block_size)
+        self._routed: dict[str, tuple[int, int]] = {}  # request in flight -> (its replica, its sequences)
 
     @property
     def tokenizer(self):
@@ -90,15 +93,39 @@ class DataParallelEngine:
         for r in self.replicas:
             r.abort(request_id)
 
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+               cache_salt: str | None = None) -> asyncio.Queue:
+        """AsyncEngine.submit on the routed replica (counted in its load until `outputs` ends or `release`)."""
+        i = self.router.pick(prompt_ids)
+        stream = self.replicas[i].submit(request_id, prompt_ids, params, prompt, cache_salt)
+        self.router.load[i] += params.n
+        self._routed[request_id] = (i, params.n)
+        return stream
+
+    async def outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        try:
+            async with aclosing(self.replicas[self._routed[request_id][0]].outputs(request_id, stream)) as outs:
+                async for out in outs:
+                    yield out
+        finally:
+            self._unroute(request_id)
+
+    def release(self, request_id: str) -> None:
+        if request_id in self._routed:
+            self.replicas[self._routed[request_id][0]].release(request_id)
+            self._unroute(request_id)
+
+    def _unroute(self, request_id: str) -> None:
+        routed = self._routed.pop(request_id, None)
+        if routed is not None:
+            self.router.load[routed[0]] -= routed[1]
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        i = self.router.pick(prompt_ids)
-        self.router.load[i] += params.n
-        try:
-            async for out in self.replicas[i].generate(request_id, prompt_ids, params, prompt, cache_salt):
+        stream = self.submit(request_id, prompt_ids, params, prompt, cache_salt)
+        async with aclosing(self.outputs(request_id, stream)) as outs:
+            async for out in outs:
                 yield out
-        finally:
-            self.router.load[i] -= params.n
 
 
 def replica_devices(n: int, device: str) -> list[str]:

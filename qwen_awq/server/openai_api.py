@@ -34,9 +34,9 @@ from qwen_awq.server.protocol import (
 from qwen_awq.server.responses import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChunkFrame,
     Completion,
     CompletionChoice,
     Delta,
@@ -50,6 +50,7 @@ from qwen_awq.server.responses import (
     Usage,
     chat_logprobs,
     completion_logprobs,
+    content_delta,
 )
 from qwen_awq.server.runner import (
     CompletionOutput,
@@ -228,13 +229,9 @@ class ChatJob(Job):
 
     async def _events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
         head = self.head(state, "chat.completion.chunk") | ({"usage": None} if self.include_usage else {})
-
-        def chunk(index: int, delta: Delta, finish: str | None = None, logprobs: Any = None) -> str:
-            return sse(ChatCompletionChunk(**head, choices=[ChatChunkChoice(
-                index=index, delta=delta, logprobs=logprobs, finish_reason=finish)]))
-
+        frame = ChunkFrame(ChatCompletionChunk, head)
         for i in range(self.n):
-            yield chunk(i, Delta(role="assistant", content=""))
+            yield frame.delta(i, Delta(role="assistant", content="").model_dump_json(), None, None)
         final, reported = None, set()
         replies = [ReplyStream() for _ in range(self.n)]
         async with aclosing(run.outputs()) as outs:
@@ -242,15 +239,15 @@ class ChatJob(Job):
                 final = out
                 for o in out.outputs:
                     lp = _delta_logprobs(state, self, o, chat=True)
-                    delta, finish = Delta(content=o.delta_text) if o.delta_text else Delta(), o.finish_reason
+                    delta, finish = content_delta(o.delta_text), o.finish_reason
                     if self.tools:
                         reply = replies[o.index]
-                        delta = self.tool_delta(reply.feed(o.text, final=finish is not None))
+                        delta = self.tool_delta(reply.feed(o.text, final=finish is not None)).model_dump_json()
                         finish = self.finish_reason(o, reply.sent.name is not None)
-                    if delta.model_fields_set or lp or (finish and o.index not in reported):
+                    if delta != "{}" or lp or (finish and o.index not in reported):
                         if finish:
                             reported.add(o.index)
-                        yield chunk(o.index, delta, finish, lp)
+                        yield frame.delta(o.index, delta, lp, finish)
         if self.include_usage and final is not None:
             yield sse(ChatCompletionChunk(**head | {"usage": self.usage([final])}, choices=[]))
 
@@ -321,6 +318,7 @@ class CompletionJob(Job):
 
     async def _events(self, state: ServerState, run: Run) -> AsyncGenerator[str, None]:
         head = self.head(state, "text_completion") | ({"usage": None} if self.include_usage else {})
+        frame = ChunkFrame(Completion, head)
         finals: dict[int, RequestOutput] = {}
         started, reported = set(), set()
         async with aclosing(run.outputs()) as outs:
@@ -334,8 +332,7 @@ class CompletionJob(Job):
                     if text or lp or (o.finish_reason and index not in reported):
                         if o.finish_reason:
                             reported.add(index)
-                        yield sse(Completion(**head, choices=[CompletionChoice(
-                            index=index, text=text, logprobs=lp, finish_reason=o.finish_reason)]))
+                        yield frame.text(index, text, lp, o.finish_reason)
         if self.include_usage:
             yield sse(Completion(**head | {"usage": self.usage(list(finals.values()))}, choices=[]))
 

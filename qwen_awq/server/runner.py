@@ -222,7 +222,9 @@ def server_state(request: Request) -> ServerState:
 class Run:
     """The engine requests behind one HTTP request (one per prompt), merged into one (index, output) stream.
 
-    Leaving early (client gone, error) cancels the per-prompt tasks, which aborts their engine requests.
+    One prompt (the usual case) is read straight from its engine stream; several are pumped by one task each
+    into a shared queue. That extra hop was a task wake-up per token per stream on the event loop (issue 12).
+    Leaving early (client gone, error) aborts the engine requests.
     """
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, request_id: str, prompts: list[list[int]],
@@ -232,8 +234,15 @@ class Run:
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._refused: BaseException | None = None
+        self._stream: asyncio.Queue | None = None  # the one prompt's engine stream, until it is read
+        self._start, self._first = time.monotonic(), None  # the one prompt's start and first output times
+        self._last: RequestOutput | None = None
+        self._recorded = False  # the one prompt is in the metrics (or was refused: it never ran)
 
     async def start(self) -> None:
+        if len(self.prompts) == 1:  # a refusal (queue full since the check) is raised here
+            self._stream = self.engine.submit(f"{self.request_id}-0", self.prompts[0], self.params)
+            return
         self._tasks = [asyncio.create_task(self._pump(i, ids)) for i, ids in enumerate(self.prompts)]
         # In this one loop turn each task runs up to its first wait inside AsyncEngine.generate, so a refusal
         # (queue full since the check) is known before the reply's status line goes out.
@@ -255,16 +264,42 @@ class Run:
             refused = last is None and isinstance(e, QwenAwqError)
             if refused and self._refused is None:
                 self._refused = e
-            if isinstance(e, GenerationFailed):
-                log.error("generation failed", exc_info=e)
-                e = APIError(Kind.GENERATION, str(e))
-            self._queue.put_nowait((i, e))
+            self._queue.put_nowait((i, _route_error(e)))
         finally:
             if not refused:
                 self.metrics.observe(_record(len(ids), last, start, first))
             self._queue.put_nowait((i, None))
 
+    async def _direct(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The one prompt's outputs, as _pump would merge them (errors mapped, the request recorded)."""
+        stream, self._stream = self._stream, None
+        assert stream is not None
+        try:
+            async with aclosing(self.engine.outputs(f"{self.request_id}-0", stream)) as outs:
+                async for out in outs:
+                    self._first, self._last = self._first or time.monotonic(), out
+                    yield 0, out
+        except Exception as e:
+            # refused by the engine thread (queue full since the check): not a request served
+            self._recorded = self._recorded or (self._last is None and isinstance(e, QwenAwqError))
+            raise _route_error(e) from None
+        finally:
+            self._observe()
+
+    def _observe(self) -> None:
+        if not self._recorded:
+            self._recorded = True
+            self.metrics.observe(_record(len(self.prompts[0]), self._last, self._start, self._first))
+
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if self._stream is not None:
+            try:
+                async with aclosing(self._direct()) as outs:
+                    async for item in outs:
+                        yield item
+            finally:
+                self.close()
+            return
         remaining = len(self._tasks)
         try:
             while remaining:
@@ -289,6 +324,18 @@ class Run:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self._stream is not None:  # one prompt whose outputs were never read (client gone before them)
+            self._stream = None
+            self.engine.release(f"{self.request_id}-0")
+            self._observe()
+
+
+def _route_error(e: Exception) -> Exception:
+    """A failed step as the routes' 500; other errors as they are."""
+    if isinstance(e, GenerationFailed):
+        log.error("generation failed", exc_info=e)
+        return APIError(Kind.GENERATION, str(e))
+    return e
 
 
 def _record(prompt_tokens: int, last: RequestOutput | None, start: float, first: float | None) -> RequestRecord:
