@@ -179,3 +179,25 @@ def test_add_rms_norm_reference_is_residual_add_then_rmsnorm(dtype: torch.dtype)
     normed, new_res = fused_add_rms_norm(x, residual, norm.weight.detach(), 1e-6)  # CPU: the reference
     assert torch.equal(new_res, h) and torch.equal(normed, norm(h).detach())
     assert torch.equal(normed, fused_add_rms_norm_reference(x, residual, norm.weight.detach(), 1e-6)[0])
+
+
+@pytest.mark.parametrize("max_rows", [1, 5, 48, 2048])
+def test_warm_up_rows_reach_every_kernel_variant_a_step_can_take(max_rows: int) -> None:
+    """Every row count 1..max_rows that a W4A16 kernel (not dequantize + cuBLAS) can take shares its M bucket and
+    its divisibility by 16 (what Triton specializes on) with a warmed-up count: no compile inside a later step."""
+    from qwen_awq.kernels.w4a16 import DENSE_MIN_M, m_bucket
+    from qwen_awq.quant.linear import warm_up_rows
+
+    warmed = {(m_bucket(m), m % 16 == 0, m == 1) for m in warm_up_rows(max_rows)}
+    for m in range(1, min(max_rows, 2 * DENSE_MIN_M) + 1):
+        assert (m_bucket(m), m % 16 == 0, m == 1) in warmed, m
+    assert warm_up_w4a16_calls_on_cpu() == 0
+
+
+def warm_up_w4a16_calls_on_cpu() -> int:
+    """The warm-up compiles for the GPU only: a CPU model's layers (repacked or not) get no calls."""
+    from qwen_awq.quant.linear import warm_up_w4a16
+
+    layer = AWQLinear.from_linear(_linear(128, 32, True, seed=3), 32)
+    layer.post_load(cpu=True)
+    return warm_up_w4a16(torch.nn.Sequential(layer), 64)

@@ -20,6 +20,7 @@ from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
 from qwen_awq.engine.sequence import FinishReason, Sequence
 from qwen_awq.errors import ConfigError, GrammarError
 from qwen_awq.models.decoder import Decoder
+from qwen_awq.quant.linear import warm_up_w4a16
 from qwen_awq.tokenizer import Tokenizer
 
 GiB = 1 << 30
@@ -133,6 +134,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.max_waiting)
+        if model.device.type == "cuda":  # every W4A16 kernel variant compiled now, not as a stall inside a step
+            warm_up_w4a16(model, config.max_num_batched_tokens)
         graphs = None
         vocab = tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size
         if use_graphs:

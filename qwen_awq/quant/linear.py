@@ -12,7 +12,7 @@ from torch import nn
 from qwen_awq.errors import CheckpointError
 from qwen_awq.kernels.awq_gemm import awq_matmul
 from qwen_awq.kernels.silu_mul import silu_mul
-from qwen_awq.kernels.w4a16 import W4Weight, new_locks, silu_in_prologue, w4a16_matmul
+from qwen_awq.kernels.w4a16 import DENSE_MIN_M, W4Weight, new_locks, silu_in_prologue, w4a16_matmul
 from qwen_awq.quant.packing import (
     PACK_FACTOR,
     REPACK_SCALE_DTYPES,
@@ -163,3 +163,31 @@ class AWQLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, bias={self.bias is not None}, repacked={self.repacked}"
         )
+
+
+def warm_up_rows(max_rows: int) -> list[int]:
+    """Row counts that reach every W4A16 kernel variant a step of up to max_rows tokens can take: the top of each
+    M bucket (kernels/w4a16.m_bucket) and the count below it, since Triton specializes integer arguments on
+    divisibility by 16, up to the first bucket that takes dequantize + cuBLAS (no kernel compiled per M there)."""
+    rows, top, last = set(), 1, min(max_rows, 2 * DENSE_MIN_M)
+    while top < 2 * last:  # up to the bucket that holds `last`
+        rows.update({top, max(top - 1, 1)})
+        top *= 2
+    return sorted(rows)
+
+
+@torch.inference_mode()
+def warm_up_w4a16(model: nn.Module, max_rows: int) -> int:
+    """Compile, before the first request, every W4A16 kernel variant the model's repacked layers can take (one call
+    per distinct layer signature and row count), so that no engine step stalls on a Triton compile later; the
+    compiles land in Triton's on-disk cache. Returns the number of calls (0 off the GPU)."""
+    layers = {}
+    for m in model.modules():
+        if isinstance(m, AWQLinear) and m.repacked and m.qweight_t.is_cuda:
+            layers.setdefault((m.in_features, m.out_features, m.bias is not None, m.group_size, m.scale_dtype), m)
+    calls = 0
+    for layer in layers.values():
+        for rows in warm_up_rows(max_rows):
+            layer(torch.randn(rows, layer.in_features, dtype=layer.scale_dtype, device=layer.qweight_t.device))
+            calls += 1
+    return calls
