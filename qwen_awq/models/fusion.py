@@ -3,9 +3,9 @@ device or layer-type ifs and the kernel-count tool (eval/profile_step.py) can co
 
 Fused (the default): residual add + RMSNorm in one kernel (kernels/rms_norm.py), and SiLU(gate) * up either in the
 W4A16 down projection's prologue (AWQLinear.silu_mul_forward, at the M where that measured faster:
-kernels/w4a16.silu_in_prologue) or in one pass over [gate | up] (kernels/silu_mul.py). Unfused (QWEN_AWQ_FUSED=0, or `with fusion(False)`): the separate torch ops
-the decoder used before. Both round to the model's dtype at the same points, so their outputs agree (exactly on
-the CPU references).
+kernels/w4a16.silu_in_prologue) or in one pass over [gate | up] (kernels/silu_mul.py). Unfused (QWEN_AWQ_FUSED=0,
+or `with fusion(False)`): the separate torch ops the decoder used before. Both round to the model's dtype at the
+same points, so their outputs agree (exactly on the CPU references).
 """
 from __future__ import annotations
 
