@@ -29,9 +29,9 @@ from qwen_awq.server.responses import (
     Generated,
     Info,
     StreamDetails,
-    StreamEvent,
-    TGIToken,
     TokenSpan,
+    stream_event,
+    tgi_token,
     top_entries,
 )
 from qwen_awq.server.runner import (
@@ -118,17 +118,17 @@ def _finish_reason(o: CompletionOutput) -> str:
     return "stop_sequence" if isinstance(o.stop_reason, str) else "eos_token"
 
 
-def _token(state: ServerState, token_id: int, text: str, logprob: float) -> TGIToken:
-    return TGIToken(id=token_id, text=text, logprob=logprob, special=token_id in state.tokenizer.special_ids)
+def _token(state: ServerState, token_id: int, text: str, logprob: float) -> dict[str, Any]:
+    return tgi_token(token_id, text, logprob, token_id in state.tokenizer.special_ids)
 
 
-def _tokens(state: ServerState, o: CompletionOutput) -> list[TGIToken]:
+def _tokens(state: ServerState, o: CompletionOutput) -> list[dict[str, Any]]:
     detok = IncrementalDetokenizer(state.tokenizer, skip_special_tokens=True)
     entries = o.logprobs or [{}] * len(o.token_ids)
     return [_token(state, t, detok.add([t]), e.get(t, 0.0)) for t, e in zip(o.token_ids, entries, strict=True)]
 
 
-def _top_tokens(state: ServerState, entries: list[dict[int, float]], k: int) -> list[list[TGIToken]]:
+def _top_tokens(state: ServerState, entries: list[dict[int, float]], k: int) -> list[list[dict[str, Any]]]:
     dec = state.tokenizer.decode
     return [[_token(state, i, dec([i]), v) for i, v in top_entries(e, k)] for e in entries]
 
@@ -170,7 +170,8 @@ async def tgi_generate(request: Request, state: ServerState, data: Any, stream: 
 
 
 async def tgi_events(state: ServerState, job: TGIJob, run: Run) -> AsyncGenerator[str, None]:
-    """One event per token; the last carries generated_text (and details when asked). No [DONE]."""
+    """One event per token, written without pydantic models (stream_event); the last carries generated_text
+    (and details when asked). No [DONE]."""
     index, top_n = 0, job.request.parameters.top_n_tokens
     try:
         async with aclosing(run.outputs()) as outs:
@@ -181,19 +182,21 @@ async def tgi_events(state: ServerState, job: TGIJob, run: Run) -> AsyncGenerato
                     index += 1
                     last = k == step - 1
                     entry = o.logprobs[len(o.token_ids) - step + k] if o.logprobs else {}
-                    event: dict[str, Any] = {"index": index, "generated_text": None, "details": None,
-                                             "token": _token(state, t, o.delta_text if last else "", entry.get(t, 0.0))}
-                    if top_n:
-                        event["top_tokens"] = _top_tokens(state, [entry], top_n)[0]
+                    token = _token(state, t, o.delta_text if last else "", entry.get(t, 0.0))
+                    top = _top_tokens(state, [entry], top_n)[0] if top_n else None
                     if last and out.finished:
-                        event["generated_text"] = _text(job, o)
-                        if job.request.parameters.details:
-                            event["details"] = StreamDetails(finish_reason=_finish_reason(o), seed=job.params.seed,
-                                                             generated_tokens=len(o.token_ids),
-                                                             input_length=len(job.ids))
-                    yield f"data:{StreamEvent(**event).model_dump_json()}\n\n"
+                        yield stream_event(index, token, top, _text(job, o), _stream_details(job, o))
+                    else:
+                        yield stream_event(index, token, top)
     except Exception as e:
         yield f"data: {json.dumps(as_api_error(e).body(Flavor.TGI), ensure_ascii=False)}\n\n"
+
+
+def _stream_details(job: TGIJob, o: CompletionOutput) -> StreamDetails | None:
+    if not job.request.parameters.details:
+        return None
+    return StreamDetails(finish_reason=_finish_reason(o), seed=job.params.seed, generated_tokens=len(o.token_ids),
+                         input_length=len(job.ids))
 
 
 @router.post("/", openapi_extra=body_doc(TGIRequest), responses={200: {"model": list[Generated]}})

@@ -26,7 +26,7 @@ from qwen_awq.server.protocol import (
     parse,
     validate,
 )
-from qwen_awq.server.responses import Detokenized, Tokenized, VLLMOutput
+from qwen_awq.server.responses import Detokenized, TextFrame, Tokenized, VLLMOutput
 from qwen_awq.server.runner import Defaults, Run, ServerState, collect, event_stream, server_state
 from qwen_awq.server.tools import chat_prompt_ids
 
@@ -66,10 +66,12 @@ async def generate(request: Request, state: ServerState, data: dict[str, Any]) -
 
 
 async def legacy_chunks(prompt: str, run: Run) -> AsyncGenerator[bytes, None]:
+    """Each step's cumulative texts, written without a VLLMOutput per chunk (TextFrame)."""
+    frame = TextFrame(prompt)
     try:
         async with aclosing(run.outputs()) as outs:
             async for _, out in outs:
-                yield VLLMOutput(text=[prompt + o.text for o in out.outputs]).model_dump_json().encode() + NUL
+                yield frame.chunk([o.text for o in out.outputs]).encode() + NUL
     except Exception as e:
         yield json.dumps(as_api_error(e).body(Flavor.OPENAI), ensure_ascii=False).encode() + NUL
 
