@@ -123,7 +123,7 @@ def served(args: argparse.Namespace) -> dict[str, float]:
     start, cpu = time.perf_counter(), time.process_time()
     child = subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{port}",
                             *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                              ("concurrency", "input_len", "output_len", "requests"))],
+                              ("concurrency", "input_len", "output_len", "requests", "route"))],
                            capture_output=True, text=True, check=True)
     took, cpu = time.perf_counter() - start, time.process_time() - cpu
     if spy is not None:
@@ -138,10 +138,48 @@ def served(args: argparse.Namespace) -> dict[str, float]:
             "cpu_us_per_token": cpu / (client["output_throughput"] * client["duration_s"]) * 1e6}
 
 
+async def tgi_request(url: str, inputs: str, output_len: int):
+    """One /generate_stream request timed as bench_serve times a completion (one token per event)."""
+    from qwen_awq.eval.bench_serve import Result
+    from qwen_awq.eval.http_client import request_lines
+
+    start = last = time.perf_counter()
+    result = Result(ok=False)
+    payload = {"inputs": inputs, "parameters": {"max_new_tokens": output_len}}
+    async for line in request_lines(url, "POST", "/generate_stream", payload):
+        if line.startswith("data:"):
+            now = time.perf_counter()
+            if result.output_tokens:
+                result.itl.append(now - last)
+            else:
+                result.ttft = now - start
+            result.output_tokens, last = result.output_tokens + 1, now
+            result.ok = json.loads(line[len("data:"):]).get("generated_text") is not None
+    result.latency = time.perf_counter() - start
+    return result
+
+
+async def tgi_level(args: argparse.Namespace) -> dict[str, float]:
+    from qwen_awq.eval.bench_serve import summarize
+
+    gate = asyncio.Semaphore(args.concurrency)
+
+    async def limited(i: int):
+        async with gate:  # ~input_len tokens of text, distinct per request
+            return await tgi_request(args.client, f"{i} " + "fox " * (args.input_len - 1), args.output_len)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(i) for i in range(args.requests)))
+    return summarize(results, time.perf_counter() - start)
+
+
 def client(args: argparse.Namespace) -> None:
     from qwen_awq.eval.bench_serve import run_level
 
-    result = asyncio.run(run_level(args.client, "bench", {}, prompts(args), args.output_len, args.concurrency))
+    if args.route == "tgi":
+        result = asyncio.run(tgi_level(args))
+    else:
+        result = asyncio.run(run_level(args.client, "bench", {}, prompts(args), args.output_len, args.concurrency))
     print(json.dumps(result))
 
 
@@ -176,6 +214,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=0, help="default: the concurrency (one wave)")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--route", choices=["openai", "tgi"], default="openai", help="the streaming route the load uses")
     p.add_argument("--profile", default="", help="write py-spy's raw samples of the served run to PROFILE.raw")
     p.add_argument("--client", default="", help=argparse.SUPPRESS)  # the load process's server url
     args = p.parse_args()
