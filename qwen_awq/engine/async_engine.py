@@ -34,7 +34,19 @@ class GenerationFailed(RuntimeError):
     """A step of the engine failed; every request in flight at the time gets this error."""
 
 
-class AsyncEngine:
+class StreamingGenerate:
+    """generate() for an engine with submit() and outputs(): AsyncEngine and the data-parallel front share it."""
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; leaving the iteration early (client gone) aborts it and frees its blocks."""
+        stream = self.submit(request_id, prompt_ids, params, prompt, cache_salt)
+        async with aclosing(self.outputs(request_id, stream)) as outs:
+            async for out in outs:
+                yield out
+
+
+class AsyncEngine(StreamingGenerate):
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._commands: queue.Queue[_Add | str] = queue.Queue()
@@ -73,14 +85,6 @@ class AsyncEngine:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise at once what the engine would refuse (its one admission rule), counting adds on their way."""
         self.engine.check_request(len(prompt_ids), params, pending=self._pending)
-
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the request's outputs; leaving the iteration early (client gone) aborts it and frees its blocks."""
-        stream = self.submit(request_id, prompt_ids, params, prompt, cache_salt)
-        async with aclosing(self.outputs(request_id, stream)) as outs:
-            async for out in outs:
-                yield out
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
                cache_salt: str | None = None) -> asyncio.Queue:

@@ -90,9 +90,9 @@ class SamplingBatch:
         repetition = any(p.repetition_penalty != 1.0 for p in params)
         presence = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
-        batch = cls(vocab_size, len(params), sampled, num_logprobs=max((p.logprobs or 0 for p in params), default=0))
-        if sampled or repetition or presence:
-            batch.__dict__.update(_param_columns(params, sampled, torch.device(device)))
+        columns = _param_columns(params, sampled, torch.device(device)) if sampled or repetition or presence else {}
+        batch = cls(vocab_size, len(params), sampled, num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+                    **columns)
         if repetition:
             context = [a + b for a, b in zip(prompt_ids, output_ids, strict=True)]
             batch.seen_mask = _scatter_ids(context, vocab_size, device, torch.bool)

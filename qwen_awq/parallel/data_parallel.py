@@ -16,7 +16,7 @@ from contextlib import aclosing
 
 import torch
 
-from qwen_awq.engine.async_engine import AsyncEngine
+from qwen_awq.engine.async_engine import AsyncEngine, StreamingGenerate
 from qwen_awq.engine.llm_engine import EngineConfig, RequestOutput
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.errors import ParallelError
@@ -55,7 +55,7 @@ class PrefixRouter:
         return replica
 
 
-class DataParallelEngine:
+class DataParallelEngine(StreamingGenerate):
     """N AsyncEngines behind one interface: submit() and generate() route, the rest fans out or asks replica 0."""
 
     def __init__(self, replicas: list[AsyncEngine]) -> None:
@@ -119,13 +119,6 @@ class DataParallelEngine:
         routed = self._routed.pop(request_id, None)
         if routed is not None:
             self.router.load[routed[0]] -= routed[1]
-
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        stream = self.submit(request_id, prompt_ids, params, prompt, cache_salt)
-        async with aclosing(self.outputs(request_id, stream)) as outs:
-            async for out in outs:
-                yield out
 
 
 def replica_devices(n: int, device: str) -> list[str]:
