@@ -16,7 +16,7 @@
 #   serve        60  bench serve-sweep at concurrency 1/16/64/128, 2 x concurrency requests each (server start ~25 s)
 #   coldstart    70  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton
 #                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
-#   quantize     35  bench quantize --layers 1 (QUANT_LAYERS), 128 x 512 calibration tokens (per-block time, extrapolated)
+#   quantize     35  bench quantize --layers 1 (QUANT_LAYERS; QUANT_CAP s), 128 x 512 calibration tokens (per-block time, extrapolated)
 #   profile8k    75  only if time is left: the profile rows at 8192 tokens
 # Sum without profile8k: ~535 s (+ ~12 s setup). TOTAL_BUDGET (default 540 s) counts from the start: each section
 # gets min(its cap, what is left) under `timeout` and is skipped when under MIN_SECTION_S are left, so the tail
@@ -154,7 +154,7 @@ sec_coldstart() {
   rm -rf "$WORK/cold"
 }
 sec_quantize() {
-  run_section quantize 35 120 $CLI bench quantize --synthetic $M "${DEV[@]}" --layers "${QUANT_LAYERS:-1}" --tokenizer "$VOCAB" \
+  run_section quantize 35 "${QUANT_CAP:-120}" $CLI bench quantize --synthetic $M "${DEV[@]}" --layers "${QUANT_LAYERS:-1}" --tokenizer "$VOCAB" \
     "${QUANT[@]}" --dir "$WORK/quant" --json-out "$WORK/quantize.json"
   rm -rf "$WORK/quant"
 }

@@ -1,0 +1,82 @@
+"""Time every GEMV candidate of the tile sweep (bench_kernels_sweep.GEMV_GRID) at M = 1 and 2 on Qwen-7B's four
+shapes, next to the dispatcher's current choice and fp16 cuBLAS, in one run (issue 10's M = 1 row), without the
+full sweep's MMA part. On the GPU machine from the repo root:
+    python3 bench/gemv_candidates.py --out $OUT/gemv_candidates.json [--ms 1,2] [--budget 120]
+Prints, per M, each candidate's total over the four shapes (the sweep's "any" rule) and the best per shape.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from qwen_awq.eval import bench_kernels_common as bk
+from qwen_awq.eval.bench_kernels_sweep import GEMV_GRID
+from qwen_awq.kernels import w4a16 as kern
+from qwen_awq.quant.packing import dequantize_repacked
+
+
+def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: float) -> list[dict]:
+    layers = [bk.random_layer(k, n, gen)[1] for _ in range(bk.copies_for(bk.w4_bytes(k, n, 1)))]
+    ref_w = dequantize_repacked(layers[0].qweight_t, layers[0].scale_zero, bk.GROUP, torch.float16)
+    dense = [torch.randn(n, k, generator=gen).half().cuda() for _ in range(bk.copies_for(2 * n * k))]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).half().cuda()
+        row = {"K": k, "N": n, "M": m, "floor_bytes": bk.w4_bytes(k, n, m),
+               "cublas_fp16_us": bk.time_rotated(lambda x_, w: F.linear(x_, w), x, dense, rep_ms=25),
+               "current_us": bk.time_rotated(kern.w4a16_triton, x, layers, rep_ms=25), "gemv": []}
+        for cfg in GEMV_GRID.get(m, []):
+            if time.time() > deadline:
+                break
+            entry = {"config": dataclasses.asdict(cfg)}
+            try:
+                entry["err"] = bk.check(kern.w4a16_gemv(x, layers[0], config=cfg), x, ref_w)
+                if entry["err"] <= bk.TOLERANCE[torch.float16]:
+                    entry["us"] = bk.time_rotated(partial(kern.w4a16_gemv, config=cfg), x, layers, rep_ms=25)
+            except Exception as err:  # a candidate that fails to compile is recorded, not fatal
+                entry["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            row["gemv"].append(entry)
+        rows.append(row)
+        best = min((e for e in row["gemv"] if "us" in e), key=lambda e: e["us"], default={"us": float("nan")})
+        print(f"== K={k} N={n} M={m}: cuBLAS {row['cublas_fp16_us']:.1f} current {row['current_us']:.1f} "
+              f"best {best['us']:.1f} {best.get('config')}", flush=True)
+    return rows
+
+
+def totals(rows: list[dict], bw: float) -> None:
+    for m in sorted({r["M"] for r in rows}):
+        at_m = [r for r in rows if r["M"] == m]
+        floor = sum(r["floor_bytes"] for r in at_m) / bw * 1e6
+        print(f"M={m}: current {sum(r['current_us'] for r in at_m):.1f} us, cuBLAS "
+              f"{sum(r['cublas_fp16_us'] for r in at_m):.1f}, floor {floor:.1f} (4 shapes summed)")
+        for i, e in enumerate(at_m[0]["gemv"]):
+            ts = [r["gemv"][i].get("us") for r in at_m if i < len(r["gemv"])]
+            if len(ts) == len(at_m) and None not in ts:
+                print(f"   {sum(ts):7.1f} us ({100 * floor / sum(ts):.0f}% of copy)  {e['config']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--ms", default="1,2")
+    p.add_argument("--budget", type=float, default=120.0, help="seconds; later candidates are skipped past it")
+    args = p.parse_args()
+    from qwen_awq.eval.peers import copy_bandwidth
+
+    gen, deadline, bw = torch.Generator().manual_seed(5), time.time() + args.budget, copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_Bps": bw, "rows": []}
+    for k, n in bk.SHAPES:
+        result["rows"] += shape_rows(k, n, [int(v) for v in args.ms.split(",")], gen, deadline)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    totals(result["rows"], bw)
+
+
+if __name__ == "__main__":
+    main()
