@@ -18,6 +18,7 @@
 #                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
 #   quantize     35  bench quantize --layers 1 (QUANT_LAYERS; QUANT_CAP s), 128 x 512 calibration tokens (per-block time, extrapolated)
 #   profile8k    75  only if time is left: the profile rows at 8192 tokens
+#   gemvsweep, mmatiles: kernel experiments, only when named (bench/gemv_candidates.py, bench/mma_tiles.py)
 # Sum without profile8k: ~535 s (+ ~12 s setup). TOTAL_BUDGET (default 540 s) counts from the start: each section
 # gets min(its cap, what is left) under `timeout` and is skipped when under MIN_SECTION_S are left, so the tail
 # (quantize, profile8k) is what a slow run loses. Results go to $OUT as each section ends (at most 8 files come
@@ -157,6 +158,13 @@ sec_quantize() {
   run_section quantize 35 "${QUANT_CAP:-120}" $CLI bench quantize --synthetic $M "${DEV[@]}" --layers "${QUANT_LAYERS:-1}" --tokenizer "$VOCAB" \
     "${QUANT[@]}" --dir "$WORK/quant" --json-out "$WORK/quantize.json"
   rm -rf "$WORK/quant"
+}
+sec_gemvsweep() {  # not in the default list: every GEMV sweep candidate at M = 1/2 (bench/gemv_candidates.py)
+  run_section gemvsweep 60 "${GEMV_CAP:-150}" $PY bench/gemv_candidates.py --out "$WORK/gemv_candidates.json" \
+    --budget "${GEMV_BUDGET:-110}"
+}
+sec_mmatiles() {  # not in the default list: larger tensor-core tiles at MMA_MS (bench/mma_tiles.py)
+  run_section mmatiles 60 150 $PY bench/mma_tiles.py --out "$WORK/mma_tiles.json" --ms "${MMA_MS:-128}" --budget 100
 }
 sec_profile8k() {
   run_section profile8k 75 120 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none --tokens 8 \

@@ -21,6 +21,7 @@ FILES = {  # section -> (JSON, Markdown) under WORK
     "kernels": ("kernels.json", "kernels.md"), "serve": ("serve/serve_sweep.json", "serve/serve_sweep.md"),
     "coldstart": ("cold_start.json", "cold_start.md"), "quantize": ("quantize.json", "quantize.md"),
     "profile8k": ("profile8k.json", "profile8k.md"), "steps": ("steps/step_profile.json", None),
+    "gemvsweep": ("gemv_candidates.json", None), "mmatiles": ("mma_tiles.json", None),
 }
 
 
@@ -43,6 +44,9 @@ def load(work: Path) -> tuple[dict[str, Any], list[str]]:
             results[name] = json.loads((work / js).read_text())
         if md and (work / md).is_file():
             markdown.append((work / md).read_text())
+    for name in ("gemvsweep", "mmatiles"):  # kernel experiments: what they printed
+        if (work / f"{name}.out").is_file():
+            markdown.append(f"## {name}\n\n```\n{(work / f'{name}.out').read_text()[-6000:]}\n```")
     printed = work / "steps.out"  # bench/gpu_step_profile.py: its printed per-step summary and kernel tables
     if printed.is_file():
         markdown.append(f"## Decode steps by phase and kernel (bench/gpu_step_profile.py)\n\n```\n"
