@@ -44,6 +44,15 @@ def _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N: tl.constexpr):
 
 
 @jit
+def _block_at(w_ptrs, sz_ptrs, r, row0, last, row_end, KW, KG, EVEN_N: tl.constexpr):
+    """The block of rows starting at min(r, last) (last = the program's last block start), from pointers at row0:
+    blocks prefetched past the end reload the last one (cache hits) so that nothing needs a mask."""
+    r = tl.minimum(r, last)
+    rows = r + tl.arange(0, w_ptrs.shape[1])
+    return _row_block(w_ptrs + (r - row0) * KW, sz_ptrs + (r - row0) * KG, rows, row_end, EVEN_N)
+
+
+@jit
 def _words(w):
     """(LANES, BLOCK_N, CHUNKS, 4) words -> their 4 words (LANES, BLOCK_N, CHUNKS) in order, in-register."""
     t = tl.reshape(w, (w.shape[0], w.shape[1], w.shape[2], 2, 2))  # word j = 2a + b
@@ -54,21 +63,29 @@ def _words(w):
 
 
 @jit
-def _x_slots(x_ptr, stride_xm, m0, M, ck3, cmask, up_offset, SILU: tl.constexpr, BLOCK_M: tl.constexpr):
+def _x_slots(x_ptr, stride_xm, m0, M, ck3, cmask, up_offset, SILU: tl.constexpr, BLOCK_M: tl.constexpr,
+             XVEC: tl.constexpr):
     """For each of BLOCK_M x rows: x at every (word j, slot i) of a lane's chunks, k = 32 * chunk + 8j +
     (0, 2, 4, 6, 1, 3, 5, 7)[i] (AWQ_ORDER), flat (row, j, i)-major; sum_k C_k x_k per chunk (C = 256 for even
-    slots, 16 for odd ones) and sum_k x_k per lane, one per row. Rows past M read 0."""
+    slots, 16 for odd ones) and sum_k x_k per lane, one per row. Rows past M read 0. XVEC loads a lane's 32
+    consecutive x as one contiguous tile (vector loads) and picks the slots in registers (_x_by_k), instead of
+    32 scalar loads at a 64-byte lane stride."""
     xs = ()
     csums = ()
     xsums = ()
     for m in tl.static_range(BLOCK_M):
         ptr = x_ptr + (m0 + m) * stride_xm
         mask = cmask & (ck3 * 0 + m0 + m < M)  # a tensor compare: the interpreter rejects scalar masks
+        if XVEC:
+            xk = _x_by_k(ptr, ck3, mask, up_offset, SILU)
         even = tl.zeros(ck3.shape, tl.float32)
         odd = tl.zeros(ck3.shape, tl.float32)
         for v in tl.static_range(32):  # v = 8j + i
             off = 8 * (v // 8) + (v % 8 // 4) + 2 * (v % 4)  # slot i holds k offset 2 (i % 4) + i // 4
-            x = load_x(ptr, ck3 * 32 + off, mask, up_offset, SILU)  # (LANES, 1, CHUNKS)
+            if XVEC:  # _x_by_k's order: bit b of off is bit 4 - b of the index (off's bits 0..4 are v's 2, 0, 1, 3, 4)
+                x = xk[16 * (v // 4 % 2) + 8 * (v % 2) + 4 * (v // 2 % 2) + 2 * (v // 8 % 2) + v // 16]
+            else:
+                x = load_x(ptr, ck3 * 32 + off, mask, up_offset, SILU)  # (LANES, 1, CHUNKS)
             xs = xs + (x,)
             if v % 2 == 0:
                 even += x
@@ -77,6 +94,25 @@ def _x_slots(x_ptr, stride_xm, m0, M, ck3, cmask, up_offset, SILU: tl.constexpr,
         csums = csums + (256.0 * even + 16.0 * odd,)
         xsums = xsums + (tl.sum(even + odd, axis=2),)
     return xs, csums, xsums
+
+
+@jit
+def _x_by_k(ptr, ck3, mask, up_offset, SILU: tl.constexpr):
+    """x at k = 32 * chunk + o, o = 0..31, from one (LANES, 1, CHUNKS, 32) load, split into 32 (LANES, 1, CHUNKS)
+    tensors by halving on the lowest k bit five times: tuple index = bits of o reversed."""
+    offs = ck3[:, :, :, None] * 32 + tl.arange(0, 32)[None, None, None, :]  # (LANES, 1, CHUNKS, 32)
+    x = load_x(ptr, offs, mask[:, :, :, None], up_offset, SILU)
+    parts = (x,)
+    for level in tl.static_range(5):
+        halves = ()
+        for p in tl.static_range(1 << level):
+            t = parts[p]
+            if level < 4:
+                t = tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] // 2, 2))
+            a, b = tl.split(t)  # the last level splits (LANES, 1, CHUNKS, 2) itself
+            halves = halves + (a, b)
+        parts = halves
+    return parts
 
 
 @jit
@@ -131,38 +167,49 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                 M, N, KW, KG, stride_xm, up_offset, rows_per_prog, n_splits, magic_256, magic_16,
                 G: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr,
                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr):
+                SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, EARLY: tl.constexpr,
+                XVEC: tl.constexpr):
     """Grid (row programs, K splits, x row groups): rows [pid_n * rows_per_prog, +rows_per_prog) of x rows
     [pid_m * BLOCK_M, +BLOCK_M) over K chunks [pid_k * LANES * CHUNKS, +LANES * CHUNKS), a chunk being
-    4 words = 32 k; 32 CHUNKS <= G."""
+    4 words = 32 k; 32 CHUNKS <= G. PREFETCH (0, 1, 2) blocks of rows are in flight ahead of the one computed;
+    EARLY issues the first ones before x's loads (independent of them), so the x prologue overlaps that DRAM
+    round trip."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m0 = pid_m * BLOCK_M
     lane = tl.arange(0, LANES)[:, None, None]
     ck3 = (pid_k * LANES + lane) * CHUNKS + tl.arange(0, CHUNKS)[None, None, :]  # (LANES, 1, CHUNKS)
-    xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M)
     # Lanes past K read the last chunk instead of being masked (x = 0 there): no predicates, no zero fills.
     last = tl.minimum(ck3, KW // 4 - 1)
     kw = last[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # (LANES, 1, CHUNKS, 4) word index
     grp = tl.max(last, axis=2) * 32 // G  # (LANES, 1): the lane's group
     row0 = pid_n * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, N)
+    last_r = row0 + (row_end - row0 - 1) // BLOCK_N * BLOCK_N  # the last block's first row
     rows = row0 + tl.arange(0, BLOCK_N)
-    w_ptrs = qw_ptr + rows[None, :, None, None] * KW + kw  # (LANES, BLOCK_N, CHUNKS, 4), advanced per step
+    w_ptrs = qw_ptr + rows[None, :, None, None] * KW + kw  # (LANES, BLOCK_N, CHUNKS, 4) at row0
     sz_ptrs = sz_ptr + rows[None, :] * KG + grp  # (LANES, BLOCK_N)
-    if PREFETCH:
-        w, sz = _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N)
+    if EARLY:
+        if PREFETCH >= 1:
+            w, sz = _block_at(w_ptrs, sz_ptrs, row0, row0, last_r, row_end, KW, KG, EVEN_N)
+        if PREFETCH == 2:
+            w1, sz1 = _block_at(w_ptrs, sz_ptrs, row0 + BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
+    xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M, XVEC)
+    if not EARLY:
+        if PREFETCH >= 1:
+            w, sz = _block_at(w_ptrs, sz_ptrs, row0, row0, last_r, row_end, KW, KG, EVEN_N)
+        if PREFETCH == 2:
+            w1, sz1 = _block_at(w_ptrs, sz_ptrs, row0 + BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
     for r in range(row0, row_end, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
-        if PREFETCH:  # the next block's loads go out before this block's arithmetic; the last block reloads
-            step = tl.where(r + BLOCK_N < row_end, BLOCK_N, 0)  # itself (cache hits) so nothing is masked
-            nw, nsz = _row_block(w_ptrs + step * KW, sz_ptrs + step * KG, rows + step, row_end, EVEN_N)
-        else:
-            w, sz = _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N)
+        if PREFETCH == 0:
+            w, sz = _block_at(w_ptrs, sz_ptrs, r, row0, last_r, row_end, KW, KG, EVEN_N)
+        else:  # the block PREFETCH ahead goes out before this block's arithmetic
+            nw, nsz = _block_at(w_ptrs, sz_ptrs, r + PREFETCH * BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
         ys = _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES, BLOCK_M)
-        if PREFETCH:
+        if PREFETCH == 1:
             w, sz = nw, nsz
-        w_ptrs += BLOCK_N * KW
-        sz_ptrs += BLOCK_N * KG
+        if PREFETCH == 2:
+            w, sz, w1, sz1 = w1, sz1, nw, nsz
         _finish_rows(ys, out_ptr, part_ptr, bias_ptr, rows, row_end, m0, M, N, pid_k, HAS_BIAS, SPLIT, BLOCK_M)
     if SPLIT:
         tile = pid_m * tl.num_programs(0) + pid_n
