@@ -51,6 +51,7 @@ class GemvConfig:
     block_m: int = 1  # x rows per program: the weights are unpacked once for all of them
     early: bool = False
     xvec: bool = False
+    rows_first: bool = False  # (rows, lanes, ...) tiles: one lane per thread (w4a16_gemv.gemv_kernel, RF)
     maxnreg: int | None = None  # ptxas register cap: more programs per SM at the price of spills
 
     def __post_init__(self) -> None:
@@ -209,7 +210,7 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
         G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=int(cfg.prefetch),
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, EARLY=cfg.early, XVEC=cfg.xvec,
-        num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+        RF=cfg.rows_first, num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out.view(*x.shape[:-1], n)
 
 

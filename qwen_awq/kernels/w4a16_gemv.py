@@ -5,7 +5,8 @@ rows past it: a lane loads 16 bytes per chunk (4 words = 32 k of one row), so th
 until one warp shuffle per row. Per nibble: one shift per two nibbles, one lop3 that drops the nibble into the
 mantissa of 256.0 or 16.0 (the word then reads 256 + q or 16 + q exactly), one FFMA. Scale and zero apply once
 per lane and row (a lane's chunks share a group): sum_k x_k (q_k - z) s = s * (sum_k x_k (C_k + q_k)
-- sum_k C_k x_k - z sum_k x_k), the x sums shared by all rows.
+- sum_k C_k x_k - z sum_k x_k), the x sums shared by all rows. Launch options (GemvConfig) pick the tile order
+(rows_first: one lane per thread), how many row blocks are in flight, and how x is loaded; see gemv_kernel.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ def _slots(w, SHIFT: tl.constexpr, magic_256, magic_16):
 
 
 @jit
-def _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N: tl.constexpr):
-    """Packed words (LANES, BLOCK_N, CHUNKS, 4) and scale_zero words (LANES, BLOCK_N) of one block of rows;
-    masked only on a ragged last block (rows past it read 0)."""
+def _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N: tl.constexpr, RF: tl.constexpr = False):
+    """Packed words (LANES, BLOCK_N, CHUNKS, 4) and scale_zero words (LANES, BLOCK_N) of one block of rows (RF:
+    rows first, (BLOCK_N, LANES, ...)); masked only on a ragged last block (rows past it read 0)."""
     if EVEN_N:
         w = tl.load(w_ptrs)
         sz = tl.load(sz_ptrs)
+    elif RF:
+        w = tl.load(w_ptrs, mask=rows[:, None, None, None] < row_end, other=0)
+        sz = tl.load(sz_ptrs, mask=rows[:, None] < row_end, other=0)
     else:
         w = tl.load(w_ptrs, mask=rows[None, :, None, None] < row_end, other=0)
         sz = tl.load(sz_ptrs, mask=rows[None, :] < row_end, other=0)
@@ -44,12 +48,25 @@ def _row_block(w_ptrs, sz_ptrs, rows, row_end, EVEN_N: tl.constexpr):
 
 
 @jit
-def _block_at(w_ptrs, sz_ptrs, r, row0, last, row_end, KW, KG, EVEN_N: tl.constexpr):
+def _block_at(w_ptrs, sz_ptrs, r, row0, last, row_end, KW, KG, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+              RF: tl.constexpr):
     """The block of rows starting at min(r, last) (last = the program's last block start), from pointers at row0:
     blocks prefetched past the end reload the last one (cache hits) so that nothing needs a mask."""
     r = tl.minimum(r, last)
-    rows = r + tl.arange(0, w_ptrs.shape[1])
-    return _row_block(w_ptrs + (r - row0) * KW, sz_ptrs + (r - row0) * KG, rows, row_end, EVEN_N)
+    rows = r + tl.arange(0, BLOCK_N)
+    return _row_block(w_ptrs + (r - row0) * KW, sz_ptrs + (r - row0) * KG, rows, row_end, EVEN_N, RF)
+
+
+@jit
+def _first_blocks(w_ptrs, sz_ptrs, row0, last, row_end, KW, KG, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+                  RF: tl.constexpr, PREFETCH: tl.constexpr):
+    """The blocks in flight when the loop starts: rows row0.. and (PREFETCH = 2) the next block (else block 0
+    again, unused)."""
+    w, sz = _block_at(w_ptrs, sz_ptrs, row0, row0, last, row_end, KW, KG, EVEN_N, BLOCK_N, RF)
+    w1, sz1 = w, sz
+    if PREFETCH == 2:
+        w1, sz1 = _block_at(w_ptrs, sz_ptrs, row0 + BLOCK_N, row0, last, row_end, KW, KG, EVEN_N, BLOCK_N, RF)
+    return w, sz, w1, sz1
 
 
 @jit
@@ -130,13 +147,17 @@ def _word_dot(w, xs, J: tl.constexpr, accs, magic_256, magic_16, BLOCK_M: tl.con
 
 
 @jit
-def _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr,
+              RF: tl.constexpr):
     """Per x row, the (BLOCK_N,) partial dot products of BLOCK_N weight rows with this program's K range; a
-    lane's chunks share one group, so the scale and zero apply once per lane and row."""
+    lane's chunks share one group, so the scale and zero apply once per lane and row (RF: w is rows first)."""
     w0, w1, w2, w3 = _words(w)
     accs = ()
     for m in tl.static_range(BLOCK_M):  # start at -sum C_k x_k: no separate subtraction
-        accs = accs + (-csums[m] + tl.zeros((1, w.shape[1], 1), tl.float32),)
+        if RF:
+            accs = accs + (-csums[m] + tl.zeros((w.shape[0], 1, 1), tl.float32),)
+        else:
+            accs = accs + (-csums[m] + tl.zeros((1, w.shape[1], 1), tl.float32),)
     accs = _word_dot(w0, xs, 0, accs, magic_256, magic_16, BLOCK_M)
     accs = _word_dot(w1, xs, 1, accs, magic_256, magic_16, BLOCK_M)
     accs = _word_dot(w2, xs, 2, accs, magic_256, magic_16, BLOCK_M)
@@ -145,7 +166,10 @@ def _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES: tl.cons
     ys = ()
     for m in tl.static_range(BLOCK_M):
         part = s * (tl.sum(accs[m], axis=2) - z * xsums[m])
-        ys = ys + (tl.sum(part, axis=0),)  # one shuffle tree per row
+        if RF:
+            ys = ys + (tl.sum(part, axis=1),)  # one shuffle tree per row
+        else:
+            ys = ys + (tl.sum(part, axis=0),)
     return ys
 
 
@@ -168,57 +192,65 @@ def gemv_kernel(x_ptr, qw_ptr, sz_ptr, bias_ptr, out_ptr, part_ptr, lock_ptr,
                 G: tl.constexpr, BLOCK_N: tl.constexpr, LANES: tl.constexpr, CHUNKS: tl.constexpr,
                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SPLIT: tl.constexpr, BF16_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, EARLY: tl.constexpr,
-                XVEC: tl.constexpr):
+                XVEC: tl.constexpr, RF: tl.constexpr):
     """Grid (row programs, K splits, x row groups): rows [pid_n * rows_per_prog, +rows_per_prog) of x rows
     [pid_m * BLOCK_M, +BLOCK_M) over K chunks [pid_k * LANES * CHUNKS, +LANES * CHUNKS), a chunk being
     4 words = 32 k; 32 CHUNKS <= G. PREFETCH (0, 1, 2) blocks of rows are in flight ahead of the one computed;
     EARLY issues the first ones before x's loads (independent of them), so the x prologue overlaps that DRAM
-    round trip."""
+    round trip. RF lays tiles out rows first, (BLOCK_N, LANES, CHUNKS, 4): Triton spreads a warp's threads from
+    the fastest dims, so lanes (not rows) go to threads and each thread holds one lane's x (32 CHUNKS values)
+    rather than those of LANES / 16 lanes, as in the (LANES, BLOCK_N, ...) layout at BLOCK_N = 8."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m0 = pid_m * BLOCK_M
-    lane = tl.arange(0, LANES)[:, None, None]
-    ck3 = (pid_k * LANES + lane) * CHUNKS + tl.arange(0, CHUNKS)[None, None, :]  # (LANES, 1, CHUNKS)
+    lane = tl.arange(0, LANES)[None, :, None] if RF else tl.arange(0, LANES)[:, None, None]
+    ck3 = (pid_k * LANES + lane) * CHUNKS + tl.arange(0, CHUNKS)[None, None, :]  # (LANES, 1, CHUNKS) or RF (1, ...)
     # Lanes past K read the last chunk instead of being masked (x = 0 there): no predicates, no zero fills.
     last = tl.minimum(ck3, KW // 4 - 1)
-    kw = last[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # (LANES, 1, CHUNKS, 4) word index
-    grp = tl.max(last, axis=2) * 32 // G  # (LANES, 1): the lane's group
+    kw = last[:, :, :, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # (LANES, 1, CHUNKS, 4) word index (RF:
+    grp = tl.max(last, axis=2) * 32 // G  # (LANES, 1): the lane's group                   (1, LANES, ...) both)
     row0 = pid_n * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, N)
     last_r = row0 + (row_end - row0 - 1) // BLOCK_N * BLOCK_N  # the last block's first row
     rows = row0 + tl.arange(0, BLOCK_N)
-    w_ptrs = qw_ptr + rows[None, :, None, None] * KW + kw  # (LANES, BLOCK_N, CHUNKS, 4) at row0
-    sz_ptrs = sz_ptr + rows[None, :] * KG + grp  # (LANES, BLOCK_N)
-    if EARLY:
-        if PREFETCH >= 1:
-            w, sz = _block_at(w_ptrs, sz_ptrs, row0, row0, last_r, row_end, KW, KG, EVEN_N)
-        if PREFETCH == 2:
-            w1, sz1 = _block_at(w_ptrs, sz_ptrs, row0 + BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
+    if RF:
+        w_ptrs = qw_ptr + rows[:, None, None, None] * KW + kw  # (BLOCK_N, LANES, CHUNKS, 4) at row0
+        sz_ptrs = sz_ptr + rows[:, None] * KG + grp  # (BLOCK_N, LANES)
+    else:
+        w_ptrs = qw_ptr + rows[None, :, None, None] * KW + kw  # (LANES, BLOCK_N, CHUNKS, 4) at row0
+        sz_ptrs = sz_ptr + rows[None, :] * KG + grp  # (LANES, BLOCK_N)
+    if EARLY and PREFETCH > 0:
+        w, sz, w1, sz1 = _first_blocks(w_ptrs, sz_ptrs, row0, last_r, row_end, KW, KG, EVEN_N, BLOCK_N, RF, PREFETCH)
     xs, csums, xsums = _x_slots(x_ptr, stride_xm, m0, M, ck3, ck3 < KW // 4, up_offset, SILU, BLOCK_M, XVEC)
-    if not EARLY:
-        if PREFETCH >= 1:
-            w, sz = _block_at(w_ptrs, sz_ptrs, row0, row0, last_r, row_end, KW, KG, EVEN_N)
-        if PREFETCH == 2:
-            w1, sz1 = _block_at(w_ptrs, sz_ptrs, row0 + BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
+    if not EARLY and PREFETCH > 0:
+        w, sz, w1, sz1 = _first_blocks(w_ptrs, sz_ptrs, row0, last_r, row_end, KW, KG, EVEN_N, BLOCK_N, RF, PREFETCH)
     for r in range(row0, row_end, BLOCK_N):
         rows = r + tl.arange(0, BLOCK_N)
         if PREFETCH == 0:
-            w, sz = _block_at(w_ptrs, sz_ptrs, r, row0, last_r, row_end, KW, KG, EVEN_N)
+            w, sz = _block_at(w_ptrs, sz_ptrs, r, row0, last_r, row_end, KW, KG, EVEN_N, BLOCK_N, RF)
         else:  # the block PREFETCH ahead goes out before this block's arithmetic
-            nw, nsz = _block_at(w_ptrs, sz_ptrs, r + PREFETCH * BLOCK_N, row0, last_r, row_end, KW, KG, EVEN_N)
-        ys = _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES, BLOCK_M)
+            ahead = r + PREFETCH * BLOCK_N
+            nw, nsz = _block_at(w_ptrs, sz_ptrs, ahead, row0, last_r, row_end, KW, KG, EVEN_N, BLOCK_N, RF)
+        ys = _dot_rows(w, sz, xs, csums, xsums, magic_256, magic_16, BF16_SCALES, BLOCK_M, RF)
         if PREFETCH == 1:
             w, sz = nw, nsz
         if PREFETCH == 2:
             w, sz, w1, sz1 = w1, sz1, nw, nsz
         _finish_rows(ys, out_ptr, part_ptr, bias_ptr, rows, row_end, m0, M, N, pid_k, HAS_BIAS, SPLIT, BLOCK_M)
     if SPLIT:
-        tile = pid_m * tl.num_programs(0) + pid_n
-        if arrive(lock_ptr, tile, n_splits):
-            for r in range(row0, row_end, BLOCK_N):
-                rows = r + tl.arange(0, BLOCK_N)
-                for m in tl.static_range(BLOCK_M):
-                    idx = (m0 + m) * N + rows
-                    mask = (rows < row_end) & (rows * 0 + m0 + m < M)
-                    y = sum_partials(part_ptr, idx, mask, M * N, n_splits, tl.zeros((BLOCK_N,), tl.float32))
-                    store_out(y, out_ptr, bias_ptr, idx, rows, mask, HAS_BIAS)
-            release(lock_ptr, tile)
+        _split_epilogue(out_ptr, part_ptr, bias_ptr, lock_ptr, pid_m * tl.num_programs(0) + pid_n, row0, row_end,
+                        m0, M, N, n_splits, BLOCK_N, HAS_BIAS, BLOCK_M)
+
+
+@jit
+def _split_epilogue(out_ptr, part_ptr, bias_ptr, lock_ptr, tile, row0, row_end, m0, M, N, n_splits,
+                    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The last of a row range's K splits to arrive sums the partials of all rows, in split order."""
+    if arrive(lock_ptr, tile, n_splits):
+        for r in range(row0, row_end, BLOCK_N):
+            rows = r + tl.arange(0, BLOCK_N)
+            for m in tl.static_range(BLOCK_M):
+                idx = (m0 + m) * N + rows
+                mask = (rows < row_end) & (rows * 0 + m0 + m < M)
+                y = sum_partials(part_ptr, idx, mask, M * N, n_splits, tl.zeros((BLOCK_N,), tl.float32))
+                store_out(y, out_ptr, bias_ptr, idx, rows, mask, HAS_BIAS)
+        release(lock_ptr, tile)
