@@ -47,7 +47,7 @@ def report_w4a16(gemv_configs, mma_configs) -> None:
 
     for cfg in gemv_configs:
         consts = {"G": 128, "EVEN_N": True, "SILU": False, "HAS_BIAS": False, "SPLIT": True, "BF16_SCALES": False,
-                  "BLOCK_M": 1,
+                  "BLOCK_M": 1, "EARLY": False, "XVEC": False, "RF": False,
                   **{k: v for k, v in cfg.items() if k != "num_warps"}}
         c = compile_offline(gemv_kernel, GEMV_SIG, consts, DIV16, num_warps=cfg["num_warps"], num_stages=1)
         _print_report("gemv", cfg, c)
@@ -74,7 +74,11 @@ if __name__ == "__main__":
         [{"BLOCK_N": 8, "LANES": 32, "CHUNKS": 2, "PREFETCH": True, "num_warps": 4},
          {"BLOCK_N": 8, "LANES": 32, "CHUNKS": 2, "PREFETCH": False, "num_warps": 4},
          {"BLOCK_N": 4, "LANES": 32, "CHUNKS": 2, "PREFETCH": True, "num_warps": 4},
-         {"BLOCK_N": 16, "LANES": 32, "CHUNKS": 1, "PREFETCH": True, "num_warps": 4}],
+         {"BLOCK_N": 16, "LANES": 32, "CHUNKS": 1, "PREFETCH": True, "num_warps": 4},
+         {"BLOCK_N": 8, "LANES": 128, "CHUNKS": 1, "PREFETCH": 1, "num_warps": 4},  # the tuned M = 1 config
+         {"BLOCK_N": 8, "LANES": 128, "CHUNKS": 1, "PREFETCH": 1, "RF": True, "EARLY": True, "num_warps": 4},
+         {"BLOCK_N": 8, "LANES": 128, "CHUNKS": 1, "PREFETCH": 2, "RF": True, "EARLY": True, "num_warps": 4},
+         {"BLOCK_N": 4, "LANES": 128, "CHUNKS": 1, "PREFETCH": 2, "RF": True, "EARLY": True, "num_warps": 4}],
         [{"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
          {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4},
          {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8}])

@@ -56,6 +56,20 @@ CASES = [
     Case("gemv", 3, 256, 40, 64, bias=True, config=(("lanes", 2), ("chunks", 2), ("block_m", 2))),  # ragged M
     Case("gemv", 4, 256, 16, 128, "bf16", silu=True, config=(("lanes", 4), ("chunks", 1), ("block_m", 4),
                                                             ("block_n", 4), ("prefetch", False))),
+    # prefetch 2 blocks ahead, first blocks before x, x as vectors: split-K, a ragged last block in a multi-block
+    # program (rows first), SiLU with two x rows, ragged M; and a register cap
+    Case("gemv", 1, 640, 72, 64, bias=True, config=(("lanes", 8), ("chunks", 2), ("block_n", 16), ("prefetch", 2),
+                                                    ("early", True), ("xvec", True), ("progs_per_sm", 1),
+                                                    ("rows_first", True))),
+    Case("gemv", 2, 384, 48, 128, "bf16", silu=True, config=(("lanes", 2), ("chunks", 2), ("prefetch", 2),
+                                                              ("xvec", True), ("block_m", 2))),
+    Case("gemv", 3, 256, 40, 32, config=(("lanes", 4), ("block_n", 8), ("prefetch", True), ("early", True),
+                                         ("block_m", 2), ("maxnreg", 128))),
+    # rows-first tiles (one lane per thread) without prefetch, with chunks sharing a group, and with x as vectors
+    Case("gemv", 2, 384, 48, 64, "bf16", bias=True, silu=True, scales="bf16",
+         config=(("lanes", 4), ("chunks", 2), ("block_n", 4), ("rows_first", True), ("block_m", 2))),
+    Case("gemv", 3, 256, 56, 32, config=(("lanes", 4), ("block_n", 8), ("prefetch", True), ("rows_first", True),
+                                         ("xvec", True), ("block_m", 2))),
     Case("mma", 1, 256, 72, 64, bias=True, config=(("block_n", 32), ("block_k", 64))),
     Case("mma", 3, 256, 200, 32, layout="strided", config=(("block_n", 64),), split=3),
     Case("mma", 16, 128, 64, 32, bias=True, scales="bf16", config=(("block_n", 16),), split=1),

@@ -156,7 +156,7 @@ def test_choose_reads_the_card_table_else_defaults(monkeypatch) -> None:
         kern.choose.cache_clear()
 
 
-@pytest.mark.parametrize("bad", [{"block_n": 6}, {"lanes": 0}, {"progs_per_sm": 0}])
+@pytest.mark.parametrize("bad", [{"block_n": 6}, {"lanes": 0}, {"progs_per_sm": 0}, {"prefetch": 3}])
 def test_gemv_config_validation(bad: dict) -> None:
     with pytest.raises(ConfigError):
         kern.GemvConfig(**bad)

@@ -25,15 +25,28 @@ Gc, Mc = kern.GemvConfig, kern.MmaConfig
 # flight per SM, not by instructions; the best GEMV held no split-K and few warps per SM. These candidates spread
 # a program's K range over all its warps (lanes > 32) so each loop step loads 16-32 KB: registers (ptxas, Triton
 # 3.6, sm_90) 162-168 -> 3 programs of 4 warps per SM; block_m > 1 unpacks each weight once for several x rows.
+# Rows-first tiles (issue 10): the (lanes, rows, ...) tiles above put 8 threads on the rows at block_n = 8, so each
+# thread held 8 lanes' x (256 fp32); (rows, lanes, ...) gives one lane per thread. Offline ptxas (Triton 3.9,
+# sm_90, bench/kernel_asm.py): regs 128 / 168 / 127 / 128 (8 warps) / 141, no spills, vs 255 + 472 bytes of
+# stack for the tuned (lanes, rows) config on the same compiler; progs_per_sm follows from 64K regs per SM.
+RF = dict(rows_first=True, early=True)
+RF_M1 = [Gc(block_n=8, prefetch=True, progs_per_sm=4, **RF),
+         Gc(block_n=8, prefetch=2, progs_per_sm=3, **RF),
+         Gc(block_n=4, prefetch=2, progs_per_sm=4, **RF),
+         Gc(block_n=16, prefetch=True, num_warps=8, progs_per_sm=2, **RF),
+         Gc(block_n=8, prefetch=True, progs_per_sm=3, xvec=True, **RF)]
 GEMV_GRID = {
     1: [Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=3),
         Gc(block_n=8, lanes=128, chunks=2, prefetch=False, progs_per_sm=3),
         Gc(block_n=8, lanes=128, chunks=1, prefetch=True, progs_per_sm=3),
         Gc(block_n=16, lanes=256, chunks=1, prefetch=False, num_warps=8, progs_per_sm=1),
         Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=6),
-        Gc(block_n=4, chunks=4, progs_per_sm=2)],  # the first sweep's best
+        Gc(block_n=4, chunks=4, progs_per_sm=2),  # the first sweep's best
+        *RF_M1],
     2: [Gc(block_n=16, lanes=128, chunks=1, prefetch=False, progs_per_sm=2, block_m=2),
-        Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=2)],
+        Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=2),
+        Gc(block_n=8, prefetch=False, rows_first=True, progs_per_sm=3, block_m=2),
+        Gc(block_n=4, prefetch=True, early=True, rows_first=True, progs_per_sm=3, block_m=2)],
     4: [Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=2, block_m=4),
         Gc(block_n=4, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=4)],
 }

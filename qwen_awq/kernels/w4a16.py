@@ -38,20 +38,27 @@ def _pow2(name: str, value: int) -> None:
 @dataclass(frozen=True)
 class GemvConfig:
     """GEMV launch: rows per loop step, K lanes x 32-k chunks per lane (the K range a program holds; lanes
-    beyond 32 spread over warps), warps, register prefetch of the next rows, programs per SM to aim for (rows
-    per program follow from it) and x rows per program."""
+    beyond 32 spread over warps), warps, register prefetch of the next rows (blocks ahead: False/True = 0/1, or
+    2), programs per SM to aim for (rows per program follow from it), x rows per program, whether the first
+    prefetched blocks load before x (early), whether x loads as contiguous vectors (xvec) and a register cap."""
 
     block_n: int = 16
     lanes: int = 128
     chunks: int = 1
     num_warps: int = 4
-    prefetch: bool = False
+    prefetch: bool | int = False
     progs_per_sm: int = 3
     block_m: int = 1  # x rows per program: the weights are unpacked once for all of them
+    early: bool = False
+    xvec: bool = False
+    rows_first: bool = False  # (rows, lanes, ...) tiles: one lane per thread (w4a16_gemv.gemv_kernel, RF)
+    maxnreg: int | None = None  # ptxas register cap: more programs per SM at the price of spills
 
     def __post_init__(self) -> None:
         for name in ("block_n", "lanes", "chunks", "num_warps", "block_m"):
             _pow2(f"GemvConfig.{name}", getattr(self, name))
+        if int(self.prefetch) not in (0, 1, 2):
+            raise ConfigError(f"GemvConfig.prefetch must be 0 (False), 1 (True) or 2, found {self.prefetch}")
         if self.progs_per_sm < 1:
             raise ConfigError(f"GemvConfig.progs_per_sm must be >= 1, found {self.progs_per_sm}")
 
@@ -200,9 +207,10 @@ def w4a16_gemv(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
     gemv_kernel[(progs, splits, groups)](
         x2d, w.qweight_t, w.scale_zero, out if bias is None else bias, out, part, w.locks,
         m, n, k // 8, k // w.group_size, x2d.stride(0), k, rows, splits, MAGIC_256, MAGIC_16,
-        G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=cfg.prefetch,
+        G=w.group_size, BLOCK_N=cfg.block_n, LANES=lanes, CHUNKS=chunks, PREFETCH=int(cfg.prefetch),
         EVEN_N=rows * progs == n, SILU=silu, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps, num_stages=1)
+        BF16_SCALES=w.scale_dtype == torch.bfloat16, BLOCK_M=cfg.block_m, EARLY=cfg.early, XVEC=cfg.xvec,
+        RF=cfg.rows_first, num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out.view(*x.shape[:-1], n)
 
 
