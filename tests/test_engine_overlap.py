@@ -112,25 +112,43 @@ def test_stop_string_and_eos_end_a_sequence_mid_run(mt):
     _compare(mt, script)
 
 
-def test_overlapped_graph_path_on_cpu(mt):
-    """The decode-graph path (input ids copied into the packed buffer on the device), each graph replayed eagerly:
-    overlapped and plain runs give the same tokens."""
+class _Tail:
+    """Stands in for a captured greedy tail on the CPU: argmax and log-prob into the graphs' shared buffer."""
+
+    def __init__(self, graphs: DecodeGraphs, b: int) -> None:
+        self.graphs, self.b = graphs, b
+
+    def replay(self) -> None:
+        self.graphs._greedy_tail(self.b)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_overlapped_graph_path_on_cpu(mt, seeded):
+    """The decode-graph path (input ids copied into the packed buffer on the device; greedy steps read from the
+    tail's shared buffer, which the next step rewrites), each graph replayed eagerly: overlapped and plain runs
+    give the same outputs."""
     model, _ = mt
     prompts = _prompts(3, base=64)
-    script = {0: [("add", f"g{i}", p, _greedy(10 + 3 * i)) for i, p in enumerate(prompts)]}
+    params = [_greedy(10 + 3 * i) for i in range(3)]
+    if seeded:  # no tail: sample() on the graph's logits
+        params[1] = SamplingParams(temperature=0.8, max_tokens=12, seed=3, ignore_eos=True)
+    script = {0: [("add", f"g{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params, strict=True))]}
     traces = []
     for flag in (False, True):
         engine = _engine(mt, flag, max_num_seqs=4)
         n = engine.block_manager.num_blocks
         engine.pool = engine.runner.pool = KVPool(model.cfg, n + 1, 16, model.dtype, model.device)
-        graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, 4, 256 // 16, scratch_block=n)
+        graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, 4, 256 // 16, scratch_block=n,
+                                                     vocab_size=mt[1].vocab_size)
         graphs.logits = torch.empty(4, model.cfg.vocab_size)
         seen: list = []
         graphs.graphs = {b: _EagerReplay(graphs, b, seen) for b in graphs.sizes}
-        traces.append(_trace(engine, script)[0])
+        graphs.tails = {b: _Tail(graphs, b) for b in graphs.sizes}
+        traces.append(_trace(engine, script))
         assert seen and _all_free(engine)
         assert (engine.num_overlapped_steps > 0) == flag
-    assert traces[0] == traces[1]
+    assert traces[0][0] == traces[1][0]
+    assert {k: v[0] for k, v in traces[0][1].items()} == pytest.approx({k: v[0] for k, v in traces[1][1].items()})
 
 
 def test_preemption_recomputes_the_real_tokens_after_overlapped_steps(mt):

@@ -38,8 +38,8 @@ class SampleOutput:
         fields = [self.tokens[:, None], self.logprobs[:, None], *(self.top_logprobs or ())]
         packed = self.packed if self.packed is not None else torch.cat([f.double() for f in fields], dim=1)
         k = None if self.top_logprobs is None else self.top_logprobs[0].shape[1]
-        if packed.device.type != "cuda":
-            return PendingSample(packed, k)
+        if packed.device.type != "cuda":  # a copy still: `packed` may be a graph's buffer that the next step rewrites
+            return PendingSample(packed.clone() if self.packed is not None else packed, k)
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
