@@ -171,3 +171,14 @@ def test_which_requests_overlap(mt, params, overlaps):
     _trace(engine, {0: [("add", "o", _prompts(1, base=65)[0], params)]})
     assert (engine.num_overlapped_steps > 0) == overlaps
     assert _all_free(engine)
+
+
+def test_the_step_in_flight_is_drained_after_the_last_abort(mt):
+    engine = _engine(mt, True)
+    engine.add_request("a", _prompts(1, base=66)[0], _greedy(20))
+    got = [t for _ in range(4) for out in engine.step() for t in out.outputs[0].delta_token_ids]
+    assert len(got) == 4 and engine.num_overlapped_steps > 0
+    engine.abort("a")
+    assert not engine.requests and engine.has_unfinished()  # a step is still in flight: it must be drained
+    assert engine.step() == [] and not engine.has_unfinished()
+    assert _all_free(engine) and engine.step() == []
