@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen_awq.engine.decode_input import DecodeInput, decode_views, pack_decode, packed_len
+from qwen_awq.engine.decode_input import DecodeInput, decode_views, pack_decode, packed_len, split_packed
 from qwen_awq.engine.kv_cache import KVPool
 from qwen_awq.engine.sampler import SampleOutput, greedy_rows
 from qwen_awq.engine.scheduler import ScheduledSeq
@@ -99,10 +99,13 @@ class DecodeGraphs:
         return num_seqs <= self.sizes[-1] and table_width <= self.max_blocks
 
     @torch.inference_mode()
-    def run(self, step: DecodeInput) -> torch.Tensor:
+    def run(self, step: DecodeInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (n, V) for a packed decode step of n sequences: one copy into the buffer, one replay. Rows past n
-        are padding that touches only the scratch block."""
+        are padding that touches only the scratch block. `input_ids` (n,) on the device (the previous step's
+        tokens, for an overlapped step) overwrite the packed ids after the copy."""
         self.load(step)
+        if input_ids is not None:
+            split_packed(self.buffer, step.size, self.max_blocks)[0][:step.num_seqs].copy_(input_ids)
         self.graphs[step.size].replay()
         self.replays += 1
         return self.logits[:step.num_seqs]

@@ -14,6 +14,7 @@ from qwen_awq.engine.guided import GuidedDecoding, GuidedMatcher
 from qwen_awq.engine.kv_cache import KVPool, bytes_per_block
 from qwen_awq.engine.model_runner import ModelRunner
 from qwen_awq.engine.output import OutputTracker, eos_ids
+from qwen_awq.engine.overlap import PLACEHOLDER, InFlight, can_look_ahead, next_input_ids
 from qwen_awq.engine.sampler import HostSample, make_generator
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.scheduler import ScheduledBatch, Scheduler
@@ -50,6 +51,10 @@ class EngineConfig:
         "flags": ("--no-prefix-caching",), "help": "do not share KV blocks of common prefixes"})
     enforce_eager: bool = field(default=False, metadata={  # vLLM's name: no CUDA-graph capture of decode steps
         "help": "run decode steps eagerly instead of replaying captured CUDA graphs"})
+    async_scheduling: bool = field(default=True, metadata={  # vLLM's name; engine/overlap.py says when it applies
+        "flags": ("--no-async-scheduling",),
+        "help": "do not overlap the host's scheduling and output processing of a decode step with the GPU's run "
+                "of the previous one"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -148,6 +153,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._guided: GuidedDecoding | None = None  # built by the first request with a structured-output spec
         self._guided_lock = threading.Lock()
+        self._in_flight: InFlight | None = None  # a launched decode step not yet processed (async_scheduling)
+        self.num_overlapped_steps = 0  # steps launched while the previous one ran (metrics, tests)
         tokens = num_blocks * config.block_size
         self.kv_report = (f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens "
                           f"({num_blocks * per_block / GiB:.2f} GiB, {'int8' if int8 else str(model.dtype)[6:]}); "
@@ -206,10 +213,14 @@ class LLMEngine:
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None  # the last step in flight is still drained
 
     def step(self) -> list[RequestOutput]:
-        """One scheduled model call; returns the requests that produced something (finished ones last time)."""
+        """One scheduled model call; returns the requests that produced something (finished ones last time). With
+        async_scheduling a decode step may already be in flight: the next one is launched before it is read."""
+        if self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            return self._complete(current)
         batch = self.scheduler.schedule()
         if not batch.entries:
             return []
@@ -219,15 +230,44 @@ class LLMEngine:
         if sampled is None:
             self.scheduler.update(batch, {})
             return []
-        host = sampled.to_host()
-        self.scheduler.update(batch, host.tokens)
-        return self._process(batch, host)
+        return self._complete(InFlight(batch, sampled, sampled.start_copy()))
+
+    def _complete(self, current: InFlight) -> list[RequestOutput]:
+        """Launch the next step when it is safe (engine/overlap.py), then wait for `current` and process it."""
+        launched = self._launch_next(current) if self._overlaps(current.batch) else None
+        host = current.pending.result()
+        if launched is None:
+            self.scheduler.update(current.batch, host.tokens)
+        else:  # recorded with placeholders by _launch_next: the real tokens go over them
+            for e, token in zip(current.batch.sampling, host.tokens, strict=True):
+                if not e.seq.is_finished:
+                    e.seq.output_token_ids[-1] = token
+        outputs = self._process(current.batch, host)
+        self._in_flight = launched
+        return outputs
+
+    def _overlaps(self, batch: ScheduledBatch) -> bool:
+        return (self.config.async_scheduling and self.runner.device_input_ids
+                and can_look_ahead(batch, self.scheduler, self.max_model_len))
+
+    def _launch_next(self, current: InFlight) -> InFlight:
+        """Record `current` with placeholder tokens, schedule the next decode step and launch it on the tokens that
+        `current` samples on the device. A sequence that `current` finishes has its next row computed and dropped;
+        its blocks are freed after the launch, so only later launches reuse them (stream order)."""
+        self.scheduler.update(current.batch, [PLACEHOLDER] * len(current.batch.sampling))
+        batch = self.scheduler.schedule()
+        assert batch.entries and not batch.preempted, "can_look_ahead promised a decode step without preemption"
+        sampled = self.runner.step(batch, next_input_ids(current, batch))
+        self.num_overlapped_steps += 1
+        return InFlight(batch, sampled, sampled.start_copy())
 
     def _process(self, batch: ScheduledBatch, sampled: HostSample) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for row, e in enumerate(batch.sampling):
             seq = e.seq
+            if seq.is_finished:  # aborted, or ended by the step before, while this one was in flight: dropped
+                continue
             req = self.requests[seq.request_id]
             if seq.request_id not in touched:
                 for out in req.output.outputs:

@@ -14,6 +14,10 @@ from qwen_awq.models.decoder import Decoder
 
 
 class ModelRunner:
+    # Whether a step's input ids may come from the previous step's sampled tokens on the device (the engine's
+    # overlapped decode); the tensor-parallel runner sends host-built inputs to its workers, so it may not.
+    device_input_ids = True
+
     def __init__(self, model: Decoder, pool: KVPool, vocab_size: int, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.pool, self.vocab_size, self.graphs = model, pool, vocab_size, graphs
         self.device = model.device
@@ -30,20 +34,25 @@ class ModelRunner:
             return self.graphs.pack(batch.entries)
         return StepInput.build(batch.entries, self.pool.block_size, self.device)
 
-    def run(self, step: StepInput | DecodeInput, sample: bool) -> torch.Tensor | None:
+    def run(self, step: StepInput | DecodeInput, sample: bool,
+            input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The forward of one step: a captured decode graph's replay, or the eager forward, with logits (S, V)
-        when some entry samples (tensor-parallel workers run the same, on their shard)."""
+        when some entry samples (tensor-parallel workers run the same, on their shard). `input_ids` (T,) on the
+        device, when given, replace the step's own (which the host packed before knowing them)."""
         if isinstance(step, DecodeInput):
-            return self.graphs.run(step)
+            return self.graphs.run(step, input_ids)
+        if input_ids is not None:  # queued after the step's host-to-device copy, so it overwrites the host's ids
+            step.input_ids.copy_(input_ids)
         hidden = self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool))  # (T, hidden)
         return self.model.compute_logits(hidden[step.sample_index]) if sample else None  # (S, V)
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> SampleOutput | None:
+    def step(self, batch: ScheduledBatch, input_ids: torch.Tensor | None = None) -> SampleOutput | None:
         """Run the model on the batch; sample one token for each entry whose chunk ends at its last token, with
-        that sequence's own parameters, stop ids and generator (a plain greedy graph step: in a second graph)."""
+        that sequence's own parameters, stop ids and generator (a plain greedy graph step: in a second graph).
+        `input_ids` (T,): see run()."""
         step = self.step_input(batch)
-        logits = self.run(step, bool(batch.sampling))  # (S, V)
+        logits = self.run(step, bool(batch.sampling), input_ids)  # (S, V)
         if logits is None:
             return None
         seqs = [e.seq for e in batch.sampling]

@@ -28,14 +28,39 @@ class SampleOutput:
     packed: torch.Tensor | None = None
 
     def to_host(self) -> HostSample:
-        """All of it as Python lists from one device-to-host copy (one sync per step): every field packed as
-        float64 columns, which hold the ids (< 2^53) and the fp32 log-probs exactly."""
+        """All of it as Python lists from one device-to-host copy (one sync per step)."""
+        return self.start_copy().result()
+
+    def start_copy(self) -> PendingSample:
+        """Enqueue the device-to-host copy without waiting for it (an overlapped engine launches the next step
+        before reading this one): every field packed as float64 columns, which hold the ids (< 2^53) and the fp32
+        log-probs exactly, copied into pinned memory behind a CUDA event."""
         fields = [self.tokens[:, None], self.logprobs[:, None], *(self.top_logprobs or ())]
         packed = self.packed if self.packed is not None else torch.cat([f.double() for f in fields], dim=1)
-        rows = packed.tolist()  # (B, 2 + 2k)
-        k = 0 if self.top_logprobs is None else self.top_logprobs[0].shape[1]
-        top_ids = None if self.top_logprobs is None else [[int(i) for i in r[2:2 + k]] for r in rows]
-        top_values = None if self.top_logprobs is None else [r[2 + k:] for r in rows]
+        k = None if self.top_logprobs is None else self.top_logprobs[0].shape[1]
+        if packed.device.type != "cuda":  # a copy still: `packed` may be a graph's buffer that the next step rewrites
+            return PendingSample(packed.clone() if self.packed is not None else packed, k)
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingSample(host, k, event)
+
+
+@dataclass
+class PendingSample:
+    """A step's sampled rows on their way to the host: `result` waits for the copy (its event) and unpacks."""
+
+    packed: torch.Tensor  # (B, 2 + 2k) float64 on the host; filled once `event` has passed
+    k: int | None  # top log-probs per row; None: none were asked for
+    event: torch.cuda.Event | None = None  # None: already complete (CPU)
+
+    def result(self) -> HostSample:
+        if self.event is not None:
+            self.event.synchronize()
+        rows, k = self.packed.tolist(), self.k  # (B, 2 + 2k)
+        top_ids = None if k is None else [[int(i) for i in r[2:2 + k]] for r in rows]
+        top_values = None if k is None else [r[2 + k:] for r in rows]
         return HostSample([int(r[0]) for r in rows], [r[1] for r in rows], top_ids, top_values)
 
 

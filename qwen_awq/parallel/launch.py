@@ -114,6 +114,8 @@ class WorkerGroup:
 class TensorParallelRunner(ModelRunner):
     """Rank 0's ModelRunner: each step's inputs are built on the host, sent to the workers, then run here."""
 
+    device_input_ids = False  # the workers get the host's inputs: no overlapped decode
+
     def __init__(self, runner: ModelRunner, group: WorkerGroup) -> None:
         super().__init__(runner.model, runner.pool, runner.vocab_size, runner.graphs)
         self.group = group
