@@ -160,12 +160,17 @@ def left(budget: float) -> float:
 
 # Candidates of the second H200 run; the first run's full grid (block_n 32-128, 2-8 warps, 1-4 stages, splits,
 # tensor vs CUDA cores, prefetch) is in bench/results/paged_attention_H200_sweep1.json.
+# int8 as fp16 1024 + code on tensor cores (DecodeConfig.offset), named for the coordinator's runs.
+_OFF = DecodeConfig(offset=True)
+INT8_OFFSET = {"offset": _OFF, "offset-n128s2": replace(_OFF, block_n=128, num_stages=2),
+               "offset-n32": replace(_OFF, block_n=32), "offset-w8": replace(_OFF, num_warps=8),
+               "offset-s2": replace(_OFF, num_stages=2), "offset-plain": replace(_OFF, asm=False)}
 CANDIDATES = {
     False: [FP16_DEFAULT, replace(FP16_DEFAULT, block_n=128, num_stages=2)],
     True: [INT8_DEFAULT, replace(INT8_DEFAULT, asm=False), replace(INT8_DEFAULT, num_warps=4),
            replace(INT8_DEFAULT, block_n=64, num_warps=4), replace(INT8_DEFAULT, num_warps=4, prefetch=True),
            replace(INT8_DEFAULT, two_pass=True), replace(INT8_DEFAULT, two_pass=True, num_warps=4),
-           replace(INT8_DEFAULT, two_pass=True, block_n=64, num_warps=4)],
+           replace(INT8_DEFAULT, two_pass=True, block_n=64, num_warps=4), *INT8_OFFSET.values()],
 }
 
 
@@ -317,7 +322,7 @@ def sweep_lines(res: dict) -> list[str]:
         for r in rows[:6]:
             lines.append(f"- {kv}: block_n {r['block_n']}, warps {r['num_warps']}, stages {r['num_stages']}, "
                          f"splits {r['splits']}, dot {r['use_dot']}, prefetch {r['prefetch']}, "
-                         f"two_pass {r['two_pass']}, asm {r['asm']}: {r['ms'] * 1e3:.1f} us, "
+                         f"two_pass {r['two_pass']}, offset {r.get('offset')}, asm {r['asm']}: {r['ms'] * 1e3:.1f} us, "
                          f"{100 * gbps(nbytes, r['ms']) / copy:.1f}% of copy")
         if rows:
             lines.append(f"- {kv}: slowest of {len(rows)}: {rows[-1]['ms'] * 1e3:.1f} us")
@@ -397,7 +402,8 @@ def main() -> None:
     res["checks"] = attention_checks(gen, sizes)  # each case guarded inside
     res["graph_checks"] = {f"int8={i}-{name}": guarded(graph_check, i, gen, sizes, cfg) for i in (False, True)
                            for name, cfg in (("default", None), ("cudacore", DecodeConfig(use_dot=False)),
-                                             ("twopass", replace(INT8_DEFAULT, two_pass=True)))}
+                                             ("twopass", replace(INT8_DEFAULT, two_pass=True)),
+                                             ("offset", INT8_OFFSET["offset"]))}
     save("checks")
     res["rotary_checks"] = guarded(rotary_checks, gen, sizes)
     save("rotary checks")

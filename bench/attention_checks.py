@@ -115,7 +115,9 @@ def attention_checks(gen: torch.Generator, sizes: Sizes) -> dict:
     variants = [("cudacore", False, DecodeConfig(use_dot=False)), ("cudacore", True, DecodeConfig(use_dot=False)),
                 ("tensorcore", True, DecodeConfig(use_dot=True)), ("twopass", True, DecodeConfig(
                     use_dot=False, two_pass=True, block_n=32, num_warps=8, num_stages=1)),
-                ("plain-u8", True, DecodeConfig(use_dot=False, asm=False, block_n=32, num_warps=8, num_stages=1))]
+                ("plain-u8", True, DecodeConfig(use_dot=False, asm=False, block_n=32, num_warps=8, num_stages=1)),
+                ("offset", True, DecodeConfig(offset=True)),
+                ("offset-plain", True, DecodeConfig(offset=True, asm=False))]
     for name, int8, cfg in variants:  # the MHA kernels besides each storage's default
         cases[f"decode-{n}x{top}-{name}-{'int8' if int8 else 'fp16'}"] = _attention_errors(
             "decode", sizes.heads, sizes.heads, torch.float16, int8, decode_ctx, [1] * n, gen, cfg)

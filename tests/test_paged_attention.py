@@ -48,12 +48,13 @@ class Case:
     head_dim: int = 32
     prefetch: bool = True
     two_pass: bool = False
+    offset: bool = False
 
     @property
     def id(self) -> str:
         kv = "int8" if self.int8 else self.dtype
         return (f"{self.kind}-h{self.heads}kv{self.kv_heads}-d{self.head_dim}-{self.dtype}-{kv}-bs{self.block_size}"
-                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-pf{self.prefetch}-2p{self.two_pass}-{self.layout}-shared{self.shared}")
+                f"-n{self.block}-s{self.splits}-dot{self.use_dot}-pf{self.prefetch}-2p{self.two_pass}-off{self.offset}-{self.layout}-shared{self.shared}")
 
 
 CASES = [
@@ -68,6 +69,9 @@ CASES = [
     Case("decode", 4, 4, int8=True, layout="block", block_size=32, splits=2),
     Case("decode", 4, 4, int8=True, two_pass=True, splits=3),
     Case("decode", 4, 4, "bf16", int8=True, two_pass=True, block_size=8, block=32),
+    Case("decode", 4, 4, int8=True, offset=True, splits=3),
+    Case("decode", 8, 2, "bf16", int8=True, offset=True, splits=2, block_size=16, block=32),
+    Case("decode", 4, 4, int8=True, offset=True, layout="block", block_size=8, head_dim=64),
     Case("prefill", 4, 4),
     Case("prefill", 6, 2, block_size=8, block=32),
     Case("prefill", 4, 2, "bf16", int8=True),
@@ -170,7 +174,7 @@ def _attention_case(kern: dict, case: Case, gen: torch.Generator, device: str, p
     tables, lens = tables.to(device), torch.tensor(ctx, device=device)
     if case.kind == "decode":
         cfg = DecodeConfig(block_n=case.block, splits=case.splits, use_dot=case.use_dot, prefetch=case.prefetch,
-                           two_pass=case.two_pass)
+                           two_pass=case.two_pass, offset=case.offset)
         out = kern["decode"](q.to(device), kv, tables, lens, scale, cfg)
     else:
         cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], device=device)

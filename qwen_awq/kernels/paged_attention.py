@@ -16,6 +16,7 @@ from torch import Tensor
 from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.paged_common import (
     LOG2E,
+    codes_f16_offset,
     codes_f32,
     dot_dtype,
     finish,
@@ -48,6 +49,7 @@ class DecodeConfig:
     prefetch: bool = True  # CUDA-core MHA: load the next tile before computing this one
     two_pass: bool = False  # CUDA-core int8 MHA: scores and their max first, then the values (no rescaling)
     asm: bool = True  # int8: codes to fp32 with one PRMT each (inline PTX; off under the CPU interpreter)
+    offset: bool = False  # int8 on tensor cores as fp16 1024 + code (one PRMT per two), scales after the dots
 
     def __post_init__(self) -> None:
         for name in ("block_n", "num_warps"):
@@ -202,13 +204,25 @@ def _decode_int8_two_pass_kernel(
 
 
 @jit
+def _offset_values(acc, corr, p, v, VSZ, zr, valid, ASM: tl.constexpr):
+    """acc (GP, D) += (p scale) @ (1024 + codes), corr (GP,) += (p scale) . (1024 + zero): acc - corr is
+    p @ scale (codes - zero). Both use the same fp16-rounded weights, so the offset cancels exactly and the error
+    is the fp16 path's rounding of p; a subnormal p * scale errs by at most 2^-25 absolute."""
+    w = (p * tl.load(VSZ + zr, mask=valid, other=0.0)[None, :]).to(tl.float16)  # (GP, N)
+    vz = tl.load(VSZ + zr + 1, mask=valid, other=0.0) + 1024.0
+    corr += tl.sum(w.to(tl.float32) * vz[None, :], 1)
+    return acc + tl.dot(w, codes_f16_offset(v, ASM)), corr
+
+
+@jit
 def _decode_gqa_kernel(
     Q, K, V, KSZ, VSZ, TABLES, LENS, OUT, PART_M, PART_L, scale_log2, num_heads, num_splits,
     stride_qb, stride_qh, stride_tb, s_blk, s_tok, s_head, z_blk, z_tok, z_head, stride_ob, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-    INT8: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr,
+    INT8: tl.constexpr, IS_SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr,
 ):
-    """The G query heads of one kv head (padded to GP >= 16 rows) on tensor cores: each tile is loaded once."""
+    """The G query heads of one kv head (padded to GP >= 16 rows) on tensor cores: each tile is loaded once.
+    OFFSET (int8, DOT_DTYPE fp16): the dots take codes as 1024 + c; the offset joins the zero points."""
     kvh, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lo, hi = split_range(LENS, b, split, num_splits, BLOCK_N)
     g = tl.arange(0, GP)
@@ -220,6 +234,7 @@ def _decode_gqa_kernel(
     m = tl.full((GP,), -1.0e30, tl.float32)
     l_sum = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, HEAD_DIM), tl.float32)
+    corr = tl.zeros((GP,), tl.float32)  # OFFSET: sum of weight * scale * (1024 + zero), taken off acc at the end
     table = TABLES + b.to(tl.int64) * stride_tb
     k_base, v_base = K + kvh * s_head, V + kvh * s_head
     for start in range(lo, hi, BLOCK_N):
@@ -229,23 +244,32 @@ def _decode_gqa_kernel(
         rows = blk * s_blk + (offs % BS) * s_tok
         k = tl.load(k_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
         v = tl.load(v_base + rows[:, None] + d[None, :], mask=valid[:, None], other=0)
-        if INT8:
-            k = codes_f32(k, ASM)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # (GP, N); int8 codes are exact in fp16/bf16
-        if INT8:
-            zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
+        zr = blk * z_blk + (offs % BS) * z_tok + kvh * z_head
+        if OFFSET:  # q . (1024 + c) - (1024 + zero) sum(q) = q . (c - zero)
+            s = tl.dot(q, tl.trans(codes_f16_offset(k, ASM)))  # (GP, N)
+            kz = tl.load(KSZ + zr + 1, mask=valid, other=0.0) + 1024.0
+            s = tl.load(KSZ + zr, mask=valid, other=0.0)[None, :] * (s - kz[None, :] * qsum[:, None])
+        elif INT8:
+            s = tl.dot(q, tl.trans(codes_f32(k, ASM).to(DOT_DTYPE)))  # int8 codes are exact in fp16/bf16
             ks = tl.load(KSZ + zr, mask=valid, other=0.0)
             s = ks[None, :] * (s - tl.load(KSZ + zr + 1, mask=valid, other=0.0)[None, :] * qsum[:, None])
             # dequantize v: weight * scale would fall into fp16's subnormals as a dot operand
             v = tl.load(VSZ + zr, mask=valid, other=0.0)[:, None] * (
                 codes_f32(v, ASM) - tl.load(VSZ + zr + 1, mask=valid, other=0.0)[:, None])
+        else:
+            s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # (GP, N)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])  # (GP, N)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        if OFFSET:
+            acc, corr = _offset_values(acc * alpha[:, None], corr * alpha, p, v, VSZ, zr, valid, ASM)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
         m = m_new
+    if OFFSET:
+        acc = acc - corr[:, None]
     finish(OUT, PART_M, PART_L, acc, m, l_sum, b, heads, g < G, split, num_splits, num_heads, stride_ob,
             stride_oh, HEAD_DIM, IS_SPLIT)
 
@@ -301,15 +325,17 @@ def paged_decode_attention_triton(
             *kv_strides(ksz, kv.block_size, kv.block_major), out.stride(0), out.stride(1))
     meta = dict(HEAD_DIM=d, BS=kv.block_size, BLOCK_N=cfg.block_n, IS_SPLIT=splits > 1, ASM=cfg.asm and use_asm(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if group == 1 and not cfg.use_dot and kv.int8 and cfg.two_pass:
+    offset = cfg.offset and kv.int8
+    if group == 1 and not cfg.use_dot and kv.int8 and cfg.two_pass and not offset:
         scores = q.new_empty((bsz * heads, block_tables.shape[1] * kv.block_size), dtype=torch.float32)
         _decode_int8_two_pass_kernel[(hkv, bsz, splits)](*args[:10], scores, *args[10:], scores.stride(0), **meta)
-    elif group == 1 and not cfg.use_dot:
+    elif group == 1 and not cfg.use_dot and not offset:
         _decode_mha_kernel[(hkv, bsz, splits)](*args, INT8=kv.int8, PREFETCH=cfg.prefetch, **meta)
     else:  # tl.dot needs 16 rows: the group is padded
         gp = max(16, triton.next_power_of_2(group))
-        _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, INT8=kv.int8, DOT_DTYPE=dot_dtype(q.dtype),
-                                               **meta)
+        dtype = tl.float16 if offset else dot_dtype(q.dtype)  # 1024 + code is exact in fp16, not in bf16
+        _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, INT8=kv.int8, DOT_DTYPE=dtype,
+                                               OFFSET=offset, **meta)
     if splits > 1:
         _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
                                       SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)

@@ -41,6 +41,18 @@ def codes_f32(x, ASM: tl.constexpr):
 
 
 @jit
+def codes_f16_offset(x, ASM: tl.constexpr):
+    """uint8 codes -> fp16 1024 + c, exact: the fp16 with bits 0x6400 | c is 2^10 + c for c in 0..255 (bf16 has
+    too few mantissa bits for this, so these dots run in fp16 whatever the activations). ASM builds two of them
+    with one PRMT (four codes, two PRMTs); the CPU interpreter runs no PTX, so it takes the plain form."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; mov.b32 t, 0x64646464; prmt.b32 $0, $2, t, 0x4140; prmt.b32 $1, $2, t, 0x4342; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    return (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@jit
 def split_range(LENS, b, split, num_splits, BLOCK_N: tl.constexpr):
     """Tokens [lo, hi) of sequence b that this split reads: its share of the real length, in whole tiles."""
     ctx = tl.load(LENS + b).to(tl.int32)
