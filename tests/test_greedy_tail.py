@@ -58,6 +58,7 @@ def _engine(model, graphed: bool, seen: dict[str, list] | None = None) -> LLMEng
             graphs.logits[:b].copy_(graphs._forward(b))
         graphs.graphs = {b: _Eager(forward, b, seen["graph"]) for b in graphs.sizes}
         graphs.tails = {b: _Eager(graphs._greedy_tail, b, seen["tail"]) for b in graphs.sizes}
+        graphs.random_tails = {b: _Eager(graphs._random_tail, b, seen["random"]) for b in graphs.sizes}
     return engine
 
 
@@ -83,7 +84,7 @@ def test_greedy_tail_gives_the_eager_engines_tokens(tiny, mixed):
     params = [greedy, greedy, greedy]
     if mixed:
         params[1] = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3)
-    seen: dict[str, list] = {"graph": [], "tail": []}
+    seen: dict[str, list] = {"graph": [], "tail": [], "random": []}
     got = _run(_engine(tiny, True, seen), params)
     want = _run(_engine(tiny, False), params)
     assert [t for t, _ in got] == [t for t, _ in want]
@@ -91,3 +92,22 @@ def test_greedy_tail_gives_the_eager_engines_tokens(tiny, mixed):
         assert a == pytest.approx(b, abs=1e-4)
     assert len(seen["graph"]) > 0
     assert (seen["tail"] == []) if mixed else (seen["tail"] == seen["graph"])
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_random_tail_gives_the_eager_engines_draws(tiny, seeded):
+    """Plain temperature sampling takes the random tail (same default-generator draws as sample()); a seeded row
+    sends the whole step to the eager sampler."""
+    params = [SamplingParams(temperature=t, max_tokens=6, ignore_eos=True) for t in (1.0, 0.6, 1.0)]
+    if seeded:
+        params[2] = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=5)
+    seen: dict[str, list] = {"graph": [], "tail": [], "random": []}
+    torch.manual_seed(21)
+    got = _run(_engine(tiny, True, seen), params)
+    torch.manual_seed(21)
+    want = _run(_engine(tiny, False), params)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert seen["tail"] == []
+    assert (seen["random"] == []) if seeded else (seen["random"] == seen["graph"] != [])

@@ -14,7 +14,7 @@ import torch
 
 from qwen_awq.engine.decode_input import DecodeInput, decode_views, pack_decode, packed_len, split_packed
 from qwen_awq.engine.kv_cache import KVPool
-from qwen_awq.engine.sampler import SampleOutput, greedy_rows
+from qwen_awq.engine.sampler import SampleOutput, greedy_rows, random_rows
 from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
@@ -44,6 +44,8 @@ class DecodeGraphs:
         self.greedy = torch.empty(self.sizes[-1], 2, dtype=torch.float64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.tails: dict[int, torch.cuda.CUDAGraph] = {}  # graph b's logits -> greedy[:b]
+        # graph b's logits + packed temperatures -> greedy[:b] drawn rows (sampler.random_rows)
+        self.random_tails: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_handle = None
         self.replays = 0
 
@@ -79,20 +81,26 @@ class DecodeGraphs:
             self.pool_handle = graph.pool()
             self.graphs[b] = graph
             if b <= TAIL_MAX_BATCH:
-                self.tails[b] = self._capture_tail(b)
+                self.tails[b] = self._capture_tail(b, self._greedy_tail)
+                self.random_tails[b] = self._capture_tail(b, self._random_tail)
         torch.cuda.synchronize()
 
     def _greedy_tail(self, b: int) -> None:
         self.greedy[:b].copy_(greedy_rows(self.logits[:b], self.vocab_size))
 
-    def _capture_tail(self, b: int) -> torch.cuda.CUDAGraph:
-        """A second graph per size for plain greedy steps: argmax and log-prob of every row, so that such a step
-        samples with one more replay and reads its result with one device-to-host copy."""
-        self._greedy_tail(b)  # warm-up
+    def _random_tail(self, b: int) -> None:
+        temperature = split_packed(self.buffer, b, self.max_blocks)[6]  # (b,) fp32, from the step's upload
+        self.greedy[:b].copy_(random_rows(self.logits[:b], self.vocab_size, temperature))
+
+    def _capture_tail(self, b: int, fn) -> torch.cuda.CUDAGraph:
+        """A second graph per size for plain greedy (or plain random) steps: the id and log-prob of every row, so
+        that such a step samples with one more replay and reads its result with one device-to-host copy. The
+        random tail draws from torch's default CUDA generator, which graphs capture safely."""
+        fn(b)  # warm-up
         torch.cuda.synchronize()
         tail = torch.cuda.CUDAGraph()
         with torch.cuda.graph(tail, pool=self.pool_handle):
-            self._greedy_tail(b)
+            fn(b)
         return tail
 
     def fits(self, num_seqs: int, table_width: int) -> bool:
@@ -110,8 +118,9 @@ class DecodeGraphs:
         self.replays += 1
         return self.logits[:step.num_seqs]
 
-    def sample_greedy(self, step: DecodeInput) -> SampleOutput:
-        """After run(step): the plain greedy sample of its rows, from the tail graph (valid until the next run)."""
-        self.tails[step.size].replay()
+    def sample_greedy(self, step: DecodeInput, random: bool = False) -> SampleOutput:
+        """After run(step): the plain greedy (or plain random) sample of its rows, from a tail graph (valid until the
+        next run)."""
+        (self.random_tails if random else self.tails)[step.size].replay()
         rows = self.greedy[:step.num_seqs]  # (n, 2)
         return SampleOutput(tokens=rows[:, 0], logprobs=rows[:, 1], packed=rows)

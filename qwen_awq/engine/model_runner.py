@@ -7,7 +7,7 @@ from qwen_awq.engine.cuda_graph import DecodeGraphs
 from qwen_awq.engine.decode_input import DecodeInput
 from qwen_awq.engine.guided import apply_step_masks
 from qwen_awq.engine.kv_cache import KVPool
-from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, plain_greedy, sample
+from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, plain_greedy, plain_random, sample
 from qwen_awq.engine.scheduler import ScheduledBatch
 from qwen_awq.engine.step_input import StepInput
 from qwen_awq.models.decoder import Decoder
@@ -59,6 +59,10 @@ class ModelRunner:
         if isinstance(step, DecodeInput) and step.size in self.graphs.tails and all(
                 s.matcher is None and plain_greedy(s.params, len(s.output_token_ids), s.stop_ids) for s in seqs):
             return self.graphs.sample_greedy(step)
+        if isinstance(step, DecodeInput) and step.size in self.graphs.random_tails and all(
+                s.matcher is None and s.generator is None
+                and plain_random(s.params, len(s.output_token_ids), s.stop_ids, seeded=False) for s in seqs):
+            return self.graphs.sample_greedy(step, random=True)  # every row temperature-only, unseeded
         apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,

@@ -330,3 +330,23 @@ def greedy_rows(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
     tokens = raw.argmax(dim=-1)  # (B,)
     return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)
+
+
+def plain_random(params: SamplingParams, num_outputs: int, stop_ids: Sequence[int], seeded: bool) -> bool:
+    """Whether sample() reduces to softmax(logits / T) + the exponential race on torch's default generator for this
+    row: temperature only (top_k, top_p, min_p off), unseeded, no penalty, no top log-probs, no min_tokens ban."""
+    return (not params.greedy and not seeded and params.top_k == 0 and params.top_p >= 1.0 and params.min_p == 0.0
+            and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and not params.logprobs
+            and not (num_outputs < params.min_tokens and stop_ids))
+
+
+def random_rows(logits: torch.Tensor, vocab_size: int, temperature: torch.Tensor) -> torch.Tensor:
+    """(B, 2) float64 [drawn id, its raw log-prob] of logits (B, V_padded) at per-row temperatures (B,) fp32 > 0:
+    sample() of a plain_random batch with the same ops and the same default-generator draws (a graph can capture
+    it). Temporaries: ~3 * B * V * 4 bytes (raw, probs, q)."""
+    raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
+    probs = (raw / temperature[:, None]).softmax(dim=-1)  # (B, V)
+    q = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)  # (B, V)
+    tokens = (probs / q).argmax(dim=-1)  # (B,)
+    return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)
