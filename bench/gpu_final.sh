@@ -115,7 +115,7 @@ sec_fastpath() {
 }
 sec_steps() {
   run_section steps 45 90 $PY bench/gpu_step_profile.py --out "$WORK/steps" --model $M "${DEV[@]}" \
-    --batch 1 32 128 --quant awq --tokens 64
+    --batch 1 32 128 --quant awq --tokens 64 ${STEPS_EXTRA:-}
 }
 sec_gputests() {  # the suite's tests that skip without a GPU (AutoAWQ's needs its package: not on this image)
   (export QWEN_AWQ_TEST_DEVICE=cuda; run_section gputests 40 120 $PY -m pytest -q -p no:cacheprovider \
