@@ -18,13 +18,11 @@ import torch.nn.functional as F
 from qwen_awq.eval import bench_kernels_common as bk
 from qwen_awq.eval.bench_kernels_sweep import GEMV_GRID
 from qwen_awq.kernels import w4a16 as kern
-from qwen_awq.quant.packing import dequantize_repacked
 
 
 def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: float) -> list[dict]:
-    layers = [bk.random_layer(k, n, gen)[1] for _ in range(bk.copies_for(bk.w4_bytes(k, n, 1)))]
-    ref_w = dequantize_repacked(layers[0].qweight_t, layers[0].scale_zero, bk.GROUP, torch.float16)
-    dense = [torch.randn(n, k, generator=gen).half().cuda() for _ in range(bk.copies_for(2 * n * k))]
+    layers, ref_w = bk.rotated_layers(k, n, gen)
+    dense = bk.dense_copies(k, n, gen)
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=gen).half().cuda()
@@ -34,14 +32,8 @@ def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: fl
         for cfg in GEMV_GRID.get(m, []):
             if time.time() > deadline:
                 break
-            entry = {"config": dataclasses.asdict(cfg)}
-            try:
-                entry["err"] = bk.check(kern.w4a16_gemv(x, layers[0], config=cfg), x, ref_w)
-                if entry["err"] <= bk.TOLERANCE[torch.float16]:
-                    entry["us"] = bk.time_rotated(partial(kern.w4a16_gemv, config=cfg), x, layers, rep_ms=25)
-            except Exception as err:  # a candidate that fails to compile is recorded, not fatal
-                entry["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-            row["gemv"].append(entry)
+            row["gemv"].append({"config": dataclasses.asdict(cfg),
+                                **bk.timed_candidate(partial(kern.w4a16_gemv, config=cfg), x, layers, ref_w)})
         rows.append(row)
         best = min((e for e in row["gemv"] if "us" in e), key=lambda e: e["us"], default={"us": float("nan")})
         print(f"== K={k} N={n} M={m}: cuBLAS {row['cublas_fp16_us']:.1f} current {row['current_us']:.1f} "

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from qwen_awq.eval import bench_kernels_common as bk
 from qwen_awq.kernels import w4a16 as kern
-from qwen_awq.quant.packing import dequantize_repacked
 
 Mc = kern.MmaConfig
 CANDIDATES = {  # per M: the tuned choice first (w4a16_tuned "any"), then larger tiles
@@ -52,9 +51,8 @@ def _time(fn, x, layers) -> float:
 
 
 def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: float) -> list[dict]:
-    layers = [bk.random_layer(k, n, gen)[1] for _ in range(bk.copies_for(bk.w4_bytes(k, n, 1)))]
-    ref_w = dequantize_repacked(layers[0].qweight_t, layers[0].scale_zero, bk.GROUP, torch.float16)
-    dense_ws = [torch.randn(n, k, generator=gen).half().cuda() for _ in range(bk.copies_for(2 * n * k))]
+    layers, ref_w = bk.rotated_layers(k, n, gen)
+    dense_ws = bk.dense_copies(k, n, gen)
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=gen).half().cuda()
@@ -63,13 +61,8 @@ def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: fl
         for cfg in CANDIDATES[m]:
             if time.time() > deadline:
                 break
-            entry = {"config": dataclasses.asdict(cfg)}
-            try:
-                entry["err"] = bk.check(kern.w4a16_mma(x, layers[0], config=cfg), x, ref_w)
-                if entry["err"] <= bk.TOLERANCE[torch.float16]:
-                    entry["us"] = _time(partial(kern.w4a16_mma, config=cfg), x, layers)
-            except Exception as err:  # a tile that fails to compile (shared memory, registers) is recorded
-                entry["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            entry = {"config": dataclasses.asdict(cfg),
+                     **bk.timed_candidate(partial(kern.w4a16_mma, config=cfg), x, layers, ref_w)}
             row["mma"].append(entry)
             print(f"K={k} N={n} M={m} {cfg}: {entry.get('us', entry)}", flush=True)
         rows.append(row)

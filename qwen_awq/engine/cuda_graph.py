@@ -118,7 +118,7 @@ class DecodeGraphs:
         self.replays += 1
         return self.logits[:step.num_seqs]
 
-    def sample_greedy(self, step: DecodeInput, random: bool = False) -> SampleOutput:
+    def sample_tail(self, step: DecodeInput, random: bool = False) -> SampleOutput:
         """After run(step): the plain greedy (or plain random) sample of its rows, from a tail graph (valid until the
         next run)."""
         (self.random_tails if random else self.tails)[step.size].replay()

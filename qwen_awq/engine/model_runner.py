@@ -56,15 +56,24 @@ class ModelRunner:
         if logits is None:
             return None
         seqs = [e.seq for e in batch.sampling]
-        if isinstance(step, DecodeInput) and step.size in self.graphs.tails and all(
-                s.matcher is None and plain_greedy(s.params, len(s.output_token_ids), s.stop_ids) for s in seqs):
-            return self.graphs.sample_greedy(step)
-        if isinstance(step, DecodeInput) and step.size in self.graphs.random_tails and all(
-                s.matcher is None and s.generator is None
-                and plain_random(s.params, len(s.output_token_ids), s.stop_ids, seeded=False) for s in seqs):
-            return self.graphs.sample_greedy(step, random=True)  # every row temperature-only, unseeded
+        kind = _tail_kind(seqs) if isinstance(step, DecodeInput) and step.size in self.graphs.tails else None
+        if kind is not None and step.size in (self.graphs.random_tails if kind == "random" else self.graphs.tails):
+            return self.graphs.sample_tail(step, random=kind == "random")
         apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,
                                  stop_ids_per_row=[s.stop_ids for s in seqs])
         return sample(logits, sb, [s.generator for s in seqs])
+
+
+def _tail_kind(seqs: list) -> str | None:
+    """Which captured tail samples every row as sample() would: "greedy", "random" (temperature only, unseeded),
+    or None (the eager sampler: mixed rows, grammars, penalties, seeds, top-k/p ...)."""
+    if any(s.matcher is not None for s in seqs):
+        return None
+    if all(plain_greedy(s.params, len(s.output_token_ids), s.stop_ids) for s in seqs):
+        return "greedy"
+    if all(plain_random(s.params, len(s.output_token_ids), s.stop_ids, seeded=s.generator is not None)
+           for s in seqs):
+        return "random"
+    return None

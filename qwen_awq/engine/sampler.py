@@ -245,7 +245,9 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
     """
     q = torch.empty_like(probs)  # (S, V)
     unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
+    if len(unseeded) == len(generators):  # the same draws without an index upload (graph-capturable)
+        q.exponential_()
+    elif unseeded:
         q[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device).exponential_()
     for i, gen in enumerate(generators):
         if gen is not None:
@@ -344,9 +346,8 @@ def plain_random(params: SamplingParams, num_outputs: int, stop_ids: Sequence[in
 def random_rows(logits: torch.Tensor, vocab_size: int, temperature: torch.Tensor) -> torch.Tensor:
     """(B, 2) float64 [drawn id, its raw log-prob] of logits (B, V_padded) at per-row temperatures (B,) fp32 > 0:
     sample() of a plain_random batch with the same ops and the same default-generator draws (a graph can capture
-    it). Temporaries: ~3 * B * V * 4 bytes (raw, probs, q)."""
+    it). Temporaries: ~3 * B * V * 4 bytes (raw, probs, the race's q)."""
     raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
     probs = (raw / temperature[:, None]).softmax(dim=-1)  # (B, V)
-    q = torch.empty_like(probs).exponential_().clamp_(min=torch.finfo(probs.dtype).tiny)  # (B, V)
-    tokens = (probs / q).argmax(dim=-1)  # (B,)
+    tokens = exponential_race(probs, [None] * probs.shape[0])  # (B,)
     return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)

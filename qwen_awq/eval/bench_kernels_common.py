@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from qwen_awq.kernels import w4a16 as kern
-from qwen_awq.quant.packing import repack_awq
+from qwen_awq.quant.packing import dequantize_repacked, repack_awq
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Qwen-7B (K, N): qkv, o, gate_up, down
 GROUP = 128  # spec: awq.md, the checkpoint default
@@ -55,3 +55,29 @@ def check(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor) -> float:
     """Relative error of y against the float32 product with the exactly dequantized weight (N, K)."""
     ref = x.float() @ ref_w.t()
     return float((y.float() - ref).abs().max() / ref.abs().max())
+
+
+def timed_candidate(call: Callable, x: torch.Tensor, layers: list, ref_w: torch.Tensor, rep_ms: int = 25) -> dict:
+    """{"err", "us"} of call(x, w): checked against the exactly dequantized reference first, timed only when
+    within tolerance; a candidate that fails to compile or launch gives {"error"} instead of stopping a sweep."""
+    entry: dict = {}
+    try:
+        entry["err"] = check(call(x, layers[0]), x, ref_w)
+        if entry["err"] <= TOLERANCE[torch.float16]:
+            entry["us"] = time_rotated(call, x, layers, rep_ms=rep_ms)
+    except Exception as err:  # shared memory, registers, a Triton version's limits: a result, not a crash
+        entry["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return entry
+
+
+def rotated_layers(k: int, n: int, gen: torch.Generator) -> tuple[list, torch.Tensor]:
+    """Enough random repacked (K -> N) layers that L2 never holds them all (time_rotated), and the first one's
+    exactly dequantized fp16 weight (N, K) for check."""
+    layers = [random_layer(k, n, gen)[1] for _ in range(copies_for(w4_bytes(k, n, 1)))]
+    return layers, dequantize_repacked(layers[0].qweight_t, layers[0].scale_zero, GROUP, torch.float16)
+
+
+
+def dense_copies(k: int, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Random fp16 weights (N, K), enough copies for time_rotated: the cuBLAS peer of a W4A16 time."""
+    return [torch.randn(n, k, generator=gen).half().cuda() for _ in range(copies_for(2 * n * k))]

@@ -18,7 +18,6 @@ import torch
 
 from qwen_awq.eval import bench_kernels_common as bk
 from qwen_awq.kernels import w4a16 as kern
-from qwen_awq.quant.packing import dequantize_repacked
 
 Gc, Mc = kern.GemvConfig, kern.MmaConfig
 # First H200 sweep (bench/results/awq_kernel_H200_w4a16_sweep1.md): at M <= 16 every kernel was bound by bytes in
@@ -85,19 +84,13 @@ def _call(kind: str, cfg, x: torch.Tensor, w: kern.W4Weight) -> torch.Tensor:
 
 
 def _sweep_shape(k: int, n: int, gen: torch.Generator) -> list[dict]:
-    layers = [bk.random_layer(k, n, gen)[1] for _ in range(bk.copies_for(bk.w4_bytes(k, n, 1)))]
-    ref_w = dequantize_repacked(layers[0].qweight_t, layers[0].scale_zero, bk.GROUP, torch.float16)
+    layers, ref_w = bk.rotated_layers(k, n, gen)
     results = []
     for m in SWEPT_MS:
         x = torch.randn(m, k, generator=gen).half().cuda()  # (M, K)
         for kind, cfg in candidates(m):
-            entry = {"K": k, "N": n, "M": m, "kind": kind, "config": dataclasses.asdict(cfg) if cfg else None}
-            try:
-                entry["err"] = bk.check(_call(kind, cfg, x, layers[0]), x, ref_w)
-                if entry["err"] <= bk.TOLERANCE[torch.float16]:
-                    entry["us"] = bk.time_rotated(partial(_call, kind, cfg), x, layers, rep_ms=25)
-            except Exception as err:  # a config that fails to compile or launch is recorded, not fatal
-                entry["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            entry = {"K": k, "N": n, "M": m, "kind": kind, "config": dataclasses.asdict(cfg) if cfg else None,
+                     **bk.timed_candidate(partial(_call, kind, cfg), x, layers, ref_w)}
             results.append(entry)
             print(f"sweep K={k} N={n} M={m} {kind} {entry.get('config')}: {entry.get('us', entry)}", flush=True)
     return results
