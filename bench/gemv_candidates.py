@@ -1,4 +1,4 @@
-"""Time every GEMV candidate of the tile sweep (bench_kernels_sweep.GEMV_GRID) at M = 1 and 2 on Qwen-7B's four
+"""Time every GEMV candidate of the sweep (bench_kernels_sweep.CUDA_GRID, GEMV_GRID) at M = 1 and 2 on Qwen-7B's four
 shapes, next to the dispatcher's current choice and fp16 cuBLAS, in one run (issue 10's M = 1 row), without the
 full sweep's MMA part. On the GPU machine from the repo root:
     python3 bench/gemv_candidates.py --out $OUT/gemv_candidates.json [--ms 1,2] [--budget 120]
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen_awq.eval import bench_kernels_common as bk
-from qwen_awq.eval.bench_kernels_sweep import GEMV_GRID
+from qwen_awq.eval.bench_kernels_sweep import CUDA_GRID, GEMV_GRID
 from qwen_awq.kernels import w4a16 as kern
 
 
@@ -29,11 +29,13 @@ def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: fl
         row = {"K": k, "N": n, "M": m, "floor_bytes": bk.w4_bytes(k, n, m),
                "cublas_fp16_us": bk.time_rotated(lambda x_, w: F.linear(x_, w), x, dense, rep_ms=25),
                "current_us": bk.time_rotated(kern.w4a16_triton, x, layers, rep_ms=25), "gemv": []}
-        for cfg in GEMV_GRID.get(m, []):
+        grid = [("cuda", c) for c in CUDA_GRID.get(m, [])] + [("gemv", c) for c in GEMV_GRID.get(m, [])]
+        for kind, cfg in grid:
             if time.time() > deadline:
                 break
-            row["gemv"].append({"config": dataclasses.asdict(cfg),
-                                **bk.timed_candidate(partial(kern.w4a16_gemv, config=cfg), x, layers, ref_w)})
+            call = kern.w4a16_cuda_only if kind == "cuda" else kern.w4a16_gemv
+            row["gemv"].append({"kind": kind, "config": dataclasses.asdict(cfg),
+                                **bk.timed_candidate(partial(call, config=cfg), x, layers, ref_w)})
         rows.append(row)
         best = min((e for e in row["gemv"] if "us" in e), key=lambda e: e["us"], default={"us": float("nan")})
         print(f"== K={k} N={n} M={m}: cuBLAS {row['cublas_fp16_us']:.1f} current {row['current_us']:.1f} "
@@ -50,7 +52,7 @@ def totals(rows: list[dict], bw: float) -> None:
         for i, e in enumerate(at_m[0]["gemv"]):
             ts = [r["gemv"][i].get("us") for r in at_m if i < len(r["gemv"])]
             if len(ts) == len(at_m) and None not in ts:
-                print(f"   {sum(ts):7.1f} us ({100 * floor / sum(ts):.0f}% of copy)  {e['config']}")
+                print(f"   {sum(ts):7.1f} us ({100 * floor / sum(ts):.0f}% of copy)  {e['kind']} {e['config']}")
 
 
 def main() -> None:

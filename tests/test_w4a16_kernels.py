@@ -25,7 +25,7 @@ TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # gemv | mma | dense | auto (w4a16_triton's choice by M) | dequant (exact) | norm
+    path: str  # gemv | mma | dense | cuda (NVRTC, GPU only) | auto (w4a16_triton's choice by M) | dequant | norm
     m: int
     k: int
     n: int
@@ -35,7 +35,7 @@ class Case:
     silu: bool = False
     scales: str = "fp16"  # the dtype whose bits scale_zero stores
     layout: str = "2d"  # 2d | 3d: x (2, M/2, K) | strided: x a column slice of a wider tensor
-    config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig
+    config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig / CudaGemvConfig
     split: int | None = None
 
     @property
@@ -105,6 +105,16 @@ GPU_CASES = [
     Case("mma", 4, 11008, 4096, dtype="bf16", silu=True),
     Case("mma", 64, 4096, 22016),
     Case("auto", 4096, 4096, 4096, bias=True),
+    # The NVRTC GEMV: ragged N (rows per block 8), K with fewer chunks than lanes and with a ragged last step,
+    # every group size, bf16 activations and scales, a strided and a 3-d x, M = 1..4, the real shapes.
+    Case("cuda", 1, 256, 40, 32, bias=True, config=(("rows", 2), ("unroll", 4))),
+    Case("cuda", 1, 640, 48, 64, config=(("rows", 1), ("unroll", 2), ("warps", 2))),
+    Case("cuda", 2, 11008, 72, 128, "bf16", silu=True, config=(("rows", 4), ("unroll", 2))),
+    Case("cuda", 3, 4096, 200, 128, bias=True, scales="bf16", layout="strided", config=(("rows", 1),)),
+    Case("cuda", 4, 384, 48, 64, "bf16", bias=True, scales="bf16", layout="3d", config=(("unroll", 1),)),
+    Case("cuda", 1, 4096, 12288, bias=True, config=(("rows", 2), ("unroll", 4))),
+    Case("cuda", 1, 11008, 4096, silu=True, config=(("rows", 1), ("unroll", 8), ("warps", 8))),
+    Case("cuda", 2, 4096, 22016, "bf16"),
 ]
 
 
@@ -168,6 +178,8 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
         y = kern.w4a16_mma(x, w, bias, case.silu, kern.MmaConfig(**cfg), split_k=case.split)
     elif case.path == "dense":
         y = kern.w4a16_dense(x, w, bias, case.silu)
+    elif case.path == "cuda":
+        y = kern.w4a16_cuda_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
     else:
         y = kern.w4a16_triton(x, w, bias, case.silu)
     xa = x.double()
@@ -195,8 +207,21 @@ def kernel_errors() -> dict[str, list[float]]:
     """Per case (error, tolerance): compiled on the GPU when the tests run there, else through the Triton
     interpreter on the CPU, in a subprocess because TRITON_INTERPRET is read when kernels are decorated."""
     if DEVICE.startswith("cuda"):
-        return {case.id: list(_run_case(case, seed, DEVICE)) for seed, case in enumerate(_cases())}
+        return _OnDemand({case.id: (seed, case) for seed, case in enumerate(_cases())})
     return run_interpreted(__file__, timeout=900, threads=1)
+
+
+class _OnDemand(dict):
+    """On the GPU each case compiles and runs when its test asks (so `-k` selects what gets compiled)."""
+
+    def __init__(self, cases: dict[str, tuple[int, Case]]) -> None:
+        super().__init__()
+        self.cases = cases
+
+    def __missing__(self, case_id: str) -> list[float]:
+        seed, case = self.cases[case_id]
+        self[case_id] = list(_run_case(case, seed, DEVICE))
+        return self[case_id]
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c.id)
@@ -215,15 +240,29 @@ def test_cuda_graph_replay_with_split_k_matches_eager(m: int) -> None:
     """Replays reuse the split-K counters: each launch must leave them zeroed for the next."""
     from qwen_awq.kernels import w4a16 as kern
 
+    _graph_replays_match_eager(lambda x, w: kern.w4a16_triton(x, w), m)
+
+
+@pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a GPU (QWEN_AWQ_TEST_DEVICE=cuda)")
+def test_cuda_gemv_captures_in_a_graph() -> None:
+    """The NVRTC kernel launches on the capturing stream: replays recompute from the static input."""
+    from qwen_awq.kernels import w4a16 as kern
+
+    _graph_replays_match_eager(lambda x, w: kern.w4a16_cuda_only(x, w), 1)
+
+
+def _graph_replays_match_eager(call, m: int) -> None:
+    from qwen_awq.kernels import w4a16 as kern
+
     case = Case("auto", m, 4096, 4096)
     _, (qweight_t, scale_zero) = _weights(case, 0, DEVICE)
     w = kern.W4Weight(qweight_t, scale_zero, 128, torch.float16, kern.new_locks(DEVICE))
     x = torch.randn(m, 4096, device=DEVICE, dtype=torch.float16)  # the graph's static input
-    kern.w4a16_triton(x, w)  # compile outside the capture
+    call(x, w)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = kern.w4a16_triton(x, w)
+        y = call(x, w)
     for seed in range(3):
         x.copy_(torch.randn(m, 4096, generator=torch.Generator().manual_seed(seed)).half().to(DEVICE))
         graph.replay()
-        assert torch.equal(y, kern.w4a16_triton(x, w))  # deterministic: split order fixed
+        assert torch.equal(y, call(x, w))  # deterministic: split order fixed

@@ -49,6 +49,15 @@ GEMV_GRID = {
     4: [Gc(block_n=8, lanes=128, chunks=1, prefetch=False, progs_per_sm=2, block_m=4),
         Gc(block_n=4, lanes=128, chunks=1, prefetch=False, progs_per_sm=3, block_m=4)],
 }
+# The NVRTC GEMV (w4a16_cuda.py): a warp's rows x 16-byte chunks per row in flight per lane; registers (nvcc 13.0
+# -Xptxas -v, sm_90, M = 1): rows 1 / unroll 4: 72, 2 / 4: 96, 2 / 2: 80, 4 / 2: 120, 1 / 8: 96.
+Cc = kern.CudaGemvConfig
+CUDA_GRID = {
+    1: [Cc(rows=1, unroll=4), Cc(rows=2, unroll=4), Cc(rows=2, unroll=2), Cc(rows=4, unroll=2), Cc(rows=1, unroll=8),
+        Cc(rows=2, unroll=4, warps=8), Cc(rows=1, unroll=4, warps=2)],
+    2: [Cc(rows=1, unroll=4), Cc(rows=2, unroll=2), Cc(rows=1, unroll=2)],
+    4: [Cc(rows=1, unroll=2), Cc(rows=1, unroll=4), Cc(rows=2, unroll=1)],
+}
 M16 = dict(block_n=64, num_warps=4)  # the first sweep's best tile at M = 1..64
 MMA_GRID = {
     1: [Mc(**M16), Mc(**M16, num_stages=4, waves=5), Mc(**M16, scale_w=True, waves=5)],
@@ -69,6 +78,7 @@ SWEPT_MS = (1, 2, 4, 16, 32, 64, 128, 256, 512)
 def candidates(m: int) -> list[tuple[str, object]]:
     """(kind, config) pairs worth timing at M = m (bucket tops; the 16-row MMA tiles cover M = 1..16)."""
     out: list[tuple[str, object]] = [("gemv", c) for c in GEMV_GRID.get(m, [])]
+    out += [("cuda", c) for c in CUDA_GRID.get(m, [])]
     out += [("mma", c) for c in MMA_GRID.get(m, [])]
     if m >= DENSE_MIN_SWEPT:
         out.append(("dense", None))
@@ -80,6 +90,8 @@ def _call(kind: str, cfg, x: torch.Tensor, w: kern.W4Weight) -> torch.Tensor:
         return kern.w4a16_gemv(x, w, config=cfg)
     if kind == "mma":
         return kern.w4a16_mma(x, w, config=cfg)
+    if kind == "cuda":
+        return kern.w4a16_cuda_only(x, w, config=cfg)
     return kern.w4a16_dense(x, w)
 
 

@@ -1,7 +1,8 @@
 """W4A16 matmul on the repacked layout (quant/packing.py repack_awq): the kernel family chosen by M.
 
-M = 1: the CUDA-core GEMV (w4a16_gemv.py); 2 <= M < the dense threshold: the tensor-core kernel (w4a16_mma.py);
-beyond it: dequantize once + cuBLAS. Tile configs come from a per-card table measured by
+M = 1 (2): a CUDA-core GEMV, the NVRTC-compiled one (w4a16_cuda.py) where it compiles, else Triton's
+(w4a16_gemv.py); up to the dense threshold: the tensor-core kernel (w4a16_mma.py); beyond it: dequantize once +
+cuBLAS. Tile configs come from a per-card table measured by
 `python3 -m qwen_awq.eval.bench_kernels --sweep` (TUNED below), else from defaults. CPU tensors, and anything
 the kernels do not cover, take the plain-PyTorch reference (reference.w4a16_matmul_reference).
 """
@@ -20,6 +21,7 @@ from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.reference import w4a16_matmul_reference
 from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
+from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig, cuda_gemv_supported, w4a16_gemv_cuda
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -83,7 +85,7 @@ class MmaConfig:
             raise ConfigError(f"MmaConfig needs tiles >= 16, num_stages >= 1 and waves >= 1, found {self}")
 
 
-Choice = tuple[str, "GemvConfig | MmaConfig | None"]  # ("gemv" | "mma" | "dense", config)
+Choice = tuple[str, "GemvConfig | MmaConfig | CudaGemvConfig | None"]  # ("gemv" | "mma" | "cuda" | "dense", config)
 DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
 # Up to this M the down projection takes SiLU(gate) * up in its prologue; beyond it silu_mul runs first. On the
 # H200 the prologue lost at every M measured (`qwen-awq bench kernels`, fusions: M = 1: 23.5 us fused vs 18.3
@@ -96,10 +98,13 @@ def silu_in_prologue(m: int) -> bool:
     return m <= SILU_PROLOGUE_MAX_M
 
 
+TRITON_GEMV_M1 = GemvConfig(block_n=8, prefetch=True)  # the H200 sweep's best Triton GEMV at M = 1
+
+
 def default_choice(m: int) -> Choice:
     """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned)."""
     if m == 1:
-        return "gemv", GemvConfig(block_n=8, prefetch=True)
+        return "gemv", TRITON_GEMV_M1
     if m == 2:
         return "gemv", GemvConfig(block_n=8, block_m=2)
     if m >= DENSE_MIN_M:
@@ -133,7 +138,7 @@ def choose(m: int, k: int, n: int, device: torch.device) -> Choice:
         entry = (table.get((k, n)) or table.get("any", {})).get(m_bucket(m))
         if entry is not None:
             kind, params = entry
-            config = {"gemv": GemvConfig, "mma": MmaConfig}.get(kind)
+            config = {"gemv": GemvConfig, "mma": MmaConfig, "cuda": CudaGemvConfig}.get(kind)
             return kind, None if config is None else config(**params)
     return default_choice(m)
 
@@ -264,10 +269,36 @@ def w4a16_dense(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool =
     return y.view(*x.shape[:-1], w.n)
 
 
+def w4a16_cuda_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+                    config: CudaGemvConfig | None = None) -> Tensor:
+    """y (..., N) on the NVRTC GEMV alone (M <= 4); ConfigError where it cannot run or did not compile."""
+    x2d = _check(x, w, silu)
+    if silu:
+        x2d = silu_mul(x2d)
+    if not cuda_gemv_supported(x2d, w.group_size):
+        raise ConfigError("the CUDA W4A16 GEMV needs a CUDA GPU (sm_80+), M <= 4 and torch.cuda._compile_kernel")
+    y = w4a16_gemv_cuda(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
+                        config or CudaGemvConfig())
+    if y is None:
+        raise ConfigError("the CUDA W4A16 GEMV did not compile on this machine (see the warning above)")
+    return y.view(*x.shape[:-1], w.n)
+
+
+def w4a16_cuda(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+               config: CudaGemvConfig | None = None) -> Tensor:
+    """The NVRTC GEMV, or Triton's GEMV where that one cannot run here."""
+    try:
+        return w4a16_cuda_only(x, w, bias, silu, config)
+    except ConfigError:
+        return w4a16_gemv(x, w, bias, silu, TRITON_GEMV_M1)
+
+
 def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
-    """y (..., N) on the Triton path, the kernel chosen by M = number of x rows (choose)."""
+    """y (..., N) on the GPU path, the kernel chosen by M = number of x rows (choose)."""
     m = x.numel() // max(x.shape[-1], 1)
     kind, cfg = choose(m, w.k, w.n, x.device)
+    if kind == "cuda":
+        return w4a16_cuda(x, w, bias, silu, cfg)
     if kind == "gemv":
         return w4a16_gemv(x, w, bias, silu, cfg)
     if kind == "mma":

@@ -1,0 +1,70 @@
+"""What bounds the NVRTC GEMV at M = 1 (issue 10): the same kernel with its arithmetic replaced by an xor of the
+loaded words (PROBE 1: memory traffic and launch shape only) and by fp16x2 arithmetic (PROBE 2), beside the real
+one, per Qwen-7B shape and config, and a plain read of the same bytes (torch sum of the packed words).
+On the GPU machine from the repo root:
+    python3 bench/gemv_probe.py --out $OUT/gemv_probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from qwen_awq.eval import bench_kernels_common as bk
+from qwen_awq.kernels import w4a16_cuda as wc
+
+CONFIGS = [wc.CudaGemvConfig(rows=r, unroll=u, warps=w)
+           for r, u, w in ((4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 1, 4), (4, 1, 4), (2, 4, 8), (4, 2, 8), (8, 1, 8))]
+
+
+def probe_kernel(cfg: wc.CudaGemvConfig, probe: int = 1):
+    name = f"gemv_probe{probe}_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}"
+    defines = {"PROBE": probe, "KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": 1,
+               "XBF16": 0, "SBF16": 0, "HAS_BIAS": 0}
+    return torch.cuda._compile_kernel("".join(f"#define {k} {v}\n" for k, v in defines.items()) + wc._SOURCE, name)
+
+
+def launcher(kernel, cfg: wc.CudaGemvConfig):
+    def call(x, w):
+        out = torch.empty(1, w.n, dtype=x.dtype, device=x.device)
+        kernel(grid=(-(-w.n // (cfg.rows * cfg.warps)), 1, 1), block=(32 * cfg.warps, 1, 1),
+               args=[x, w.qweight_t, w.scale_zero, out, out, 1, w.n, w.k, w.group_size, x.stride(0)])
+        return out
+    return call
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    from qwen_awq.eval.peers import copy_bandwidth
+    from qwen_awq.kernels import w4a16 as kern
+
+    gen, bw, rows = torch.Generator().manual_seed(7), copy_bandwidth(), []
+    for k, n in bk.SHAPES:
+        layers, ref_w = bk.rotated_layers(k, n, gen)
+        x = torch.randn(1, k, generator=gen).half().cuda()
+        row = {"K": k, "N": n, "floor_us": bk.w4_bytes(k, n, 1) / bw * 1e6,
+               "read_us": bk.time_rotated(lambda x_, w: w.qweight_t.sum(dtype=torch.int32), x, layers),
+               "triton_us": bk.time_rotated(kern.w4a16_triton, x, layers), "configs": []}
+        for cfg in CONFIGS:
+            real = launcher(wc._compiled(cfg, 1, False, False, False), cfg)
+            row["configs"].append({"config": [cfg.rows, cfg.unroll, cfg.warps],
+                                   "probe_us": bk.time_rotated(launcher(probe_kernel(cfg), cfg), x, layers),
+                                   "half2_us": bk.time_rotated(launcher(probe_kernel(cfg, 2), cfg), x, layers),
+                                   "half2_err": bk.check(launcher(probe_kernel(cfg, 2), cfg)(x, layers[0]), x, ref_w),
+                                   "real_us": bk.time_rotated(real, x, layers)})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_Bps": bw, "rows": rows}, f, indent=1)
+    for i, cfg in enumerate(CONFIGS):
+        probe, half2, real = (sum(r["configs"][i][key] for r in rows) for key in ("probe_us", "half2_us", "real_us"))
+        print(f"config {cfg}: probe {probe:.1f} us, half2 {half2:.1f}, real {real:.1f} us (4 shapes)")
+    print(f"floor {sum(r['floor_us'] for r in rows):.1f} us, torch read {sum(r['read_us'] for r in rows):.1f}, "
+          f"triton {sum(r['triton_us'] for r in rows):.1f}")
+
+
+if __name__ == "__main__":
+    main()

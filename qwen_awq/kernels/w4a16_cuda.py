@@ -1,0 +1,291 @@
+"""CUDA C++ W4A16 GEMV for decode (M = 1..4) on the repacked layout, compiled at run time by NVRTC.
+
+Why beside the Triton GEMV: that one holds a K range of x in registers and streams rows past it, which Triton 3.6
+compiles to ~168 registers (17% occupancy, latency-bound at ~41% of copy bandwidth on the H200). Here a warp owns
+ROWS whole output rows: lane l reads 16-byte chunks (32 k) l, l + 32, ... of each row, U chunks per row issued
+before any arithmetic, so the loads of every resident warp are in flight at once; x comes from L1 and is
+converted once for the warp's rows; one shuffle tree per row at the end, no split-K, no partials. The arithmetic
+is the Triton GEMV's (w4a16_gemv.py): a nibble pair per shift, one lop3 per nibble into fp32 256 + q or 16 + q,
+one FFMA, and per 32-k chunk s * (dot - sum C_k x_k - z * sum x_k). No headers: 16-bit floats move as bits.
+The compiled kernels run where torch.cuda._compile_kernel exists (PyTorch >= 2.8 with NVRTC); elsewhere, and
+when compiling fails, w4a16.py keeps the Triton GEMV. Reference and CPU path: reference.w4a16_matmul_reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qwen_awq.errors import ConfigError
+
+MAX_M = 4  # x rows per launch: each adds 32 fp32 registers per lane (its converted chunk)
+
+HELPERS = r"""
+#define LOP(v, mask, magic) __uint_as_float(((v) & (mask)) | (magic))
+
+__device__ __forceinline__ float half_bits_to_float(unsigned int h) {
+#if XBF16
+    return __uint_as_float(h << 16);
+#else
+    float f;
+    unsigned short s = (unsigned short)h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float scale_bits_to_float(unsigned int h) {
+#if SBF16
+    return __uint_as_float(h << 16);
+#else
+    float f;
+    unsigned short s = (unsigned short)h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ unsigned short float_to_out_bits(float f) {
+    unsigned short h;
+#if XBF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {  // weights: read once, keep L1 for x
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Each x row's ROWS sums: one shuffle tree per value, lane 0 adds the bias and stores out's dtype.
+__device__ __forceinline__ void write_rows(float (&acc)[BM][ROWS], const unsigned short* __restrict__ bias,
+                                           unsigned short* __restrict__ out, int M, int N, int row0, int lane) {
+#pragma unroll
+    for (int m = 0; m < BM; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float v = acc[m][r];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+            const int row = row0 + r;
+            if (lane == 0 && row < N && m < M) {
+#if HAS_BIAS
+                v += half_bits_to_float(bias[row]);
+#endif
+                out[(size_t)m * N + row] = float_to_out_bits(v);
+            }
+        }
+}
+"""
+
+_SOURCE = HELPERS + r"""
+#ifndef PROBE
+#define PROBE 0  // bench/gemv_probe.py: 1 replaces the arithmetic by an xor of the words, 2 by fp16x2 math
+#endif
+
+// x at k = 32c .. 32c + 31 as fp32, and the chunk's sums: sum_k C_k x_k (C = 256 for k % 8 in {0, 1, 4, 5}, the
+// slots read as 256 + q; 16 for {2, 3, 6, 7}) and sum_k x_k.
+__device__ __forceinline__ void x_chunk(const unsigned short* __restrict__ xrow, int c, float* xf, float& csum,
+                                        float& xsum) {
+    const uint4* p = reinterpret_cast<const uint4*>(xrow + 32 * c);
+    float c256 = 0.f, c16 = 0.f;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        uint4 u = __ldg(p + v);
+        unsigned int words[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {  // word t of vector v holds k = 8v + 2t, 8v + 2t + 1
+            float lo = half_bits_to_float(words[t] & 0xFFFFu), hi = half_bits_to_float(words[t] >> 16);
+            xf[8 * v + 2 * t] = lo;
+            xf[8 * v + 2 * t + 1] = hi;
+            if (t % 2 == 0) c256 += lo + hi; else c16 += lo + hi;
+        }
+    }
+    csum = 256.f * c256 + 16.f * c16;
+    xsum = c256 + c16;
+}
+
+// sum_k x_k (C_k + q_k) over one 16-byte chunk: word j's bits 8p..8p+7 hold slots 2p, 2p + 1 (k offsets
+// (0, 2), (4, 6), (1, 3), (5, 7) for p = 0..3, the AWQ order), moved to bits 15..22 by one shift.
+__device__ __forceinline__ float chunk_dot(uint4 w, const float* xf, float acc) {
+    const unsigned int m_even = 0x78000u, m_odd = 0x780000u, f256 = 0x43800000u, f16 = 0x41800000u;
+    unsigned int words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const unsigned int q = words[j];
+        const float* xj = xf + 8 * j;
+        unsigned int v = q << 15;
+        acc = fmaf(LOP(v, m_even, f256), xj[0], acc);
+        acc = fmaf(LOP(v, m_odd, f16), xj[2], acc);
+        v = q << 7;
+        acc = fmaf(LOP(v, m_even, f256), xj[4], acc);
+        acc = fmaf(LOP(v, m_odd, f16), xj[6], acc);
+        v = q >> 1;
+        acc = fmaf(LOP(v, m_even, f256), xj[1], acc);
+        acc = fmaf(LOP(v, m_odd, f16), xj[3], acc);
+        v = q >> 9;
+        acc = fmaf(LOP(v, m_even, f256), xj[5], acc);
+        acc = fmaf(LOP(v, m_odd, f16), xj[7], acc);
+    }
+    return acc;
+}
+
+#if PROBE == 2
+// Probe only (fp16 x): the pairs as fp16x2 (1024 + q), minus (1024 + z) exactly, fma into an fp16x2 partial
+// per chunk, then fp32: fewer instructions per nibble, at fp16 accumulation over 16 products.
+__device__ __forceinline__ void half2_rows(const unsigned short* __restrict__ xrow, int c, const uint4* w,
+                                           const unsigned int* s, float* acc) {
+    const uint4* p = reinterpret_cast<const uint4*>(xrow + 32 * c);
+    uint4 xv[4];
+#pragma unroll
+    for (int v = 0; v < 4; ++v) xv[v] = __ldg(p + v);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const float zf = scale_bits_to_float(s[r] >> 16) + 1024.f;
+        unsigned short zh;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(zh) : "f"(zf));
+        const unsigned int zz = (unsigned int)zh | ((unsigned int)zh << 16);
+        unsigned int a2 = 0;
+        const unsigned int words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const unsigned int xw[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                unsigned int h = ((words[j] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, d;
+                asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
+                asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(a2) : "r"(d), "r"(xw[t]), "r"(a2));
+            }
+        }
+        acc[r] = fmaf(scale_bits_to_float(s[r] & 0xFFFFu), half_bits_to_float(a2 & 0xFFFFu) +
+                      half_bits_to_float(a2 >> 16), acc[r]);
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
+    const unsigned short* __restrict__ x, const uint4* __restrict__ qw, const unsigned int* __restrict__ sz,
+    const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K, int G,
+    int stride_x) {
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+    if (row0 >= N) return;
+    const int chunks = K >> 5, groups = K / G, chunks_per_group = G >> 5;
+    float acc[BM][ROWS];
+#pragma unroll
+    for (int m = 0; m < BM; ++m)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint4 w[U][ROWS];
+        unsigned int s[U][ROWS];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {  // every load of this step before any arithmetic
+            const int c = min(c0 + 32 * u, chunks - 1);  // past K: re-read the last chunk, weighted by 0 below
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const int row = min(row0 + r, N - 1);
+                w[u][r] = load_stream(qw + (size_t)row * chunks + c);
+                s[u][r] = __ldg(sz + (size_t)row * groups + c / chunks_per_group);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < chunks) {
+#pragma unroll
+                for (int m = 0; m < BM; ++m) {
+#if PROBE == 1
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+                        acc[m][r] += __uint_as_float((w[u][r].x ^ w[u][r].y ^ w[u][r].z ^ s[u][r]) & 0x3FFFFFFFu);
+                    continue;
+#elif PROBE == 2
+                    half2_rows(x + (size_t)m * stride_x, c, w[u], s[u], acc[m]);
+                    continue;
+#endif
+                    float xf[32], csum, xsum;
+                    x_chunk(x + (size_t)min(m, M - 1) * stride_x, c, xf, csum, xsum);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const float sc = scale_bits_to_float(s[u][r] & 0xFFFFu);
+                        const float zp = scale_bits_to_float(s[u][r] >> 16);
+                        const float dot = chunk_dot(w[u][r], xf, -csum);
+                        acc[m][r] = fmaf(sc, dot - zp * xsum, acc[m][r]);
+                    }
+                }
+            }
+        }
+    }
+    write_rows(acc, bias, out, M, N, row0, lane);
+}
+"""
+
+
+@dataclass(frozen=True)
+class CudaGemvConfig:
+    """A warp's output rows, the 16-byte chunks per row each lane loads before computing, warps per block."""
+
+    rows: int = 2
+    unroll: int = 4
+    warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "unroll", "warps"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1) or value > 16:
+                raise ConfigError(f"CudaGemvConfig.{name} must be a power of two in 1..16, found {value}")
+
+
+@functools.cache
+def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias: bool):
+    """The kernel for one configuration (NVRTC, for the current device's architecture), compiled once; None
+    where it cannot compile (no NVRTC, an unknown architecture): said once, and w4a16.py keeps Triton's GEMV."""
+    name = (f"w4a16_gemv_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}_m{bm}_x{int(x_bf16)}_s{int(s_bf16)}"
+            f"_b{int(has_bias)}")
+    defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
+               "XBF16": int(x_bf16), "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
+    header = "".join(f"#define {key} {value}\n" for key, value in defines.items())
+    try:
+        return torch.cuda._compile_kernel(header + _SOURCE, name)
+    except (RuntimeError, OSError) as err:
+        warnings.warn(f"qwen-awq: the CUDA W4A16 GEMV did not compile ({str(err)[:300]}); using Triton's",
+                      stacklevel=3)
+        return None
+
+
+def cuda_gemv_supported(x: Tensor, group_size: int) -> bool:
+    """Whether the NVRTC GEMV can take x: CUDA, M <= 4 rows, fp16/bf16 (QWEN_AWQ_CUDA_KERNELS=0 turns it off)."""
+    m = x.numel() // max(x.shape[-1], 1)
+    return (
+        x.is_cuda and 1 <= m <= MAX_M and group_size % 32 == 0 and x.dtype in (torch.float16, torch.bfloat16)
+        and hasattr(torch.cuda, "_compile_kernel") and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0"
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def w4a16_gemv_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_size: int, s_bf16: bool,
+                    bias: Tensor | None, config: CudaGemvConfig) -> Tensor | None:
+    """y (M, N) for x2d (M, K) with unit stride along K, or None where the kernel could not compile."""
+    m, k = x2d.shape
+    n = qweight_t.shape[0]
+    kernel = _compiled(config, m, x2d.dtype == torch.bfloat16, s_bf16, bias is not None)
+    if kernel is None:
+        return None
+    if x2d.stride(0) % 8 or x2d.data_ptr() % 16:  # rows must start on 16 bytes (K % 32 == 0 holds by the groups)
+        x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
+    out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    b = out if bias is None else bias.to(x2d.dtype)
+    kernel(grid=(-(-n // (config.rows * config.warps)), 1, 1), block=(32 * config.warps, 1, 1),
+           args=[x2d, qweight_t, scale_zero, b, out, m, n, k, group_size, x2d.stride(0)])
+    return out
