@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,23 @@ from qwen_awq.kernels.dense_gemv_cuda import DenseGemvConfig, dense_gemv
 LM_HEAD = (4096, 151936)  # Qwen-7B's vocabulary projection, fp16 in the AWQ model too
 CONFIGS = [DenseGemvConfig(rows=r, unroll=u, warps=w)
            for r, u, w in ((1, 4, 4), (2, 4, 4), (2, 2, 4), (4, 2, 4), (1, 8, 4), (2, 4, 8), (4, 4, 4), (1, 4, 8))]
+
+
+def host_costs(calls: int = 2000) -> dict[str, float]:
+    """Host microseconds per eager launch (what an uncaptured decode pays per Linear): NVRTC kernel vs F.linear."""
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    out = {}
+    calls_by_name = {"nvrtc": lambda: dense_gemv(x, w, None, DenseGemvConfig()), "cublas": lambda: F.linear(x, w)}
+    for name, call in calls_by_name.items():
+        call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        out[name] = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+    return out
 
 
 def main() -> None:
@@ -44,8 +62,10 @@ def main() -> None:
             best = min((c for c in row["configs"] if c["us"]), key=lambda c: c["us"])
             print(f"K={k} N={n} M={m}: cuBLAS {row['cublas_us']:.1f} us, best {best['us']:.1f} {best['config']}, "
                   f"floor {row['floor_us']:.1f}", flush=True)
+    host = host_costs()
+    print(f"host time per eager call (us): {host}")
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_Bps": bw, "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "copy_Bps": bw, "rows": rows, "host_us": host}, f, indent=1)
     for m in sorted({r["M"] for r in rows}):
         at_m = [r for r in rows if r["M"] == m and (r["K"], r["N"]) != LM_HEAD]
         print(f"M={m}: cuBLAS {sum(r['cublas_us'] for r in at_m):.1f} us, floor {sum(r['floor_us'] for r in at_m):.1f}")

@@ -50,10 +50,19 @@ class FakeSample:
     def to_host(self) -> HostSample:
         return self.host
 
+    def start_copy(self) -> FakeSample:  # SampleOutput's contract: the copy is "complete" at once
+        return self
+
+    def result(self) -> HostSample:
+        return self.host
+
 
 class FakeRunner:
     """ModelRunner.step's contract without a model: sleeps `step_s` in `releases` pieces, then samples each row's
-    next token of a fixed text (so detokenization does real work), counting steps."""
+    next token of a fixed text (so detokenization does real work), counting steps. Its step blocks for the
+    whole stand-in time, so nothing can overlap it (no device-side input ids)."""
+
+    device_input_ids = False
 
     def __init__(self, ids: list[int], step_s: float, releases: int) -> None:
         self.ids, self.step_s, self.releases, self.steps = ids, step_s, releases, 0
@@ -216,11 +225,15 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--route", choices=["openai", "tgi"], default="openai", help="the streaming route the load uses")
     p.add_argument("--profile", default="", help="write py-spy's raw samples of the served run to PROFILE.raw")
+    p.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval for both runs "
+                   "(0: Python's default, 5 ms)")
     p.add_argument("--client", default="", help=argparse.SUPPRESS)  # the load process's server url
     args = p.parse_args()
     args.requests = args.requests or args.concurrency
     if args.client:
         return client(args)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     off, srv = offline(args), served(args)
     print(json.dumps({"offline": off, "served": srv, "ratio": srv["output_tok_s"] / off["output_tok_s"]}, indent=1))
     if args.profile:
