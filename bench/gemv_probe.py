@@ -22,14 +22,14 @@ def probe_kernel(cfg: wc.CudaGemvConfig, probe: int = 1):
     name = f"gemv_probe{probe}_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}"
     defines = {"PROBE": probe, "KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": 1,
                "XBF16": 0, "SBF16": 0, "HAS_BIAS": 0}
-    return torch.cuda._compile_kernel("".join(f"#define {k} {v}\n" for k, v in defines.items()) + wc._SOURCE, name)
+    return wc.NvrtcKernel("".join(f"#define {k} {v}\n" for k, v in defines.items()) + wc._SOURCE, name)
 
 
 def launcher(kernel, cfg: wc.CudaGemvConfig):
     def call(x, w):
         out = torch.empty(1, w.n, dtype=x.dtype, device=x.device)
-        kernel(grid=(-(-w.n // (cfg.rows * cfg.warps)), 1, 1), block=(32 * cfg.warps, 1, 1),
-               args=[x, w.qweight_t, w.scale_zero, out, out, 1, w.n, w.k, w.group_size, x.stride(0)])
+        kernel(-(-w.n // (cfg.rows * cfg.warps)), 32 * cfg.warps,
+               [x, w.qweight_t, w.scale_zero, out, out, 1, w.n, w.k, w.group_size, x.stride(0)])
         return out
     return call
 

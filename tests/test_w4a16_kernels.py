@@ -114,7 +114,7 @@ GPU_CASES = [
     Case("cuda", 4, 384, 48, 64, "bf16", bias=True, scales="bf16", layout="3d", config=(("unroll", 1),)),
     Case("cuda", 1, 4096, 12288, bias=True, config=(("rows", 2), ("unroll", 4))),
     Case("cuda", 1, 11008, 4096, silu=True, config=(("rows", 1), ("unroll", 8), ("warps", 8))),
-    Case("cuda", 2, 4096, 22016, "bf16"),
+    Case("cuda", 2, 4096, 22016, dtype="bf16"),
 ]
 
 

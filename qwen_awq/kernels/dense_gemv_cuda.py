@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.w4a16_cuda import HELPERS, MAX_M
+from qwen_awq.kernels.w4a16_cuda import HELPERS, MAX_M, NvrtcKernel, compile_or_warn
 from qwen_awq.kernels.w4a16_tuned import DENSE_GEMV
 
 _SOURCE = HELPERS + r"""
@@ -92,16 +91,12 @@ class DenseGemvConfig:
 
 
 @functools.cache
-def _compiled(cfg: DenseGemvConfig, bm: int, bf16: bool, has_bias: bool):
+def _compiled(cfg: DenseGemvConfig, bm: int, bf16: bool, has_bias: bool) -> NvrtcKernel | None:
     """The kernel for one configuration, compiled once for the current device; None where NVRTC fails."""
     name = f"dense_gemv_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}_m{bm}_x{int(bf16)}_b{int(has_bias)}"
     defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
                "XBF16": int(bf16), "SBF16": int(bf16), "HAS_BIAS": int(has_bias)}
-    try:
-        return torch.cuda._compile_kernel("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE, name)
-    except (RuntimeError, OSError) as err:
-        warnings.warn(f"qwen-awq: the CUDA dense GEMV did not compile ({str(err)[:300]}); using cuBLAS", stacklevel=3)
-        return None
+    return compile_or_warn("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE, name, "cuBLAS")
 
 
 def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: DenseGemvConfig) -> Tensor | None:
@@ -115,8 +110,8 @@ def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: DenseGe
     if kernel is None:
         return None
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
-    kernel(grid=(-(-n // (config.rows * config.warps)), 1, 1), block=(32 * config.warps, 1, 1),
-           args=[x2d, weight, out if bias is None else bias.to(x2d.dtype), out, m, n, k, x2d.stride(0)])
+    kernel(-(-n // (config.rows * config.warps)), 32 * config.warps,
+           [x2d, weight, out if bias is None else bias.to(x2d.dtype), out, m, n, k, x2d.stride(0)])
     return out
 
 

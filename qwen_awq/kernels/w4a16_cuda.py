@@ -13,6 +13,7 @@ when compiling fails, w4a16.py keeps the Triton GEMV. Reference and CPU path: re
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import warnings
@@ -232,6 +233,46 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 """
 
 
+@functools.cache
+def _cu_launch():
+    """The driver's cuLaunchKernel, looked up once (torch's launcher reopens libcuda on every call: ~74 us a
+    launch on the H200's host against cuBLAS's 16, bench/results/gemv_cuda_H200_2026-12-03.md)."""
+    try:
+        return ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    except OSError:  # not Linux, or no driver library by that name: torch's own launcher then
+        return None
+
+
+class NvrtcKernel:
+    """One kernel compiled by NVRTC (torch.cuda._compile_kernel) and launched on torch's current stream, so that
+    CUDA graphs capture it; args are tensors (their data pointers) and Python ints (C ints)."""
+
+    def __init__(self, source: str, name: str) -> None:
+        self.kernel = torch.cuda._compile_kernel(source, name)
+        self.launch = _cu_launch() if hasattr(self.kernel, "func") else None
+
+    def __call__(self, grid: int, block: int, args: list) -> None:
+        if self.launch is None:
+            self.kernel(grid=(grid, 1, 1), block=(block, 1, 1), args=args)
+            return
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else ctypes.c_int(a) for a in args]
+        params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        err = self.launch(self.kernel.func, grid, 1, 1, block, 1, 1, 0, stream, params, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
+
+
+def compile_or_warn(source: str, name: str, fallback: str) -> NvrtcKernel | None:
+    """The kernel, or None (one warning naming the fallback) where NVRTC cannot compile it here."""
+    try:
+        return NvrtcKernel(source, name)
+    except (RuntimeError, OSError, AttributeError) as err:
+        warnings.warn(f"qwen-awq: the CUDA kernel {name} did not compile ({str(err)[:300]}); using {fallback}",
+                      stacklevel=3)
+        return None
+
+
 @dataclass(frozen=True)
 class CudaGemvConfig:
     """A warp's output rows, the 16-byte chunks per row each lane loads before computing, warps per block."""
@@ -256,12 +297,7 @@ def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias
     defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
                "XBF16": int(x_bf16), "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
     header = "".join(f"#define {key} {value}\n" for key, value in defines.items())
-    try:
-        return torch.cuda._compile_kernel(header + _SOURCE, name)
-    except (RuntimeError, OSError) as err:
-        warnings.warn(f"qwen-awq: the CUDA W4A16 GEMV did not compile ({str(err)[:300]}); using Triton's",
-                      stacklevel=3)
-        return None
+    return compile_or_warn(header + _SOURCE, name, "Triton's GEMV")
 
 
 def cuda_gemv_supported(x: Tensor, group_size: int) -> bool:
@@ -286,6 +322,6 @@ def w4a16_gemv_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_si
         x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     b = out if bias is None else bias.to(x2d.dtype)
-    kernel(grid=(-(-n // (config.rows * config.warps)), 1, 1), block=(32 * config.warps, 1, 1),
-           args=[x2d, qweight_t, scale_zero, b, out, m, n, k, group_size, x2d.stride(0)])
+    kernel(-(-n // (config.rows * config.warps)), 32 * config.warps,
+           [x2d, qweight_t, scale_zero, b, out, m, n, k, group_size, x2d.stride(0)])
     return out

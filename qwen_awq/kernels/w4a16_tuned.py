@@ -39,7 +39,7 @@ TUNED: dict[str, dict] = {
                 512: ("dense", None),
             },
             (4096, 4096): {
-                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03: 7.5 vs 7.7 us (11008: 15.2 vs 16.3)
+                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): beat Triton's GEMV
                 2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
                 4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
                 8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
@@ -63,7 +63,7 @@ TUNED: dict[str, dict] = {
                 512: ("dense", None),
             },
             (11008, 4096): {
-                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03: 7.5 vs 7.7 us (11008: 15.2 vs 16.3)
+                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): beat Triton's GEMV
                 2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
                 4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
                 8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
@@ -80,8 +80,8 @@ TUNED: dict[str, dict] = {
 
 # The NVRTC dense GEMV (kernels/dense_gemv_cuda.py) per card and (K, N), at M <= 4: only where it beat cuBLAS.
 DENSE_GEMV: dict[str, dict[tuple[int, int], dict]] = {
-    "NVIDIA H200": {
-        (4096, 4096): {"rows": 2, "unroll": 4, "warps": 4},
-        (11008, 4096): {"rows": 2, "unroll": 4, "warps": 4},
+    "NVIDIA H200": {  # bench/dense_gemv_candidates.py, 2026-12-03 (gemv_cuda_H200_2026-12-03.md); M = 1 (M = 2)
+        (4096, 4096): {"rows": 1, "unroll": 4, "warps": 4},  # 12.7 (13.0) us vs cuBLAS 14.0 (14.1)
+        (4096, 151936): {"rows": 2, "unroll": 2, "warps": 4},  # the lm_head: 287.5 (290.2) vs 299.2 (300.1)
     },
 }

@@ -79,7 +79,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, None, dtype)  # plain in AWQ models too
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
