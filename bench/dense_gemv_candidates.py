@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from qwen_awq.eval import bench_kernels_common as bk
-from qwen_awq.kernels.dense_gemv_cuda import DenseGemvConfig, dense_gemv
+from qwen_awq.kernels.dense_gemv_cuda import dense_gemv
+from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig
 
 LM_HEAD = (4096, 151936)  # Qwen-7B's vocabulary projection, fp16 in the AWQ model too
-CONFIGS = [DenseGemvConfig(rows=r, unroll=u, warps=w)
+CONFIGS = [CudaGemvConfig(rows=r, unroll=u, warps=w)
            for r, u, w in ((1, 4, 4), (2, 4, 4), (2, 2, 4), (4, 2, 4), (1, 8, 4), (2, 4, 8), (4, 4, 4), (1, 4, 8))]
 
 
@@ -25,7 +26,7 @@ def host_costs(calls: int = 2000) -> dict[str, float]:
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     out = {}
-    calls_by_name = {"nvrtc": lambda: dense_gemv(x, w, None, DenseGemvConfig()), "cublas": lambda: F.linear(x, w)}
+    calls_by_name = {"nvrtc": lambda: dense_gemv(x, w, None, CudaGemvConfig()), "cublas": lambda: F.linear(x, w)}
     for name, call in calls_by_name.items():
         call()
         torch.cuda.synchronize()

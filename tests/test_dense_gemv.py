@@ -25,14 +25,15 @@ CASES = [  # (M, K, N, dtype, bias, strided, (rows, unroll, warps))
 @GPU
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-n{c[2]}-{str(c[3])[6:]}-b{int(c[4])}")
 def test_dense_gemv_matches_float64(case: tuple) -> None:
-    from qwen_awq.kernels.dense_gemv_cuda import DenseGemvConfig, dense_gemv
+    from qwen_awq.kernels.dense_gemv_cuda import dense_gemv
+    from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig
 
     m, k, n, dtype, has_bias, strided, cfg = case
     gen = torch.Generator().manual_seed(k + n)
     x = torch.randn(m, 2 * k if strided else k, generator=gen).to(dtype).to(DEVICE)[:, :k]  # (M, K)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype).to(DEVICE)  # (N, K)
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if has_bias else None
-    y = dense_gemv(x, w, bias, DenseGemvConfig(*cfg))
+    y = dense_gemv(x, w, bias, CudaGemvConfig(*cfg))
     assert y is not None and y.dtype == dtype and y.shape == (m, n)
     ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
     err = float((y.double() - ref).abs().max() / ref.abs().max())
@@ -41,11 +42,12 @@ def test_dense_gemv_matches_float64(case: tuple) -> None:
 
 @GPU
 def test_dense_gemv_captures_in_a_graph() -> None:
-    from qwen_awq.kernels.dense_gemv_cuda import DenseGemvConfig, dense_gemv
+    from qwen_awq.kernels.dense_gemv_cuda import dense_gemv
+    from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig
 
     x = torch.randn(1, 4096, device=DEVICE, dtype=torch.float16)  # the graph's static input
     w = torch.randn(4096, 4096, device=DEVICE, dtype=torch.float16) * 0.05
-    cfg = DenseGemvConfig()
+    cfg = CudaGemvConfig()
     dense_gemv(x, w, None, cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.w4a16_cuda import HELPERS, MAX_M, NvrtcKernel, compile_or_warn
+from qwen_awq.kernels.w4a16_cuda import HELPERS, MAX_M, CudaGemvConfig, NvrtcKernel, compile_or_warn
 from qwen_awq.kernels.w4a16_tuned import DENSE_GEMV
 
 _SOURCE = HELPERS + r"""
@@ -75,23 +73,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 """
 
 
-@dataclass(frozen=True)
-class DenseGemvConfig:
-    """A warp's output rows, the 16-byte chunks per row each lane loads before computing, warps per block."""
-
-    rows: int = 2
-    unroll: int = 4
-    warps: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("rows", "unroll", "warps"):
-            value = getattr(self, name)
-            if value <= 0 or value & (value - 1) or value > 16:
-                raise ConfigError(f"DenseGemvConfig.{name} must be a power of two in 1..16, found {value}")
-
-
 @functools.cache
-def _compiled(cfg: DenseGemvConfig, bm: int, bf16: bool, has_bias: bool) -> NvrtcKernel | None:
+def _compiled(cfg: CudaGemvConfig, bm: int, bf16: bool, has_bias: bool) -> NvrtcKernel | None:
     """The kernel for one configuration, compiled once for the current device; None where NVRTC fails."""
     name = f"dense_gemv_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}_m{bm}_x{int(bf16)}_b{int(has_bias)}"
     defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
@@ -99,7 +82,7 @@ def _compiled(cfg: DenseGemvConfig, bm: int, bf16: bool, has_bias: bool) -> Nvrt
     return compile_or_warn("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE, name, "cuBLAS")
 
 
-def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: DenseGemvConfig) -> Tensor | None:
+def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: CudaGemvConfig) -> Tensor | None:
     """y (M, N) = x2d (M, K) @ weight (N, K)^T + bias on the NVRTC kernel, or None where it cannot run."""
     m, k = x2d.shape
     n = weight.shape[0]
@@ -116,9 +99,9 @@ def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: DenseGe
 
 
 @functools.cache
-def _choice(k: int, n: int, device_index: int) -> DenseGemvConfig | None:
+def _choice(k: int, n: int, device_index: int) -> CudaGemvConfig | None:
     entry = DENSE_GEMV.get(torch.cuda.get_device_name(device_index), {}).get((k, n))
-    return None if entry is None else DenseGemvConfig(**entry)
+    return None if entry is None else CudaGemvConfig(**entry)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

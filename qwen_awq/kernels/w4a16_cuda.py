@@ -7,8 +7,11 @@ before any arithmetic, so the loads of every resident warp are in flight at once
 converted once for the warp's rows; one shuffle tree per row at the end, no split-K, no partials. The arithmetic
 is the Triton GEMV's (w4a16_gemv.py): a nibble pair per shift, one lop3 per nibble into fp32 256 + q or 16 + q,
 one FFMA, and per 32-k chunk s * (dot - sum C_k x_k - z * sum x_k). No headers: 16-bit floats move as bits.
-The compiled kernels run where torch.cuda._compile_kernel exists (PyTorch >= 2.8 with NVRTC); elsewhere, and
-when compiling fails, w4a16.py keeps the Triton GEMV. Reference and CPU path: reference.w4a16_matmul_reference.
+On the H200 the two designs end close (64.7 vs 60.1 us over Qwen-7B's four shapes; this one wins the two with
+4096 rows), both near what one kernel per matrix allows (bench/results/gemv_cuda_H200_2026-12-03.md), so the
+per-card table picks per shape. The compiled kernels run where torch.cuda._compile_kernel exists (PyTorch >= 2.8
+with NVRTC); elsewhere, and when compiling fails, w4a16.py keeps the Triton GEMV. Reference and CPU path:
+reference.w4a16_matmul_reference.
 """
 
 from __future__ import annotations
@@ -29,27 +32,26 @@ MAX_M = 4  # x rows per launch: each adds 32 fp32 registers per lane (its conver
 HELPERS = r"""
 #define LOP(v, mask, magic) __uint_as_float(((v) & (mask)) | (magic))
 
-__device__ __forceinline__ float half_bits_to_float(unsigned int h) {
-#if XBF16
-    return __uint_as_float(h << 16);
-#else
+__device__ __forceinline__ float fp16_bits_to_float(unsigned int h) {  // the low 16 bits of h
     float f;
     unsigned short s = (unsigned short)h;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
     return f;
-#endif
 }
 
-__device__ __forceinline__ float scale_bits_to_float(unsigned int h) {
-#if SBF16
-    return __uint_as_float(h << 16);
+__device__ __forceinline__ float bf16_bits_to_float(unsigned int h) { return __uint_as_float(h << 16); }
+
+// x, bias and out in XBF16's dtype; scales and zeros in SBF16's
+#if XBF16
+#define half_bits_to_float bf16_bits_to_float
 #else
-    float f;
-    unsigned short s = (unsigned short)h;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(s));
-    return f;
+#define half_bits_to_float fp16_bits_to_float
 #endif
-}
+#if SBF16
+#define scale_bits_to_float bf16_bits_to_float
+#else
+#define scale_bits_to_float fp16_bits_to_float
+#endif
 
 __device__ __forceinline__ unsigned short float_to_out_bits(float f) {
     unsigned short h;
@@ -89,7 +91,7 @@ __device__ __forceinline__ void write_rows(float (&acc)[BM][ROWS], const unsigne
 }
 """
 
-_SOURCE = HELPERS + r"""
+W4_KERNEL = r"""
 #ifndef PROBE
 #define PROBE 0  // bench/gemv_probe.py: 1 replaces the arithmetic by an xor of the words, 2 by fp16x2 math
 #endif
@@ -141,38 +143,6 @@ __device__ __forceinline__ float chunk_dot(uint4 w, const float* xf, float acc) 
     return acc;
 }
 
-#if PROBE == 2
-// Probe only (fp16 x): the pairs as fp16x2 (1024 + q), minus (1024 + z) exactly, fma into an fp16x2 partial
-// per chunk, then fp32: fewer instructions per nibble, at fp16 accumulation over 16 products.
-__device__ __forceinline__ void half2_rows(const unsigned short* __restrict__ xrow, int c, const uint4* w,
-                                           const unsigned int* s, float* acc) {
-    const uint4* p = reinterpret_cast<const uint4*>(xrow + 32 * c);
-    uint4 xv[4];
-#pragma unroll
-    for (int v = 0; v < 4; ++v) xv[v] = __ldg(p + v);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const float zf = scale_bits_to_float(s[r] >> 16) + 1024.f;
-        unsigned short zh;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(zh) : "f"(zf));
-        const unsigned int zz = (unsigned int)zh | ((unsigned int)zh << 16);
-        unsigned int a2 = 0;
-        const unsigned int words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const unsigned int xw[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                unsigned int h = ((words[j] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, d;
-                asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
-                asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(a2) : "r"(d), "r"(xw[t]), "r"(a2));
-            }
-        }
-        acc[r] = fmaf(scale_bits_to_float(s[r] & 0xFFFFu), half_bits_to_float(a2 & 0xFFFFu) +
-                      half_bits_to_float(a2 >> 16), acc[r]);
-    }
-}
-#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     const unsigned short* __restrict__ x, const uint4* __restrict__ qw, const unsigned int* __restrict__ sz,
@@ -231,6 +201,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     write_rows(acc, bias, out, M, N, row0, lane);
 }
 """
+_SOURCE = HELPERS + W4_KERNEL
 
 
 @functools.cache
