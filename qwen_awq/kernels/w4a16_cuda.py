@@ -7,8 +7,8 @@ before any arithmetic, so the loads of every resident warp are in flight at once
 converted once for the warp's rows; one shuffle tree per row at the end, no split-K, no partials. The arithmetic
 is the Triton GEMV's (w4a16_gemv.py): a nibble pair per shift, one lop3 per nibble into fp32 256 + q or 16 + q,
 one FFMA, and per 32-k chunk s * (dot - sum C_k x_k - z * sum x_k). No headers: 16-bit floats move as bits.
-On the H200 the two designs end close (64.7 vs 60.1 us over Qwen-7B's four shapes; this one wins the two with
-4096 rows), both near what one kernel per matrix allows (bench/results/gemv_cuda_H200_2026-12-03.md), so the
+On the H200 the two designs end close (64.7 vs 60.1 us over Qwen-7B's four shapes; this one wins or ties the two
+with 4096 rows), both near what one kernel per matrix allows (bench/results/gemv_cuda_H200_2026-12-03.md), so the
 per-card table picks per shape. The compiled kernels run where torch.cuda._compile_kernel exists (PyTorch >= 2.8
 with NVRTC); elsewhere, and when compiling fails, w4a16.py keeps the Triton GEMV. Reference and CPU path:
 reference.w4a16_matmul_reference.
