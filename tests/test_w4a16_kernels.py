@@ -25,7 +25,7 @@ TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # gemv | mma | dense | cuda (NVRTC, GPU only) | auto (w4a16_triton's choice by M) | dequant | norm
+    path: str  # gemv | mma | dense | cuda (NVRTC, GPU only) | fallback (w4a16_cuda off the GPU) | auto | dequant | norm
     m: int
     k: int
     n: int
@@ -80,6 +80,8 @@ CASES = [
     Case("dense", 5, 256, 72, 128, "bf16", silu=True),
     Case("dequant", 0, 256, 200, 64),
     Case("dequant", 0, 384, 40, 128, scales="bf16"),
+    Case("fallback", 1, 256, 40, 32, bias=True),  # the "cuda" table kind where NVRTC cannot run: Triton's GEMV
+    Case("fallback", 2, 384, 48, 128, "bf16", silu=True),
     Case("auto", 1, 256, 200, 64, bias=True, layout="3d"),
     Case("auto", 6, 256, 200, 64, layout="3d"),
     Case("auto", 300, 128, 64, 32, bias=True),
@@ -180,6 +182,8 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
         y = kern.w4a16_dense(x, w, bias, case.silu)
     elif case.path == "cuda":
         y = kern.w4a16_cuda_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
+    elif case.path == "fallback":
+        y = kern.w4a16_cuda(x, w, bias, case.silu)
     else:
         y = kern.w4a16_triton(x, w, bias, case.silu)
     xa = x.double()
