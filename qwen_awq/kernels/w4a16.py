@@ -273,10 +273,10 @@ def w4a16_cuda_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bo
                     config: CudaGemvConfig | None = None) -> Tensor:
     """y (..., N) on the NVRTC GEMV alone (M <= 4); ConfigError where it cannot run or did not compile."""
     x2d = _check(x, w, silu)
+    if not cuda_gemv_supported(x2d, w.group_size):  # before the SiLU pass: the fallback fuses its own
+        raise ConfigError("the CUDA W4A16 GEMV needs a CUDA GPU (sm_80+), M <= 4 and torch.cuda._compile_kernel")
     if silu:
         x2d = silu_mul(x2d)
-    if not cuda_gemv_supported(x2d, w.group_size):
-        raise ConfigError("the CUDA W4A16 GEMV needs a CUDA GPU (sm_80+), M <= 4 and torch.cuda._compile_kernel")
     y = w4a16_gemv_cuda(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
                         config or CudaGemvConfig())
     if y is None:
