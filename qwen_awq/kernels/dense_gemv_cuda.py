@@ -9,13 +9,12 @@ Used only where a card's measured table says it wins (w4a16_tuned.DENSE_GEMV); e
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwen_awq.kernels.w4a16_cuda import HELPERS, MAX_M, CudaGemvConfig, NvrtcKernel, compile_or_warn
+from qwen_awq.kernels.w4a16_cuda import HELPERS, CudaGemvConfig, NvrtcKernel, compile_variant, nvrtc_enabled
 from qwen_awq.kernels.w4a16_tuned import DENSE_GEMV
 
 _SOURCE = HELPERS + r"""
@@ -76,10 +75,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
 @functools.cache
 def _compiled(cfg: CudaGemvConfig, bm: int, bf16: bool, has_bias: bool) -> NvrtcKernel | None:
     """The kernel for one configuration, compiled once for the current device; None where NVRTC fails."""
-    name = f"dense_gemv_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}_m{bm}_x{int(bf16)}_b{int(has_bias)}"
-    defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
-               "XBF16": int(bf16), "SBF16": int(bf16), "HAS_BIAS": int(has_bias)}
-    return compile_or_warn("".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE, name, "cuBLAS")
+    defines = {"ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm, "XBF16": int(bf16),
+               "SBF16": int(bf16), "HAS_BIAS": int(has_bias)}
+    return compile_variant(_SOURCE, "dense_gemv", defines, "cuBLAS")
 
 
 def dense_gemv(x2d: Tensor, weight: Tensor, bias: Tensor | None, config: CudaGemvConfig) -> Tensor | None:
@@ -107,9 +105,7 @@ def _choice(k: int, n: int, device_index: int) -> CudaGemvConfig | None:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, except at M <= 4 on a card and shape where the NVRTC GEMV measured faster (DENSE_GEMV)."""
     m = x.numel() // max(x.shape[-1], 1)
-    if (x.is_cuda and 1 <= m <= MAX_M and x.dtype in (torch.float16, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and hasattr(torch.cuda, "_compile_kernel") and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0"):
+    if nvrtc_enabled(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         cfg = _choice(weight.shape[1], weight.shape[0], x.device.index or 0)
         y = None if cfg is None else dense_gemv(x.reshape(m, x.shape[-1]), weight, bias, cfg)
         if y is not None:

@@ -234,16 +234,6 @@ class NvrtcKernel:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
 
 
-def compile_or_warn(source: str, name: str, fallback: str) -> NvrtcKernel | None:
-    """The kernel, or None (one warning naming the fallback) where NVRTC cannot compile it here."""
-    try:
-        return NvrtcKernel(source, name)
-    except (RuntimeError, OSError, AttributeError) as err:
-        warnings.warn(f"qwen-awq: the CUDA kernel {name} did not compile ({str(err)[:300]}); using {fallback}",
-                      stacklevel=3)
-        return None
-
-
 @dataclass(frozen=True)
 class CudaGemvConfig:
     """A warp's output rows, the 16-byte chunks per row each lane loads before computing, warps per block."""
@@ -259,26 +249,46 @@ class CudaGemvConfig:
                 raise ConfigError(f"CudaGemvConfig.{name} must be a power of two in 1..16, found {value}")
 
 
+def compile_variant(source: str, prefix: str, defines: dict[str, int], fallback: str) -> NvrtcKernel | None:
+    """Kernel `source` specialised by `defines` (each a #define; the name spells them), or None where NVRTC
+    cannot compile it here (one warning naming the fallback)."""
+    name = prefix + "".join(f"_{key.lower()}{value}" for key, value in defines.items())
+    header = "".join(f"#define {key} {value}\n" for key, value in {"KERNEL_NAME": name, **defines}.items())
+    try:
+        return NvrtcKernel(header + source, name)
+    except (RuntimeError, OSError, AttributeError) as err:
+        warnings.warn(f"qwen-awq: the CUDA kernel {name} did not compile ({str(err)[:300]}); using {fallback}",
+                      stacklevel=4)
+        return None
+
+
 @functools.cache
-def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias: bool):
-    """The kernel for one configuration (NVRTC, for the current device's architecture), compiled once; None
-    where it cannot compile (no NVRTC, an unknown architecture): said once, and w4a16.py keeps Triton's GEMV."""
-    name = (f"w4a16_gemv_r{cfg.rows}_u{cfg.unroll}_w{cfg.warps}_m{bm}_x{int(x_bf16)}_s{int(s_bf16)}"
-            f"_b{int(has_bias)}")
-    defines = {"KERNEL_NAME": name, "ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm,
-               "XBF16": int(x_bf16), "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
-    header = "".join(f"#define {key} {value}\n" for key, value in defines.items())
-    return compile_or_warn(header + _SOURCE, name, "Triton's GEMV")
+def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias: bool) -> NvrtcKernel | None:
+    """The W4A16 kernel for one configuration, compiled once for the current device (None: w4a16.py keeps
+    Triton's GEMV)."""
+    defines = {"ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm, "XBF16": int(x_bf16),
+               "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
+    return compile_variant(_SOURCE, "w4a16_gemv", defines, "Triton's GEMV")
+
+
+@functools.cache
+def _device_capable(index: int) -> bool:
+    return hasattr(torch.cuda, "_compile_kernel") and torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def nvrtc_enabled(x: Tensor) -> bool:
+    """Whether the NVRTC GEMVs may take x: CUDA, fp16/bf16, 1..MAX_M rows, sm_80+ with NVRTC in torch
+    (QWEN_AWQ_CUDA_KERNELS=0 turns them off)."""
+    m = x.numel() // max(x.shape[-1], 1)
+    return (
+        x.is_cuda and 1 <= m <= MAX_M and x.dtype in (torch.float16, torch.bfloat16)
+        and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0" and _device_capable(x.device.index or 0)
+    )
 
 
 def cuda_gemv_supported(x: Tensor, group_size: int) -> bool:
-    """Whether the NVRTC GEMV can take x: CUDA, M <= 4 rows, fp16/bf16 (QWEN_AWQ_CUDA_KERNELS=0 turns it off)."""
-    m = x.numel() // max(x.shape[-1], 1)
-    return (
-        x.is_cuda and 1 <= m <= MAX_M and group_size % 32 == 0 and x.dtype in (torch.float16, torch.bfloat16)
-        and hasattr(torch.cuda, "_compile_kernel") and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0"
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    )
+    """Whether the NVRTC W4A16 GEMV can take x (nvrtc_enabled) with this group size."""
+    return group_size % 32 == 0 and nvrtc_enabled(x)
 
 
 def w4a16_gemv_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_size: int, s_bf16: bool,
