@@ -25,7 +25,8 @@ TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # gemv | mma | dense | cuda (NVRTC, GPU only) | fallback (w4a16_cuda off the GPU) | auto | dequant | norm
+    path: str  # gemv | mma | dense | cuda, cudamma (NVRTC, GPU only) | fallback, fallbackmma (their CPU fallbacks) |
+    # auto | dequant | norm
     m: int
     k: int
     n: int
@@ -35,7 +36,7 @@ class Case:
     silu: bool = False
     scales: str = "fp16"  # the dtype whose bits scale_zero stores
     layout: str = "2d"  # 2d | 3d: x (2, M/2, K) | strided: x a column slice of a wider tensor
-    config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig / CudaGemvConfig
+    config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig / CudaGemvConfig / CudaMmaConfig
     split: int | None = None
 
     @property
@@ -82,6 +83,8 @@ CASES = [
     Case("dequant", 0, 384, 40, 128, scales="bf16"),
     Case("fallback", 1, 256, 40, 32, bias=True),  # the "cuda" table kind where NVRTC cannot run: Triton's GEMV
     Case("fallback", 2, 384, 48, 128, "bf16", silu=True),
+    Case("fallbackmma", 5, 256, 72, 64, bias=True),  # the "cudamma" kind off the GPU: Triton's tensor-core kernel
+    Case("fallbackmma", 2, 384, 40, 32, silu=True),  # ... and Triton's GEMV at M = 2
     Case("auto", 1, 256, 200, 64, bias=True, layout="3d"),
     Case("auto", 6, 256, 200, 64, layout="3d"),
     Case("auto", 300, 128, 64, 32, bias=True),
@@ -117,6 +120,22 @@ GPU_CASES = [
     Case("cuda", 1, 4096, 12288, bias=True, config=(("rows", 2), ("unroll", 4))),
     Case("cuda", 1, 11008, 4096, silu=True, config=(("rows", 1), ("unroll", 8), ("warps", 8))),
     Case("cuda", 2, 4096, 22016, dtype="bf16"),
+    # The NVRTC tensor-core kernel: ragged N (not a multiple of 16, nor of a block's rows), K with a ragged last
+    # 128-k step (672 = 21 x 32) and fewer steps than K warps, every group size, M = 1..64 (1, 2, 4, 8 n-tiles,
+    # ragged), bf16 activations and scales, bias, SiLU, strided and 3-d x, then the real shapes.
+    Case("cudamma", 2, 672, 40, 32, bias=True, config=(("rb", 1), ("wn", 2), ("wk", 4))),
+    Case("cudamma", 9, 640, 72, 64, "bf16", config=(("rb", 2), ("wn", 1), ("wk", 2), ("unroll", 2))),
+    Case("cudamma", 17, 384, 200, 128, bias=True, scales="bf16", layout="strided", config=(("wk", 8),)),
+    Case("cudamma", 24, 672, 72, 32, "bf16", bias=True, config=(("rb", 1), ("wk", 4), ("xperm", True))),
+    Case("cudamma", 3, 384, 40, 64, scales="bf16", layout="strided", config=(("wn", 2), ("wk", 2), ("xperm", True))),
+    Case("cudamma", 64, 640, 200, 128, layout="3d", config=(("rb", 1), ("wk", 4), ("unroll", 2), ("xperm", True))),
+    Case("cudamma", 33, 672, 48, 32, "bf16", silu=True, config=(("rb", 1), ("wn", 1), ("wk", 2))),
+    Case("cudamma", 64, 256, 136, 64, bias=True, layout="3d", config=(("rb", 1), ("wn", 2), ("wk", 2))),
+    Case("cudamma", 1, 4096, 200, 128, "bf16", bias=True, scales="bf16", config=(("unroll", 2),)),
+    Case("cudamma", 16, 4096, 12288, bias=True),
+    Case("cudamma", 8, 11008, 4096, silu=True, config=(("rb", 1), ("wn", 1), ("wk", 8))),
+    Case("cudamma", 32, 4096, 22016, dtype="bf16", config=(("rb", 2), ("wn", 2), ("wk", 2))),
+    Case("cudamma", 5, 4096, 4096, config=(("rb", 1), ("wn", 2), ("wk", 4), ("unroll", 2))),
 ]
 
 
@@ -182,8 +201,12 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
         y = kern.w4a16_dense(x, w, bias, case.silu)
     elif case.path == "cuda":
         y = kern.w4a16_cuda_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
+    elif case.path == "cudamma":
+        y = kern.w4a16_cuda_mma_only(x, w, bias, case.silu, kern.CudaMmaConfig(**cfg))
     elif case.path == "fallback":
         y = kern.w4a16_cuda(x, w, bias, case.silu)
+    elif case.path == "fallbackmma":
+        y = kern.w4a16_cuda_mma(x, w, bias, case.silu)
     else:
         y = kern.w4a16_triton(x, w, bias, case.silu)
     xa = x.double()
@@ -248,11 +271,13 @@ def test_cuda_graph_replay_with_split_k_matches_eager(m: int) -> None:
 
 
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a GPU (QWEN_AWQ_TEST_DEVICE=cuda)")
-def test_cuda_gemv_captures_in_a_graph() -> None:
-    """The NVRTC kernel launches on the capturing stream: replays recompute from the static input."""
+@pytest.mark.parametrize("kind,m", [("cuda", 1), ("cudamma", 16)])
+def test_nvrtc_kernels_capture_in_a_graph(kind: str, m: int) -> None:
+    """The NVRTC kernels launch on the capturing stream: replays recompute from the static input."""
     from qwen_awq.kernels import w4a16 as kern
 
-    _graph_replays_match_eager(lambda x, w: kern.w4a16_cuda_only(x, w), 1)
+    call = kern.w4a16_cuda_only if kind == "cuda" else kern.w4a16_cuda_mma_only
+    _graph_replays_match_eager(lambda x, w: call(x, w), m)
 
 
 def _graph_replays_match_eager(call, m: int) -> None:

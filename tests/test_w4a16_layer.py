@@ -143,6 +143,7 @@ def test_choose_reads_the_card_table_else_defaults(monkeypatch) -> None:
     assert kern.m_bucket(1) == 1 and kern.m_bucket(3) == 4 and kern.m_bucket(16) == 16 and kern.m_bucket(17) == 32
     assert kern.default_choice(1)[0] == "gemv" and kern.default_choice(300) == ("dense", None)
     assert kern.default_choice(20)[1].block_m == 32
+    assert kern.default_choice(8)[0] == "cudamma" and kern.triton_choice(8)[0] == "mma"  # NVRTC, else Triton
     table = {(4096, 4096): {4: ("mma", {"block_m": 16, "block_n": 64}), 1: ("dense", None)}}
     monkeypatch.setitem(kern.TUNED, "Fake GPU", {"table": table})
     monkeypatch.setattr(kern, "_device_name", lambda index: "Fake GPU")
@@ -160,6 +161,12 @@ def test_choose_reads_the_card_table_else_defaults(monkeypatch) -> None:
 def test_gemv_config_validation(bad: dict) -> None:
     with pytest.raises(ConfigError):
         kern.GemvConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [{"rb": 3}, {"wk": 0}, {"wn": 8, "wk": 8}, {"unroll": 32}])
+def test_cuda_mma_config_validation(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        kern.CudaMmaConfig(**bad)
 
 
 @pytest.mark.parametrize("bad", [{"block_m": 8}, {"block_n": 48}, {"num_stages": 0}])

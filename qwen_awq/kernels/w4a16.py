@@ -22,6 +22,7 @@ from qwen_awq.kernels.reference import w4a16_matmul_reference
 from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig, cuda_gemv_supported, w4a16_gemv_cuda
+from qwen_awq.kernels.w4a16_cuda_mma import CudaMmaConfig, cuda_mma_supported, w4a16_mma_cuda
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -85,7 +86,8 @@ class MmaConfig:
             raise ConfigError(f"MmaConfig needs tiles >= 16, num_stages >= 1 and waves >= 1, found {self}")
 
 
-Choice = tuple[str, "GemvConfig | MmaConfig | CudaGemvConfig | None"]  # ("gemv" | "mma" | "cuda" | "dense", config)
+# ("gemv" | "mma" | "cuda" | "cudamma" | "dense", config): Triton GEMV, Triton MMA, NVRTC GEMV, NVRTC MMA, cuBLAS
+Choice = tuple[str, "GemvConfig | MmaConfig | CudaGemvConfig | CudaMmaConfig | None"]
 DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
 # Up to this M the down projection takes SiLU(gate) * up in its prologue; beyond it silu_mul runs first. On the
 # H200 the prologue lost at every M measured (`qwen-awq bench kernels`, fusions: M = 1: 23.5 us fused vs 18.3
@@ -102,7 +104,19 @@ TRITON_GEMV_M1 = GemvConfig(block_n=8, prefetch=True)  # the H200 sweep's best T
 
 
 def default_choice(m: int) -> Choice:
-    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned)."""
+    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned);
+    the NVRTC tensor-core kernel at M = 2..16 falls back to triton_choice where it cannot run."""
+    if m == 2:
+        return "cudamma", CudaMmaConfig(rb=1, wk=8)
+    if 2 < m <= 8:
+        return "cudamma", CudaMmaConfig(rb=1, wk=16, xperm=True)
+    if 8 < m <= 16:
+        return "cudamma", CudaMmaConfig(rb=1, wk=8, xperm=True)
+    return triton_choice(m)
+
+
+def triton_choice(m: int) -> Choice:
+    """The Triton (or cuBLAS) kernel for M rows on a card without a table: the H200's Triton winners."""
     if m == 1:
         return "gemv", TRITON_GEMV_M1
     if m == 2:
@@ -138,7 +152,7 @@ def choose(m: int, k: int, n: int, device: torch.device) -> Choice:
         entry = (table.get((k, n)) or table.get("any", {})).get(m_bucket(m))
         if entry is not None:
             kind, params = entry
-            config = {"gemv": GemvConfig, "mma": MmaConfig, "cuda": CudaGemvConfig}.get(kind)
+            config = {"gemv": GemvConfig, "mma": MmaConfig, "cuda": CudaGemvConfig, "cudamma": CudaMmaConfig}.get(kind)
             return kind, None if config is None else config(**params)
     return default_choice(m)
 
@@ -223,7 +237,7 @@ def w4a16_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = F
               config: MmaConfig | None = None, split_k: int | None = None) -> Tensor:
     """y (..., N) on the tensor-core kernel; split-K (fused reduction) fills the GPU at small M."""
     x2d = _check(x, w, silu)
-    cfg, (m, n, k) = config or default_choice(max(x2d.shape[0], 2))[1] or MmaConfig(), (x2d.shape[0], w.n, w.k)
+    cfg, (m, n, k) = config or triton_choice(max(x2d.shape[0], 2))[1] or MmaConfig(), (x2d.shape[0], w.n, w.k)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
@@ -293,12 +307,41 @@ def w4a16_cuda(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = 
         return w4a16_gemv(x, w, bias, silu, TRITON_GEMV_M1)
 
 
+def w4a16_cuda_mma_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+                        config: CudaMmaConfig | None = None) -> Tensor:
+    """y (..., N) on the NVRTC tensor-core kernel alone (M <= 64); ConfigError where it cannot run here."""
+    x2d = _check(x, w, silu)
+    if not cuda_mma_supported(x2d, w.group_size):
+        raise ConfigError("the CUDA W4A16 MMA kernel needs a CUDA GPU (sm_80+), M <= 64 and "
+                          "torch.cuda._compile_kernel")
+    if silu:
+        x2d = silu_mul(x2d)
+    y = w4a16_mma_cuda(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
+                       config or CudaMmaConfig())
+    if y is None:
+        raise ConfigError("the CUDA W4A16 MMA kernel did not compile on this machine (see the warning above)")
+    return y.view(*x.shape[:-1], w.n)
+
+
+def w4a16_cuda_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+                   config: CudaMmaConfig | None = None) -> Tensor:
+    """The NVRTC tensor-core kernel, or the defaults' Triton kernel where that one cannot run here."""
+    try:
+        return w4a16_cuda_mma_only(x, w, bias, silu, config)
+    except ConfigError:
+        kind, cfg = triton_choice(x.numel() // max(x.shape[-1], 1))
+        call = {"gemv": w4a16_gemv, "mma": w4a16_mma}.get(kind)
+        return w4a16_dense(x, w, bias, silu) if call is None else call(x, w, bias, silu, cfg)
+
+
 def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
     """y (..., N) on the GPU path, the kernel chosen by M = number of x rows (choose)."""
     m = x.numel() // max(x.shape[-1], 1)
     kind, cfg = choose(m, w.k, w.n, x.device)
     if kind == "cuda":
         return w4a16_cuda(x, w, bias, silu, cfg)
+    if kind == "cudamma":
+        return w4a16_cuda_mma(x, w, bias, silu, cfg)
     if kind == "gemv":
         return w4a16_gemv(x, w, bias, silu, cfg)
     if kind == "mma":

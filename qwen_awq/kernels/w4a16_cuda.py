@@ -29,7 +29,7 @@ from qwen_awq.errors import ConfigError
 
 MAX_M = 4  # x rows per launch: each adds 32 fp32 registers per lane (its converted chunk)
 
-HELPERS = r"""
+CONVERSIONS = r"""
 #define LOP(v, mask, magic) __uint_as_float(((v) & (mask)) | (magic))
 
 __device__ __forceinline__ float fp16_bits_to_float(unsigned int h) {  // the low 16 bits of h
@@ -69,7 +69,9 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // weights: read
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+"""
 
+WRITE_ROWS = r"""
 // Each x row's ROWS sums: one shuffle tree per value, lane 0 adds the bias and stores out's dtype.
 __device__ __forceinline__ void write_rows(float (&acc)[BM][ROWS], const unsigned short* __restrict__ bias,
                                            unsigned short* __restrict__ out, int M, int N, int row0, int lane) {
@@ -90,6 +92,7 @@ __device__ __forceinline__ void write_rows(float (&acc)[BM][ROWS], const unsigne
         }
 }
 """
+HELPERS = CONVERSIONS + WRITE_ROWS  # what the GEMVs share: 16-bit conversions, streaming loads, the row sums
 
 W4_KERNEL = r"""
 #ifndef PROBE

@@ -1,7 +1,9 @@
 """Measured W4A16 kernel choices per card: {card name: {"command", "date", "table": {(K, N): {M bucket: choice}}}}.
 
 Written from `python3 -m qwen_awq.eval.bench_kernels --sweep` (bench/results/awq_kernel_H200_w4a16.md); a choice is
-("gemv", GemvConfig fields), ("mma", MmaConfig fields) or ("dense", None); "any" holds, per bucket, the choice with
+("gemv", GemvConfig fields), ("mma", MmaConfig fields), ("cuda", CudaGemvConfig fields), ("cudamma",
+CudaMmaConfig fields) or ("dense", None); the NVRTC entries (cuda, cudamma) come from bench/gemv_candidates.py and
+bench/mma_cuda_candidates.py; "any" holds, per bucket, the choice with
 the least total time over Qwen-7B's four shapes. Cards and shapes not listed take w4a16.default_choice.
 """
 
@@ -16,10 +18,10 @@ TUNED: dict[str, dict] = {
         "table": {
             "any": {
                 1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
-                2: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 3, "block_m": 2}),
-                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                2: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),
+                4: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),
+                8: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),
                 32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
@@ -28,11 +30,11 @@ TUNED: dict[str, dict] = {
             },
             (4096, 12288): {
                 1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
-                2: ("gemv", {"block_n": 16, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 2, "block_m": 2}),
-                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                2: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.3 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
+                4: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 17.8 us, Triton 22.9 (mma_cuda_candidates_H200_2026-12-03)
+                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 21.0 us, Triton 24.1 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 256: ("dense", None),
@@ -40,11 +42,11 @@ TUNED: dict[str, dict] = {
             },
             (4096, 4096): {
                 1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): 7.5 us, Triton 7.6-8.0
-                2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                2: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.5 us, Triton 10.2 (mma_cuda_candidates_H200_2026-12-03)
+                4: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.8 us, Triton 10.3 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.8 us, Triton 10.3 (mma_cuda_candidates_H200_2026-12-03)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 9.3 us, Triton 10.6 (mma_cuda_candidates_H200_2026-12-03)
+                32: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 11.0 us, Triton 12.8 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("dense", None),
                 128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 256: ("dense", None),
@@ -52,11 +54,11 @@ TUNED: dict[str, dict] = {
             },
             (4096, 22016): {
                 1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
-                2: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": False, "progs_per_sm": 3, "block_m": 2}),
-                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
+                2: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.3 us, Triton 32.5 (mma_cuda_candidates_H200_2026-12-03)
+                4: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.5 us, Triton 35.7 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.5 us, Triton 35.7 (mma_cuda_candidates_H200_2026-12-03)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 27.7 us, Triton 36.3 (mma_cuda_candidates_H200_2026-12-03)
+                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 36.8 us, Triton 38.5 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
@@ -64,10 +66,10 @@ TUNED: dict[str, dict] = {
             },
             (11008, 4096): {
                 1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): 15.2 us, Triton 15.8
-                2: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                4: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                8: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
-                16: ("mma", {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 5, "scale_w": True}),
+                2: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.5 us, Triton 19.5 (mma_cuda_candidates_H200_2026-12-03)
+                4: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.6 us, Triton 19.8 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.6 us, Triton 19.8 (mma_cuda_candidates_H200_2026-12-03)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 18.9 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
