@@ -18,6 +18,7 @@ partials, no locks: one launch, capturable. Reference and CPU path: reference.w4
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -290,9 +291,11 @@ def x_fragments(x2d: Tensor, nt: int) -> Tensor | None:
 
 
 def cuda_mma_supported(x: Tensor, group_size: int) -> bool:
-    """Whether the NVRTC tensor-core kernel can take x (2..MAX_M rows, CUDA sm_80+, fp16/bf16)."""
+    """Whether the NVRTC tensor-core kernel can take x (1..MAX_M rows, CUDA sm_80+, fp16/bf16); QWEN_AWQ_CUDA_MMA=0
+    turns it alone off (QWEN_AWQ_CUDA_KERNELS=0 every NVRTC kernel)."""
     m = x.numel() // max(x.shape[-1], 1)
-    return group_size % 32 == 0 and 1 <= m <= MAX_M and nvrtc_enabled(x.reshape(m, -1)[:1])
+    return (group_size % 32 == 0 and 1 <= m <= MAX_M and os.environ.get("QWEN_AWQ_CUDA_MMA", "1") != "0"
+            and nvrtc_enabled(x.reshape(m, -1)[:1]))
 
 
 def w4a16_mma_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_size: int, s_bf16: bool,
