@@ -33,7 +33,7 @@ def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: fl
         for kind, cfg in grid:
             if time.time() > deadline:
                 break
-            call = kern.w4a16_cuda_only if kind == "cuda" else kern.w4a16_gemv
+            call = kern.w4a16_nvrtc_only if kind == "cuda" else kern.w4a16_gemv
             row["gemv"].append({"kind": kind, "config": dataclasses.asdict(cfg),
                                 **bk.timed_candidate(partial(call, config=cfg), x, layers, ref_w)})
         rows.append(row)

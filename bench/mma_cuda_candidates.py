@@ -38,7 +38,7 @@ def shape_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: fl
             if time.time() > deadline:
                 break
             row["cudamma"].append({"config": dataclasses.asdict(cfg), **bk.timed_candidate(
-                partial(kern.w4a16_cuda_mma_only, config=cfg), x, layers, ref_w)})
+                partial(kern.w4a16_nvrtc_only, config=cfg), x, layers, ref_w)})
         rows.append(row)
         best = min((e for e in row["cudamma"] if "us" in e), key=lambda e: e["us"], default=None)
         if best is None:

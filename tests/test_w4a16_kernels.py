@@ -200,13 +200,13 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
     elif case.path == "dense":
         y = kern.w4a16_dense(x, w, bias, case.silu)
     elif case.path == "cuda":
-        y = kern.w4a16_cuda_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
+        y = kern.w4a16_nvrtc_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
     elif case.path == "cudamma":
-        y = kern.w4a16_cuda_mma_only(x, w, bias, case.silu, kern.CudaMmaConfig(**cfg))
+        y = kern.w4a16_nvrtc_only(x, w, bias, case.silu, kern.CudaMmaConfig(**cfg))
     elif case.path == "fallback":
-        y = kern.w4a16_cuda(x, w, bias, case.silu)
+        y = kern.w4a16_nvrtc(x, w, bias, case.silu, kern.CudaGemvConfig())
     elif case.path == "fallbackmma":
-        y = kern.w4a16_cuda_mma(x, w, bias, case.silu)
+        y = kern.w4a16_nvrtc(x, w, bias, case.silu, kern.CudaMmaConfig())
     else:
         y = kern.w4a16_triton(x, w, bias, case.silu)
     xa = x.double()
@@ -276,8 +276,8 @@ def test_nvrtc_kernels_capture_in_a_graph(kind: str, m: int) -> None:
     """The NVRTC kernels launch on the capturing stream: replays recompute from the static input."""
     from qwen_awq.kernels import w4a16 as kern
 
-    call = kern.w4a16_cuda_only if kind == "cuda" else kern.w4a16_cuda_mma_only
-    _graph_replays_match_eager(lambda x, w: call(x, w), m)
+    config = kern.CudaGemvConfig() if kind == "cuda" else kern.CudaMmaConfig()
+    _graph_replays_match_eager(lambda x, w: kern.w4a16_nvrtc_only(x, w, config=config), m)
 
 
 def _graph_replays_match_eager(call, m: int) -> None:

@@ -91,7 +91,7 @@ def _call(kind: str, cfg, x: torch.Tensor, w: kern.W4Weight) -> torch.Tensor:
     if kind == "mma":
         return kern.w4a16_mma(x, w, config=cfg)
     if kind == "cuda":
-        return kern.w4a16_cuda_only(x, w, config=cfg)
+        return kern.w4a16_nvrtc_only(x, w, config=cfg)
     return kern.w4a16_dense(x, w)
 
 

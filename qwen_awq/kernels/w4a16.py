@@ -1,10 +1,10 @@
 """W4A16 matmul on the repacked layout (quant/packing.py repack_awq): the kernel family chosen by M.
 
-M = 1 (2): a CUDA-core GEMV, the NVRTC-compiled one (w4a16_cuda.py) where it compiles, else Triton's
-(w4a16_gemv.py); up to the dense threshold: the tensor-core kernel (w4a16_mma.py); beyond it: dequantize once +
-cuBLAS. Tile configs come from a per-card table measured by
-`python3 -m qwen_awq.eval.bench_kernels --sweep` (TUNED below), else from defaults. CPU tensors, and anything
-the kernels do not cover, take the plain-PyTorch reference (reference.w4a16_matmul_reference).
+M = 1: a CUDA-core GEMV, the NVRTC-compiled one (w4a16_cuda.py) or Triton's (w4a16_gemv.py); M = 2..32: the
+NVRTC tensor-core kernel (w4a16_cuda_mma.py) where it measured faster, else Triton's (w4a16_mma.py), which also
+takes M up to the dense threshold; beyond it: dequantize once + cuBLAS. Per-card tables of measured choices
+(w4a16_tuned.TUNED), else defaults; every NVRTC kernel falls back to Triton's choice where it cannot run. CPU
+tensors, and anything the kernels do not cover, take the plain-PyTorch reference (reference.w4a16_matmul_reference).
 """
 
 from __future__ import annotations
@@ -283,51 +283,31 @@ def w4a16_dense(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool =
     return y.view(*x.shape[:-1], w.n)
 
 
-def w4a16_cuda_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-                    config: CudaGemvConfig | None = None) -> Tensor:
-    """y (..., N) on the NVRTC GEMV alone (M <= 4); ConfigError where it cannot run or did not compile."""
+def w4a16_nvrtc_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+                     config: CudaGemvConfig | CudaMmaConfig | None = None) -> Tensor:
+    """y (..., N) on one NVRTC kernel alone: the GEMV (CudaGemvConfig, the default; M <= 4) or the tensor-core
+    kernel (CudaMmaConfig; M <= 64); ConfigError where it cannot run here or did not compile."""
     x2d = _check(x, w, silu)
-    if not cuda_gemv_supported(x2d, w.group_size):  # before the SiLU pass: the fallback fuses its own
-        raise ConfigError("the CUDA W4A16 GEMV needs a CUDA GPU (sm_80+), M <= 4 and torch.cuda._compile_kernel")
+    mma = isinstance(config, CudaMmaConfig)
+    what = "tensor-core kernel (M <= 64)" if mma else "GEMV (M <= 4)"
+    # checked before the SiLU pass, so that a fallback (which fuses its own) does not pay for it twice
+    if not (cuda_mma_supported if mma else cuda_gemv_supported)(x2d, w.group_size):
+        raise ConfigError(f"the CUDA W4A16 {what} needs a CUDA GPU (sm_80+) and torch.cuda._compile_kernel")
     if silu:
         x2d = silu_mul(x2d)
-    y = w4a16_gemv_cuda(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
-                        config or CudaGemvConfig())
+    run = w4a16_mma_cuda if mma else w4a16_gemv_cuda
+    y = run(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
+            config or CudaGemvConfig())
     if y is None:
-        raise ConfigError("the CUDA W4A16 GEMV did not compile on this machine (see the warning above)")
+        raise ConfigError(f"the CUDA W4A16 {what} did not compile on this machine (see the warning above)")
     return y.view(*x.shape[:-1], w.n)
 
 
-def w4a16_cuda(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-               config: CudaGemvConfig | None = None) -> Tensor:
-    """The NVRTC GEMV, or Triton's GEMV where that one cannot run here."""
+def w4a16_nvrtc(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
+                config: CudaGemvConfig | CudaMmaConfig | None = None) -> Tensor:
+    """An NVRTC kernel (w4a16_nvrtc_only), or Triton's choice for this M (triton_choice) where it cannot run."""
     try:
-        return w4a16_cuda_only(x, w, bias, silu, config)
-    except ConfigError:
-        return w4a16_gemv(x, w, bias, silu, TRITON_GEMV_M1)
-
-
-def w4a16_cuda_mma_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-                        config: CudaMmaConfig | None = None) -> Tensor:
-    """y (..., N) on the NVRTC tensor-core kernel alone (M <= 64); ConfigError where it cannot run here."""
-    x2d = _check(x, w, silu)
-    if not cuda_mma_supported(x2d, w.group_size):
-        raise ConfigError("the CUDA W4A16 MMA kernel needs a CUDA GPU (sm_80+), M <= 64 and "
-                          "torch.cuda._compile_kernel")
-    if silu:
-        x2d = silu_mul(x2d)
-    y = w4a16_mma_cuda(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
-                       config or CudaMmaConfig())
-    if y is None:
-        raise ConfigError("the CUDA W4A16 MMA kernel did not compile on this machine (see the warning above)")
-    return y.view(*x.shape[:-1], w.n)
-
-
-def w4a16_cuda_mma(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-                   config: CudaMmaConfig | None = None) -> Tensor:
-    """The NVRTC tensor-core kernel, or the defaults' Triton kernel where that one cannot run here."""
-    try:
-        return w4a16_cuda_mma_only(x, w, bias, silu, config)
+        return w4a16_nvrtc_only(x, w, bias, silu, config)
     except ConfigError:
         kind, cfg = triton_choice(x.numel() // max(x.shape[-1], 1))
         call = {"gemv": w4a16_gemv, "mma": w4a16_mma}.get(kind)
@@ -338,10 +318,8 @@ def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool 
     """y (..., N) on the GPU path, the kernel chosen by M = number of x rows (choose)."""
     m = x.numel() // max(x.shape[-1], 1)
     kind, cfg = choose(m, w.k, w.n, x.device)
-    if kind == "cuda":
-        return w4a16_cuda(x, w, bias, silu, cfg)
-    if kind == "cudamma":
-        return w4a16_cuda_mma(x, w, bias, silu, cfg)
+    if kind in ("cuda", "cudamma"):
+        return w4a16_nvrtc(x, w, bias, silu, cfg)
     if kind == "gemv":
         return w4a16_gemv(x, w, bias, silu, cfg)
     if kind == "mma":
