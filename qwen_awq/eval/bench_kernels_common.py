@@ -4,6 +4,7 @@ the relative-error check."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Qwen-7B 
 GROUP = 128  # spec: awq.md, the checkpoint default
 ROTATE_BYTES = 512 * 2**20  # weights swept per replay: ~8x the H200's 60 MB L2
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # max |y - ref| / max |ref|, as the unit tests use
+Grid = Callable[[int], list[tuple[str, object, Callable]]]  # M -> [(kind, config, call(x, w))]
 
 
 def copies_for(nbytes: int) -> int:
@@ -81,3 +83,74 @@ def rotated_layers(k: int, n: int, gen: torch.Generator) -> tuple[list, torch.Te
 def dense_copies(k: int, n: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Random fp16 weights (N, K), enough copies for time_rotated: the cuBLAS peer of a W4A16 time."""
     return [torch.randn(n, k, generator=gen).half().cuda() for _ in range(copies_for(2 * n * k))]
+
+
+def candidate_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: float, grid: Grid) -> list[dict]:
+    """Per M, for one (K, N): fp16 cuBLAS, the dispatcher's current choice and every (kind, config, call) of
+    grid(M), each checked against the exact reference and timed (timed_candidate); printed per M as it ends."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    layers, ref_w = rotated_layers(k, n, gen)
+    dense = dense_copies(k, n, gen)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).half().cuda()
+        row = {"K": k, "N": n, "M": m, "floor_bytes": w4_bytes(k, n, m),
+               "cublas_fp16_us": time_rotated(lambda x_, w: F.linear(x_, w), x, dense, rep_ms=25),
+               "current_us": time_rotated(kern.w4a16_triton, x, layers, rep_ms=25), "candidates": []}
+        for kind, cfg, call in grid(m):
+            if time.time() > deadline:
+                break
+            row["candidates"].append({"kind": kind, "config": dataclasses.asdict(cfg),
+                                      **timed_candidate(call, x, layers, ref_w)})
+        rows.append(row)
+        best = min((e for e in row["candidates"] if "us" in e), key=lambda e: e["us"], default=None)
+        failed = [e.get("error", e.get("err")) for e in row["candidates"]][:2]
+        print(f"== K={k} N={n} M={m}: cuBLAS {row['cublas_fp16_us']:.1f} current {row['current_us']:.1f} "
+              + (f"best {best['us']:.1f} {best['kind']} {best['config']}" if best else f"none passed: {failed}"),
+              flush=True)
+    return rows
+
+
+def candidate_totals(rows: list[dict], bw: float) -> None:
+    """Per M: the current choice, cuBLAS and the floor over the shapes, then each candidate's total (the table's
+    "any" rule)."""
+    for m in sorted({r["M"] for r in rows}):
+        at_m = [r for r in rows if r["M"] == m]
+        floor, cublas = sum(r["floor_bytes"] for r in at_m) / bw * 1e6, sum(r["cublas_fp16_us"] for r in at_m)
+        print(f"M={m}: current {sum(r['current_us'] for r in at_m):.1f} us, cuBLAS {cublas:.1f}, floor {floor:.1f} "
+              f"({len(at_m)} shapes summed)")
+        for i, e in enumerate(at_m[0]["candidates"]):
+            ts = [r["candidates"][i].get("us") for r in at_m if i < len(r["candidates"])]
+            if len(ts) == len(at_m) and None not in ts:
+                print(f"   {sum(ts):7.1f} us ({100 * floor / sum(ts):.0f}% of copy, {cublas / sum(ts):.2f}x cuBLAS)"
+                      f"  {e['kind']} {e['config']}")
+
+
+def run_candidates(out: str, ms: list[int], budget: float, grid: Grid) -> None:
+    """candidate_rows over Qwen-7B's shapes, the JSON rewritten to `out` after each shape, then the totals."""
+    import json
+
+    from qwen_awq.eval.peers import copy_bandwidth
+
+    gen, deadline, bw = torch.Generator().manual_seed(5), time.time() + budget, copy_bandwidth()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_Bps": bw, "rows": []}
+    for k, n in SHAPES:
+        result["rows"] += candidate_rows(k, n, ms, gen, deadline, grid)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    candidate_totals(result["rows"], bw)
+
+
+def candidates_main(doc: str, ms: str, budget: float, grid: Grid) -> None:
+    """The command line of a candidate script (bench/gemv_candidates.py, bench/mma_cuda_candidates.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--ms", default=ms, help=f"comma-separated row counts (default {ms})")
+    p.add_argument("--budget", type=float, default=budget, help="seconds; later candidates are skipped past it")
+    args = p.parse_args()
+    run_candidates(args.out, [int(v) for v in args.ms.split(",")], args.budget, grid)

@@ -11,8 +11,11 @@ per mma) takes the same k from x, one 16-byte load per token per word. A nibble 
 word: k = 8w + 2p, 8w + 2p + 1) becomes two 16-bit floats C + q by one lop3 (C = 1024 in fp16, 128 in bf16);
 one packed subtract of C + z leaves q - z exactly and one packed multiply by the scale rounds (q - z) * s once,
 the reference's dequantized weight. fp32 accumulation. A block's WK warps split K and add through shared
-memory; its WN warps take different rows over the same K, so they share x in L1. No split-K across blocks, no
-partials, no locks: one launch, capturable. Reference and CPU path: reference.w4a16_matmul_reference.
+memory; its WN warps take different rows over the same K (they may share x in L1). No split-K across blocks, no
+partials, no locks: one launch, capturable. With `xperm`, x_fragments first writes x in the order the lanes load
+it, so a warp's x load is 512 contiguous bytes rather than 8 tokens x 4 strided chunks (it wins from M = 16 on).
+What bounds it from M = 32 on: every 16 weight rows read the whole of x (bench/results/gpu_final_H200_2026-12-03b.md;
+a shared-x split-K variant measured slower there). Reference and CPU path: reference.w4a16_matmul_reference.
 """
 
 from __future__ import annotations
@@ -238,7 +241,7 @@ _SOURCE = CONVERSIONS + f"#define STEP {STEP_K}\n" + MMA_KERNEL
 class CudaMmaConfig:
     """Row blocks of 16 per warp, warps over rows and over K per block, 128-k steps loaded before computing."""
 
-    rb: int = 2  # the defaults: the best total over Qwen-7B's shapes at M = 8 and 16 on the H200 (2026-12-03)
+    rb: int = 2  # the defaults: the best total over Qwen-7B's shapes at M = 8 and 16 without xperm (H200)
     wn: int = 1
     wk: int = 8
     unroll: int = 1
