@@ -163,6 +163,24 @@ def test_gemv_config_validation(bad: dict) -> None:
         kern.GemvConfig(**bad)
 
 
+def test_every_tuned_entry_is_a_config_its_kernel_can_launch() -> None:
+    """A table entry that cannot run at its bucket would fall back silently on every call: each must build, and
+    an NVRTC tensor-core entry's reduction must fit in shared memory at the bucket's largest M."""
+    from qwen_awq.kernels.w4a16_cuda_mma import MAX_M, SHARED_BYTES, n_tiles
+
+    configs = {"gemv": kern.GemvConfig, "mma": kern.MmaConfig, "cuda": kern.CudaGemvConfig,
+               "cudamma": kern.CudaMmaConfig}
+    for card in kern.TUNED.values():
+        for shape, buckets in card["table"].items():
+            for bucket, (kind, params) in buckets.items():
+                if kind == "dense":
+                    assert params is None
+                    continue
+                cfg = configs[kind](**params)
+                if kind == "cudamma":
+                    assert bucket <= MAX_M and cfg.reduce_bytes(n_tiles(bucket)) <= SHARED_BYTES, (shape, bucket)
+
+
 @pytest.mark.parametrize("bad", [{"rb": 3}, {"wk": 0}, {"wn": 8, "wk": 8}, {"unroll": 32}])
 def test_cuda_mma_config_validation(bad: dict) -> None:
     with pytest.raises(ConfigError):
