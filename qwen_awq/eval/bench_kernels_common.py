@@ -1,14 +1,19 @@
 """What the W4A16 kernel benchmark (bench_kernels.py) and its tile sweep (bench_kernels_sweep.py) share: the
 Qwen-7B shapes, the byte count of an ideal kernel, random repacked layers, the rotated-weights CUDA-graph timer and
-the relative-error check."""
+the relative-error check, and the candidate loop of bench/gemv_candidates.py and bench/mma_cuda_candidates.py."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from qwen_awq.eval.peers import copy_bandwidth
 from qwen_awq.kernels import w4a16 as kern
 from qwen_awq.quant.packing import dequantize_repacked, repack_awq
 
@@ -88,10 +93,6 @@ def dense_copies(k: int, n: int, gen: torch.Generator) -> list[torch.Tensor]:
 def candidate_rows(k: int, n: int, ms: list[int], gen: torch.Generator, deadline: float, grid: Grid) -> list[dict]:
     """Per M, for one (K, N): fp16 cuBLAS, the dispatcher's current choice and every (kind, config, call) of
     grid(M), each checked against the exact reference and timed (timed_candidate); printed per M as it ends."""
-    import dataclasses
-
-    import torch.nn.functional as F
-
     layers, ref_w = rotated_layers(k, n, gen)
     dense = dense_copies(k, n, gen)
     rows = []
@@ -131,10 +132,6 @@ def candidate_totals(rows: list[dict], bw: float) -> None:
 
 def run_candidates(out: str, ms: list[int], budget: float, grid: Grid) -> None:
     """candidate_rows over Qwen-7B's shapes, the JSON rewritten to `out` after each shape, then the totals."""
-    import json
-
-    from qwen_awq.eval.peers import copy_bandwidth
-
     gen, deadline, bw = torch.Generator().manual_seed(5), time.time() + budget, copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_Bps": bw, "rows": []}
     for k, n in SHAPES:
@@ -146,8 +143,6 @@ def run_candidates(out: str, ms: list[int], budget: float, grid: Grid) -> None:
 
 def candidates_main(doc: str, ms: str, budget: float, grid: Grid) -> None:
     """The command line of a candidate script (bench/gemv_candidates.py, bench/mma_cuda_candidates.py)."""
-    import argparse
-
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--ms", default=ms, help=f"comma-separated row counts (default {ms})")

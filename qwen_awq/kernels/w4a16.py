@@ -103,15 +103,15 @@ def silu_in_prologue(m: int) -> bool:
 TRITON_GEMV_M1 = GemvConfig(block_n=8, prefetch=True)  # the H200 sweep's best Triton GEMV at M = 1
 
 
+REFERENCE_CARD = "NVIDIA H200"  # cards without a table take its "any" NVRTC tensor-core entries
+
+
 def default_choice(m: int) -> Choice:
-    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned);
-    the NVRTC tensor-core kernel at M = 2..16 falls back to triton_choice where it cannot run."""
-    if m == 2:
-        return "cudamma", CudaMmaConfig(rb=1, wk=8)
-    if 2 < m <= 8:
-        return "cudamma", CudaMmaConfig(rb=1, wk=16, xperm=True)
-    if 8 < m <= 16:
-        return "cudamma", CudaMmaConfig(rb=1, wk=8, xperm=True)
+    """For cards without a tuned table: the H200 sweep's winners over Qwen-7B's shapes ("any" in w4a16_tuned), the
+    NVRTC tensor-core entries read from that table (they fall back to triton_choice where they cannot run)."""
+    entry = TUNED[REFERENCE_CARD]["table"]["any"].get(m_bucket(m))
+    if entry is not None and entry[0] == "cudamma":
+        return "cudamma", CudaMmaConfig(**entry[1])
     return triton_choice(m)
 
 
@@ -309,9 +309,7 @@ def w4a16_nvrtc(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool =
     try:
         return w4a16_nvrtc_only(x, w, bias, silu, config)
     except ConfigError:
-        kind, cfg = triton_choice(x.numel() // max(x.shape[-1], 1))
-        call = {"gemv": w4a16_gemv, "mma": w4a16_mma}.get(kind)
-        return w4a16_dense(x, w, bias, silu) if call is None else call(x, w, bias, silu, cfg)
+        return _run_triton(*triton_choice(x.numel() // max(x.shape[-1], 1)), x, w, bias, silu)
 
 
 def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:
@@ -320,6 +318,12 @@ def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool 
     kind, cfg = choose(m, w.k, w.n, x.device)
     if kind in ("cuda", "cudamma"):
         return w4a16_nvrtc(x, w, bias, silu, cfg)
+    return _run_triton(kind, cfg, x, w, bias, silu)
+
+
+def _run_triton(kind: str, cfg: GemvConfig | MmaConfig | None, x: Tensor, w: W4Weight, bias: Tensor | None,
+                silu: bool) -> Tensor:
+    """A Triton choice ("gemv" | "mma") or "dense" (dequantize + cuBLAS)."""
     if kind == "gemv":
         return w4a16_gemv(x, w, bias, silu, cfg)
     if kind == "mma":

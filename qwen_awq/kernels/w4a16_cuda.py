@@ -246,10 +246,15 @@ class CudaGemvConfig:
     warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("rows", "unroll", "warps"):
-            value = getattr(self, name)
-            if value <= 0 or value & (value - 1) or value > 16:
-                raise ConfigError(f"CudaGemvConfig.{name} must be a power of two in 1..16, found {value}")
+        check_small_pow2(self, ("rows", "unroll", "warps"))
+
+
+def check_small_pow2(config: object, names: tuple[str, ...]) -> None:
+    """ConfigError unless each named field of a launch config is a power of two in 1..16."""
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0 or value & (value - 1) or value > 16:
+            raise ConfigError(f"{type(config).__name__}.{name} must be a power of two in 1..16, found {value}")
 
 
 def compile_variant(source: str, prefix: str, defines: dict[str, int], fallback: str) -> NvrtcKernel | None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.w4a16_cuda import CONVERSIONS, NvrtcKernel, compile_variant, nvrtc_enabled
+from qwen_awq.kernels.w4a16_cuda import CONVERSIONS, NvrtcKernel, check_small_pow2, compile_variant, nvrtc_enabled
 
 MAX_M = 64  # 8 tokens per n-tile, up to 8 n-tiles (each adds 16 accumulator registers per row block)
 STEP_K = 128  # k per warp step: 16 bytes of each row per lane
@@ -248,10 +248,7 @@ class CudaMmaConfig:
     xperm: bool = False  # x rearranged first (x_fragments, one more launch) so that its loads coalesce
 
     def __post_init__(self) -> None:
-        for name in ("rb", "wn", "wk", "unroll"):
-            value = getattr(self, name)
-            if value <= 0 or value & (value - 1) or value > 16:
-                raise ConfigError(f"CudaMmaConfig.{name} must be a power of two in 1..16, found {value}")
+        check_small_pow2(self, ("rb", "wn", "wk", "unroll"))
         if self.wn * self.wk > 32:
             raise ConfigError(f"CudaMmaConfig: wn x wk warps must be at most 32, found {self.wn * self.wk}")
 
@@ -305,17 +302,17 @@ def w4a16_mma_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_siz
                    bias: Tensor | None, config: CudaMmaConfig) -> Tensor | None:
     """y (M, N) for x2d (M, K) with unit stride along K, or None where the kernel could not compile;
     ConfigError where the config's reduction does not fit in shared memory at this M."""
-    m, k = x2d.shape
-    n = qweight_t.shape[0]
-    if config.reduce_bytes(n_tiles(m)) > SHARED_BYTES:
-        raise ConfigError(f"{config} needs {config.reduce_bytes(n_tiles(m))} bytes of shared memory at M = {m}, "
-                          f"more than {SHARED_BYTES}: fewer K warps, row blocks or rows warps")
-    kernel = _compiled(config, n_tiles(m), x2d.dtype == torch.bfloat16, s_bf16, bias is not None)
+    (m, k), n = x2d.shape, qweight_t.shape[0]
+    nt = n_tiles(m)
+    if (smem := config.reduce_bytes(nt)) > SHARED_BYTES:
+        raise ConfigError(f"{config} needs {smem} bytes of shared memory at M = {m}, more than {SHARED_BYTES}: "
+                          "fewer K warps, row blocks or rows warps")
+    kernel = _compiled(config, nt, x2d.dtype == torch.bfloat16, s_bf16, bias is not None)
     if kernel is None:
         return None
     if x2d.stride(0) % 8 or x2d.data_ptr() % 16:  # rows must start on 16 bytes (K % 32 == 0 holds by the groups)
         x2d = x2d.contiguous() if not x2d.is_contiguous() else x2d.clone()
-    xin = x_fragments(x2d, n_tiles(m)) if config.xperm else x2d
+    xin = x_fragments(x2d, nt) if config.xperm else x2d
     if xin is None:
         return None
     out = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
