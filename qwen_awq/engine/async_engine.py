@@ -9,9 +9,7 @@ it: each write drops the GIL, and retaking it waits while the loop is busy). `sh
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,9 +19,6 @@ from qwen_awq.engine.llm_engine import LLMEngine, RequestOutput
 from qwen_awq.engine.sampling_params import SamplingParams
 
 IDLE_WAIT_S = 0.05  # how long the idle step thread sleeps between checks for new work
-# The GIL hand-off interval while the step thread runs (CPython's default is 5 ms: a step thread that wants the GIL
-# back after the GPU work waits up to that long behind a busy event loop). Process-wide; empty keeps CPython's.
-SWITCH_INTERVAL_ENV = "QWEN_AWQ_SWITCH_INTERVAL_MS"
 
 
 @dataclass
@@ -77,8 +72,6 @@ class AsyncEngine(StreamingGenerate):
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
-            if os.environ.get(SWITCH_INTERVAL_ENV):
-                sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL_ENV]) / 1e3)
             self._thread = threading.Thread(target=self._loop, name="qwen-awq-engine", daemon=True)
             self._thread.start()
 

@@ -17,7 +17,6 @@ from qwen_awq.engine.kv_cache import KVPool
 from qwen_awq.engine.sampler import SampleOutput, greedy_rows, random_rows
 from qwen_awq.engine.scheduler import ScheduledSeq
 from qwen_awq.engine.step_input import StepInput
-from qwen_awq.kernels.l2_prefetch import prefetching
 from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
@@ -66,8 +65,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         step = self.view(b)
-        with prefetching(self.model):  # the next matrix's weights into L2 where QWEN_AWQ_L2_PREFETCH says so
-            return self.model.compute_logits(self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool)))
+        return self.model.compute_logits(self.model.forward_tokens(step.input_ids, step.forward_batch(self.pool)))
 
     @torch.inference_mode()
     def capture(self) -> None:

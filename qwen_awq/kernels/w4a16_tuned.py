@@ -29,7 +29,7 @@ TUNED: dict[str, dict] = {
                 512: ("dense", None),
             },
             (4096, 12288): {
-                1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
+                1: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton GEMV 14.4 (mma_cuda_candidates_H200_2026-12-03c_m1)
                 2: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.3 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
                 4: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
                 8: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
