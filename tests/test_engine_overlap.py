@@ -96,7 +96,7 @@ def test_seeded_sampling_n_and_aborts(mt):
                   temperature=1.0, top_k=20, max_tokens=18, seed=9, logprobs=1, ignore_eos=True))],
               1: [("add", "u", prompts[2], _greedy(30))],
               6: [("abort", "u")],  # while its next step is in flight
-              # no overlap while these run (their penalties read the last token)
+              # penalized rows overlap too (engine/token_stats.py), with unpenalized ones in the same steps
               8: [("add", "v", prompts[3], _greedy(24, repetition_penalty=50.0)),
                   ("add", "w", prompts[0], _greedy(24, repetition_penalty=0.02, presence_penalty=-2.0))]}
     _compare(mt, script)
@@ -163,8 +163,9 @@ def test_preemption_recomputes_the_real_tokens_after_overlapped_steps(mt):
 
 @pytest.mark.parametrize("params, overlaps", [
     (_greedy(10), True), (_greedy(10, min_tokens=6, stop_token_ids=[5]), True),  # a ban counts tokens only
-    (_greedy(10, repetition_penalty=1.2), False), (_greedy(10, presence_penalty=0.5), False),
-    (_greedy(10, frequency_penalty=0.5), False),  # penalties read the output ids: the last one is not known yet
+    # penalties read the statistics the runner keeps on the device, not the host's (last) token
+    (_greedy(10, repetition_penalty=1.2), True), (_greedy(10, presence_penalty=0.5), True),
+    (_greedy(10, frequency_penalty=0.5), True),
     (_greedy(2), False)])  # every decode step ends it by length: nothing to look ahead to
 def test_which_requests_overlap(mt, params, overlaps):
     engine = _engine(mt, True)

@@ -10,6 +10,7 @@ from qwen_awq.engine.kv_cache import KVPool
 from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, plain_greedy, plain_random, sample
 from qwen_awq.engine.scheduler import ScheduledBatch
 from qwen_awq.engine.step_input import StepInput
+from qwen_awq.engine.token_stats import TokenStats, needs_counts, needs_seen
 from qwen_awq.models.decoder import Decoder
 
 
@@ -21,6 +22,7 @@ class ModelRunner:
     def __init__(self, model: Decoder, pool: KVPool, vocab_size: int, graphs: DecodeGraphs | None = None) -> None:
         self.model, self.pool, self.vocab_size, self.graphs = model, pool, vocab_size, graphs
         self.device = model.device
+        self.token_stats = TokenStats(vocab_size, self.device)  # the penalties' masks, kept on the device
 
     def _is_graph_decode(self, batch: ScheduledBatch) -> bool:
         if self.graphs is None or not all(e.num_tokens == 1 and e.needs_sample for e in batch.entries):
@@ -60,10 +62,15 @@ class ModelRunner:
         if kind is not None and step.size in (self.graphs.random_tails if kind == "random" else self.graphs.tails):
             return self.graphs.sample_tail(step, random=kind == "random")
         apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
+        slots = self.token_stats.slots(seqs) if any(needs_seen(s) or needs_counts(s) for s in seqs) else None
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,
-                                 stop_ids_per_row=[s.stop_ids for s in seqs])
-        return sample(logits, sb, [s.generator for s in seqs])
+                                 stop_ids_per_row=[s.stop_ids for s in seqs],
+                                 token_masks=None if slots is None else self.token_stats.masks(slots))
+        out = sample(logits, sb, [s.generator for s in seqs])
+        if slots is not None:  # the sampled ids join the statistics on the device: no host list is read again
+            self.token_stats.record(slots, out.tokens)
+        return out
 
 
 def _tail_kind(seqs: list) -> str | None:

@@ -33,7 +33,8 @@ def can_look_ahead(batch: ScheduledBatch, scheduler: Scheduler, max_model_len: i
     """Whether step n+1 can be scheduled and launched before step n's tokens are known: step n is a pure decode of
     every running sequence, nobody waits for admission, no sequence finishes by length at step n (known in advance:
     it is not scheduled again), the pool holds step n+1's new blocks without preempting, and nothing the host
-    computes for step n+1's sampling depends on token values (grammars, penalties over output ids)."""
+    computes for step n+1's sampling depends on token values (grammars; penalties only read the statistics that
+    the runner keeps on the device, engine/token_stats.py)."""
     if scheduler.waiting or not all(e.num_tokens == 1 and e.needs_sample for e in batch.entries):
         return False
     live = [e.seq for e in batch.entries if not e.seq.is_finished]  # aborted while in flight: skipped
@@ -45,11 +46,11 @@ def can_look_ahead(batch: ScheduledBatch, scheduler: Scheduler, max_model_len: i
 
 
 def _token_free(seq: Sequence, max_model_len: int) -> bool:
-    """The sequence's next step can be sampled without its current token: no grammar, no penalty over its output
-    ids (min_tokens bans count tokens only), and step n does not end it by length (num_tokens grows by one)."""
+    """The sequence's next step can be sampled without its current token on the host: no grammar (min_tokens bans
+    count tokens only; penalties read the device's statistics), and step n does not end it by length (num_tokens
+    grows by one)."""
     p = seq.params
-    if seq.matcher is not None or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 \
-            or p.frequency_penalty != 0.0:
+    if seq.matcher is not None:
         return False
     ends_by_length = p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens
     return not ends_by_length and seq.num_tokens + 1 < max_model_len

@@ -102,11 +102,14 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
               vocab_size: int, device: torch.device | str = "cpu",
-              stop_ids_per_row: list[list[int]] | None = None) -> SamplingBatch:
+              stop_ids_per_row: list[list[int]] | None = None,
+              token_masks: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> SamplingBatch:
         """Gather per-row settings and token statistics into tensors for one sampling step.
 
         `stop_ids_per_row` are the ids banned while a row has fewer than min_tokens outputs (the caller adds
-        eos ids unless ignore_eos); by default each row's `stop_token_ids`.
+        eos ids unless ignore_eos); by default each row's `stop_token_ids`. `token_masks`: the rows' (B, V) seen
+        mask and output counts kept on the device (engine/token_stats.py); without them both are built from
+        prompt_ids and output_ids.
         """
         if stop_ids_per_row is None:
             stop_ids_per_row = [p.stop_token_ids for p in params]
@@ -118,11 +121,16 @@ class SamplingBatch:
         columns = _param_columns(params, sampled, torch.device(device)) if sampled or repetition or presence else {}
         batch = cls(vocab_size, len(params), sampled, num_logprobs=max((p.logprobs or 0 for p in params), default=0),
                     **columns)
-        if repetition:
-            context = [a + b for a, b in zip(prompt_ids, output_ids, strict=True)]
-            batch.seen_mask = _scatter_ids(context, vocab_size, device, torch.bool)
-        if presence:
-            batch.output_counts = _scatter_ids(output_ids, vocab_size, device, torch.float32)
+        if token_masks is not None:
+            seen, counts = token_masks
+            batch.seen_mask = seen if repetition else None
+            batch.output_counts = counts if presence else None
+        else:
+            if repetition:
+                context = [a + b for a, b in zip(prompt_ids, output_ids, strict=True)]
+                batch.seen_mask = _scatter_ids(context, vocab_size, device, torch.bool)
+            if presence:
+                batch.output_counts = _scatter_ids(output_ids, vocab_size, device, torch.float32)
         banned = [ids if len(out) < p.min_tokens else []
                   for p, out, ids in zip(params, output_ids, stop_ids_per_row, strict=True)]
         if any(banned):

@@ -1,0 +1,105 @@
+"""Per-sequence token statistics for the penalties, kept on the device across steps (issue 12).
+
+Built from the host's token lists every step, the repetition penalty's (B, V) mask (Qwen-Chat's default 1.1, so
+every served request's) cost the server's engine thread two thirds of its time at 128 streams of 512 + 256 tokens
+on the H200 (bench/results/gpu_serve_profile_H200_2026-12-03c.md): each step flattened every whole context. Here a
+sequence gets a row of `seen` (prompt + output ids) and, when a row asks for presence/frequency penalties, of
+`counts` (output ids) once, from its host context at its first sampled step; after each step the sampled ids go in
+on the device (`record`), so a step's masks are one gather and no host list is read again. That also lets
+penalized sequences take overlapped steps (engine/overlap.py): their next mask no longer needs the last token on
+the host. Rows are freed once their sequence has finished; the tables grow by doubling. The last row of each
+table is a scratch row for the batch rows that need no statistics.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwen_awq.engine.sequence import Sequence
+from qwen_awq.engine.step_input import upload
+from qwen_awq.errors import SamplingError
+
+FIRST_CAPACITY = 8  # rows before the first doubling
+
+
+def needs_seen(seq: Sequence) -> bool:
+    return seq.params.repetition_penalty != 1.0
+
+
+def needs_counts(seq: Sequence) -> bool:
+    return seq.params.presence_penalty != 0.0 or seq.params.frequency_penalty != 0.0
+
+
+class TokenStats:
+    def __init__(self, vocab_size: int, device: torch.device | str) -> None:
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.seen = torch.zeros(FIRST_CAPACITY + 1, vocab_size, dtype=torch.bool, device=self.device)  # (C+1, V)
+        self.counts: torch.Tensor | None = None  # (C+1, V) int32, made at the first presence/frequency row
+        self.rows: dict[Sequence, int] = {}  # table row of each sequence (identity-hashed)
+        self.free = list(range(FIRST_CAPACITY))
+
+    @property
+    def scratch(self) -> int:
+        return self.seen.shape[0] - 1
+
+    def slots(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(B,) long on the device: each sequence's table row (the scratch row where it has no penalty), after
+        freeing the rows of finished sequences and filling new ones from their host contexts."""
+        for seq in [s for s in self.rows if s.is_finished]:
+            self.free.append(self.rows.pop(seq))
+        if any(needs_counts(s) for s in seqs) and self.counts is None:
+            self.counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.device)
+        new = [s for s in seqs if (needs_seen(s) or needs_counts(s)) and s not in self.rows]
+        for seq in new:
+            if not self.free:
+                self._grow()
+            self.rows[seq] = self.free.pop()
+        if new:
+            self._fill(new)
+        return upload([self.rows.get(s, self.scratch) for s in seqs], self.device)
+
+    def _grow(self) -> None:
+        """Double the rows; the scratch row stays last."""
+        old = self.scratch
+        grow = lambda t: torch.cat([t[:old], torch.zeros_like(t[:old]), t[old:]])  # noqa: E731
+        self.seen = grow(self.seen)
+        if self.counts is not None:
+            self.counts = grow(self.counts)
+        self.free += list(range(old, 2 * old))
+
+    def _fill(self, seqs: list[Sequence]) -> None:
+        """New rows from the sequences' host contexts: seen = prompt + output ids, counts = output ids."""
+        rows = upload([self.rows[s] for s in seqs], self.device)  # (N,)
+        self.seen[rows] = False
+        context = [s.prompt_token_ids + s.output_token_ids for s in seqs]
+        self.seen[_rows_of(rows, context), _ids(context, self.vocab_size, self.device)] = True
+        if self.counts is not None:
+            self.counts[rows] = 0
+            outputs = [s.output_token_ids for s in seqs]
+            ones = torch.ones(sum(map(len, outputs)), dtype=torch.int32, device=self.device)
+            self.counts.index_put_((_rows_of(rows, outputs), _ids(outputs, self.vocab_size, self.device)), ones,
+                                   accumulate=True)
+
+    def masks(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's (B, V) seen mask and float32 output counts (None when no row has asked for counts)."""
+        counts = None if self.counts is None else self.counts[slots].float()
+        return self.seen[slots], counts
+
+    def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """After a step: each row's sampled id (B,) joins its row's statistics, on the device."""
+        tokens = tokens.long()
+        self.seen[slots, tokens] = True
+        if self.counts is not None:
+            self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+
+
+def _ids(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    flat = [t for row in rows for t in row]
+    if flat and not 0 <= min(flat) <= max(flat) < vocab_size:
+        bad = next(t for t in flat if not 0 <= t < vocab_size)
+        raise SamplingError(f"token id {bad} is outside the vocabulary (size {vocab_size})")
+    return upload(flat, device)
+
+
+def _rows_of(rows: torch.Tensor, lists: list[list[int]]) -> torch.Tensor:
+    """rows[i] repeated len(lists[i]) times (N,)."""
+    return torch.repeat_interleave(rows, torch.tensor([len(x) for x in lists], device=rows.device))
