@@ -69,11 +69,15 @@ class TokenStats:
     def _fill(self, seqs: list[Sequence]) -> None:
         """New rows from the sequences' host contexts: seen = prompt + output ids, counts = output ids."""
         rows = upload([self.rows[s] for s in seqs], self.device)  # (N,)
-        self.seen[rows] = False
+        # index_fill_ / index_put_ with device values only: a Python scalar as the value of an indexed assignment
+        # is copied from pageable host memory, which waits for the whole queue (it cost an overlapped server
+        # step its overlap on the H200)
+        self.seen.index_fill_(0, rows, False)
         context = [s.prompt_token_ids + s.output_token_ids for s in seqs]
-        self.seen[_rows_of(rows, context), _ids(context, self.vocab_size, self.device)] = True
+        ids = _ids(context, self.vocab_size, self.device)
+        self.seen.index_put_((_rows_of(rows, context), ids), torch.ones_like(ids, dtype=torch.bool))
         if self.counts is not None:
-            self.counts[rows] = 0
+            self.counts.index_fill_(0, rows, 0)
             outputs = [s.output_token_ids for s in seqs]
             ones = torch.ones(sum(map(len, outputs)), dtype=torch.int32, device=self.device)
             self.counts.index_put_((_rows_of(rows, outputs), _ids(outputs, self.vocab_size, self.device)), ones,
@@ -87,7 +91,7 @@ class TokenStats:
     def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
         """After a step: each row's sampled id (B,) joins its row's statistics, on the device."""
         tokens = tokens.long()
-        self.seen[slots, tokens] = True
+        self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
         if self.counts is not None:
             self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
 
@@ -101,5 +105,6 @@ def _ids(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.
 
 
 def _rows_of(rows: torch.Tensor, lists: list[list[int]]) -> torch.Tensor:
-    """rows[i] repeated len(lists[i]) times (N,)."""
-    return torch.repeat_interleave(rows, torch.tensor([len(x) for x in lists], device=rows.device))
+    """rows[i] repeated len(lists[i]) times (N,); the total is passed, so the device is not asked for it."""
+    lengths = [len(x) for x in lists]
+    return torch.repeat_interleave(rows, upload(lengths, rows.device), output_size=sum(lengths))
