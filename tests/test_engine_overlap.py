@@ -140,7 +140,7 @@ def test_overlapped_graph_path_on_cpu(mt, seeded):
         engine.pool = engine.runner.pool = KVPool(model.cfg, n + 1, 16, model.dtype, model.device)
         graphs = engine.runner.graphs = DecodeGraphs(model, engine.pool, 4, 256 // 16, scratch_block=n,
                                                      vocab_size=mt[1].vocab_size)
-        graphs.logits = torch.empty(4, model.cfg.vocab_size)
+        graphs.logits = torch.empty(4, model.cfg.vocab_size, device=model.device)
         seen: list = []
         graphs.graphs = {b: _EagerReplay(graphs, b, seen) for b in graphs.sizes}
         graphs.tails = {b: _Tail(graphs, b) for b in graphs.sizes}
