@@ -60,7 +60,9 @@ class FakeSample:
 class FakeRunner:
     """ModelRunner.step's contract without a model: sleeps `step_s` in `releases` pieces, then samples each row's
     next token of a fixed text (so detokenization does real work), counting steps. Its step blocks for the
-    whole stand-in time, so nothing can overlap it (no device-side input ids)."""
+    whole stand-in time, so nothing can overlap it (no device-side input ids). It samples no logits either, so
+    the sampler's host work (the penalties' masks: bench/results/gpu_final_H200_2026-12-03c.md) is not in it;
+    bench/gpu_serve_profile.sh profiles the real server on a GPU."""
 
     device_input_ids = False
 
