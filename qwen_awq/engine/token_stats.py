@@ -2,7 +2,7 @@
 
 Built from the host's token lists every step, the repetition penalty's (B, V) mask (Qwen-Chat's default 1.1, so
 every served request's) cost the server's engine thread two thirds of its time at 128 streams of 512 + 256 tokens
-on the H200 (bench/results/gpu_serve_profile_H200_2026-12-03c.md): each step flattened every whole context. Here a
+on the H200 (bench/results/gpu_final_H200_2026-12-03c.md, calls 3-4): each step flattened every whole context. Here a
 sequence gets a row of `seen` (prompt + output ids) and, when a row asks for presence/frequency penalties, of
 `counts` (output ids) once, from its host context at its first sampled step; after each step the sampled ids go in
 on the device (`record`), so a step's masks are one gather and no host list is read again. That also lets
@@ -60,10 +60,9 @@ class TokenStats:
     def _grow(self) -> None:
         """Double the rows; the scratch row stays last."""
         old = self.scratch
-        grow = lambda t: torch.cat([t[:old], torch.zeros_like(t[:old]), t[old:]])  # noqa: E731
-        self.seen = grow(self.seen)
+        self.seen = _doubled(self.seen, old)
         if self.counts is not None:
-            self.counts = grow(self.counts)
+            self.counts = _doubled(self.counts, old)
         self.free += list(range(old, 2 * old))
 
     def _fill(self, seqs: list[Sequence]) -> None:
@@ -94,6 +93,11 @@ class TokenStats:
         self.seen.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.bool))
         if self.counts is not None:
             self.counts.index_put_((slots, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+
+
+def _doubled(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows + 1, V) -> (2 rows + 1, V): the first rows, as many zero rows, then the scratch row."""
+    return torch.cat([table[:rows], torch.zeros_like(table[:rows]), table[rows:]])
 
 
 def _ids(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
