@@ -1,6 +1,6 @@
-"""The penalties' token statistics kept on the device (engine/token_stats.py) against masks built from scratch out of
-the host's token lists (sampler._scatter_ids, the sampler's own path without them): per simulated step with
-arrivals, finishes, reused rows, growth and rows without penalties, and inside a real engine after every step,
+"""The penalties' token statistics kept on the device (engine/token_stats.py) against counts built from scratch out of
+the host's token lists (bincount): per simulated step with arrivals (some with outputs already), finishes, reused
+rows, growth and rows without penalties, and inside a real engine after every step,
 with preemption; a penalized run gives the same tokens as the sampler's host-list path."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from assets import DEVICE
 from test_engine import _prompts
 from test_engine_overlap import _engine, _greedy, _trace
 
-from qwen_awq.engine.sampler import _scatter_ids
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.sequence import Sequence, SequenceStatus
 from qwen_awq.engine.token_stats import FIRST_CAPACITY, TokenStats, needs_counts, needs_seen
@@ -22,14 +21,18 @@ from qwen_awq.tokenizer import load_tokenizer
 VOCAB = 50
 
 
+def _counts(ids: list[int], vocab: int = VOCAB) -> torch.Tensor:
+    """The oracle: (V,) float32 occurrences of ids, by bincount (no code of the engine)."""
+    return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab).float()
+
+
 def _check(stats: TokenStats, seqs: list[Sequence]) -> None:
     seen, counts = stats.masks(stats.slots(seqs))
     for i, s in enumerate(seqs):
         if needs_seen(s):
-            want = _scatter_ids([s.prompt_token_ids + s.output_token_ids], VOCAB, "cpu", torch.bool)[0]
-            assert torch.equal(seen[i], want), s.seq_id
+            assert torch.equal(seen[i], _counts(s.prompt_token_ids + s.output_token_ids) > 0), s.seq_id
         if needs_counts(s):
-            assert torch.equal(counts[i], _scatter_ids([s.output_token_ids], VOCAB, "cpu", torch.float32)[0])
+            assert torch.equal(counts[i], _counts(s.output_token_ids))
 
 
 def _params(rng: random.Random) -> SamplingParams:
@@ -43,7 +46,8 @@ def test_statistics_follow_the_host_lists_through_arrivals_finishes_and_growth()
     for step in range(60):
         for _ in range(rng.randrange(3) if step < 40 else 0):  # arrivals: more live rows than the first capacity
             prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 9))]
-            live.append(Sequence(next_id, f"r{next_id}", prompt, _params(rng)))
+            earlier = [rng.randrange(VOCAB) for _ in range(rng.randrange(4))]  # a row filled after some outputs
+            live.append(Sequence(next_id, f"r{next_id}", prompt, _params(rng), output_token_ids=earlier))
             next_id += 1
         if not live:
             continue
@@ -89,7 +93,7 @@ def test_engine_rows_match_the_host_lists_after_every_step(mt, async_scheduling)
             if seq.is_finished:
                 continue
             context = seq.prompt_token_ids + seq.output_token_ids
-            want = _scatter_ids([context], stats.vocab_size, "cpu", torch.bool)[0]
+            want = _counts(context, stats.vocab_size) > 0
             got = stats.seen[row].cpu()
             assert int((got & ~want).sum()) <= ahead.get(seq, 0), (k, seq.seq_id)  # at most the in-flight token
             assert bool(got[want].all())
@@ -112,8 +116,7 @@ def test_penalized_tokens_equal_the_host_list_path(mt, monkeypatch):
     got = _trace(_engine(mt, True), script)
     from qwen_awq.engine import model_runner
 
-    monkeypatch.setattr(model_runner, "needs_seen", lambda s: False)  # no row takes the statistics: host lists
-    monkeypatch.setattr(model_runner, "needs_counts", lambda s: False)
+    monkeypatch.setattr(model_runner, "penalized", lambda s: False)  # no row takes the statistics: host lists
     want = _trace(_engine(mt, False), script)
     assert got[0] == want[0]
     assert {k: v[0] for k, v in got[1].items()} == pytest.approx({k: v[0] for k, v in want[1].items()}, abs=1e-4)

@@ -10,7 +10,7 @@ from qwen_awq.engine.kv_cache import KVPool
 from qwen_awq.engine.sampler import SampleOutput, SamplingBatch, plain_greedy, plain_random, sample
 from qwen_awq.engine.scheduler import ScheduledBatch
 from qwen_awq.engine.step_input import StepInput
-from qwen_awq.engine.token_stats import TokenStats, needs_counts, needs_seen
+from qwen_awq.engine.token_stats import TokenStats, penalized
 from qwen_awq.models.decoder import Decoder
 
 
@@ -62,7 +62,7 @@ class ModelRunner:
         if kind is not None and step.size in (self.graphs.random_tails if kind == "random" else self.graphs.tails):
             return self.graphs.sample_tail(step, random=kind == "random")
         apply_step_masks(logits, seqs)  # structured output: constrained rows only, before any penalty
-        slots = self.token_stats.slots(seqs) if any(needs_seen(s) or needs_counts(s) for s in seqs) else None
+        slots = self.token_stats.slots(seqs) if any(penalized(s) for s in seqs) else None
         sb = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs], self.vocab_size, self.device,
                                  stop_ids_per_row=[s.stop_ids for s in seqs],

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from qwen_awq.engine.sampling_params import SamplingParams
+from qwen_awq.engine.step_input import upload
 from qwen_awq.errors import SamplingError
 
 
@@ -159,16 +160,23 @@ def _param_columns(params: list[SamplingParams], sampled: list[int], device: tor
     return dict(zip(FLOAT_COLUMNS, columns, strict=True)) | {"top_k": dev[:b], "sample_rows": dev[b:n_long]}
 
 
-def _scatter_ids(rows: list[list[int]], vocab_size: int, device: torch.device | str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Per-row id counts (float) or presence (bool) as a dense (B, V) tensor."""
+def id_rows(rows: list[list[int]], vocab_size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, id) of every id in per-row lists, (N,) long each on the device from copies the host does not
+    wait for; SamplingError for an id outside the vocabulary."""
+    device = torch.device(device)
     flat = [t for row in rows for t in row]
     if flat and not 0 <= min(flat) <= max(flat) < vocab_size:
         bad = next(t for t in flat if not 0 <= t < vocab_size)
         raise SamplingError(f"token id {bad} is outside the vocabulary (size {vocab_size})")
-    ids = torch.tensor(flat, dtype=torch.long, device=device)  # (N,)
-    row_of = torch.repeat_interleave(
-        torch.arange(len(rows), device=device), torch.tensor([len(r) for r in rows], device=device))  # (N,)
+    row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), upload([len(r) for r in rows], device),
+                                     output_size=len(flat))
+    return row_of, upload(flat, device)
+
+
+def _scatter_ids(rows: list[list[int]], vocab_size: int, device: torch.device | str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Per-row id counts (float) or presence (bool) as a dense (B, V) tensor."""
+    row_of, ids = id_rows(rows, vocab_size, device)  # (N,) each
     out = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)  # (B, V)
     out.index_put_((row_of, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
     return out > 0 if dtype == torch.bool else out

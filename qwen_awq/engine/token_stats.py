@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from qwen_awq.engine.sampler import id_rows
 from qwen_awq.engine.sequence import Sequence
 from qwen_awq.engine.step_input import upload
-from qwen_awq.errors import SamplingError
 
 FIRST_CAPACITY = 8  # rows before the first doubling
 
@@ -27,6 +27,11 @@ def needs_seen(seq: Sequence) -> bool:
 
 def needs_counts(seq: Sequence) -> bool:
     return seq.params.presence_penalty != 0.0 or seq.params.frequency_penalty != 0.0
+
+
+def penalized(seq: Sequence) -> bool:
+    """Whether the sequence's sampling reads statistics (it then has a row)."""
+    return needs_seen(seq) or needs_counts(seq)
 
 
 class TokenStats:
@@ -48,7 +53,7 @@ class TokenStats:
             self.free.append(self.rows.pop(seq))
         if any(needs_counts(s) for s in seqs) and self.counts is None:
             self.counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.device)
-        new = [s for s in seqs if (needs_seen(s) or needs_counts(s)) and s not in self.rows]
+        new = [s for s in seqs if penalized(s) and s not in self.rows]
         for seq in new:
             if not self.free:
                 self._grow()
@@ -72,15 +77,12 @@ class TokenStats:
         # is copied from pageable host memory, which waits for the whole queue (it cost an overlapped server
         # step its overlap on the H200)
         self.seen.index_fill_(0, rows, False)
-        context = [s.prompt_token_ids + s.output_token_ids for s in seqs]
-        ids = _ids(context, self.vocab_size, self.device)
-        self.seen.index_put_((_rows_of(rows, context), ids), torch.ones_like(ids, dtype=torch.bool))
+        row_of, ids = id_rows([s.prompt_token_ids + s.output_token_ids for s in seqs], self.vocab_size, self.device)
+        self.seen.index_put_((rows[row_of], ids), torch.ones_like(ids, dtype=torch.bool))
         if self.counts is not None:
             self.counts.index_fill_(0, rows, 0)
-            outputs = [s.output_token_ids for s in seqs]
-            ones = torch.ones(sum(map(len, outputs)), dtype=torch.int32, device=self.device)
-            self.counts.index_put_((_rows_of(rows, outputs), _ids(outputs, self.vocab_size, self.device)), ones,
-                                   accumulate=True)
+            row_of, ids = id_rows([s.output_token_ids for s in seqs], self.vocab_size, self.device)
+            self.counts.index_put_((rows[row_of], ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
 
     def masks(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's (B, V) seen mask and float32 output counts (None when no row has asked for counts)."""
@@ -99,16 +101,3 @@ def _doubled(table: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows + 1, V) -> (2 rows + 1, V): the first rows, as many zero rows, then the scratch row."""
     return torch.cat([table[:rows], torch.zeros_like(table[:rows]), table[rows:]])
 
-
-def _ids(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    flat = [t for row in rows for t in row]
-    if flat and not 0 <= min(flat) <= max(flat) < vocab_size:
-        bad = next(t for t in flat if not 0 <= t < vocab_size)
-        raise SamplingError(f"token id {bad} is outside the vocabulary (size {vocab_size})")
-    return upload(flat, device)
-
-
-def _rows_of(rows: torch.Tensor, lists: list[list[int]]) -> torch.Tensor:
-    """rows[i] repeated len(lists[i]) times (N,); the total is passed, so the device is not asked for it."""
-    lengths = [len(x) for x in lists]
-    return torch.repeat_interleave(rows, upload(lengths, rows.device), output_size=sum(lengths))
