@@ -150,17 +150,18 @@ def test_health_answers_while_a_5mb_request_is_tokenized(servers, jinja_tiny):
 
     thread = threading.Thread(target=big)
     thread.start()
-    time.sleep(1.0)  # the body is on the server (5 MB over loopback) and its tokenization under way
+    time.sleep(0.5)  # the body is on the server (5 MB over loopback) and its tokenization under way
     waits = []
     with requests.Session() as session:
         while thread.is_alive() and len(waits) < 20:
             t = time.perf_counter()
             assert session.get(srv.url + "/health", timeout=10).status_code == 200
             waits.append(time.perf_counter() - t)
-            time.sleep(0.1)
-    busy = thread.is_alive()
+            time.sleep(0.02)
     thread.join()
-    assert busy and len(waits) == 20, "the 5 MB request must still be in progress while /health is polled"
+    # every poll above started while the request was in progress; how many fit depends on the CPU's speed (a CI
+    # machine once tokenized it in under 3 s, so "still busy after 1 s + 20 polls 0.1 s apart" failed there)
+    assert len(waits) >= 5, f"the 5 MB request ended after {len(waits)} polls of /health: too soon to tell"
     assert max(waits) < 0.1, waits
     assert result["r"].json()["count"] == len(tok.encode(text))
 
