@@ -2,8 +2,7 @@
     ncu --clock-control none -k regex:mma_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight \
         --section WarpStateStats --section Occupancy python3 bench/w4a16_ncu_target.py mma 4096 12288 128 \
         '{"block_m": 64, "block_n": 64, "waves": 2, "scale_w": true}'
-kind is gemv, mma or tile (the NVRTC tiled kernel); the config is the GemvConfig / MmaConfig / CudaTileConfig
-fields as JSON (empty: the dispatcher's choice, or CudaTileConfig's defaults).
+kind is gemv or mma; the config is the GemvConfig / MmaConfig fields as JSON (empty: the dispatcher's choice).
 """
 from __future__ import annotations
 
@@ -25,8 +24,6 @@ def main() -> None:
     for _ in range(4):
         if kind == "gemv":
             kern.w4a16_gemv(x, w, config=kern.GemvConfig(**params) if params else None)
-        elif kind == "tile":
-            kern.w4a16_nvrtc_only(x, w, config=kern.CudaTileConfig(**params))
         else:
             kern.w4a16_mma(x, w, config=kern.MmaConfig(**params) if params else None)
     torch.cuda.synchronize()

@@ -25,8 +25,8 @@ TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # gemv | mma | dense | cuda, cudamma, cudatile (NVRTC, GPU only) | fallback, fallbackmma (their CPU
-    # fallbacks) | auto | dequant | norm
+    path: str  # gemv | mma | dense | cuda, cudamma (NVRTC, GPU only) | fallback, fallbackmma (their CPU fallbacks) |
+    # auto | dequant | norm
     m: int
     k: int
     n: int
@@ -136,19 +136,6 @@ GPU_CASES = [
     Case("cudamma", 8, 11008, 4096, silu=True, config=(("rb", 1), ("wn", 1), ("wk", 8))),
     Case("cudamma", 32, 4096, 22016, dtype="bf16", config=(("rb", 2), ("wn", 2), ("wk", 2))),
     Case("cudamma", 5, 4096, 4096, config=(("rb", 1), ("wn", 2), ("wk", 4), ("unroll", 2))),
-    # The NVRTC tiled kernel (x through shared memory): ragged N and M (M tiles of 16..128 tokens, several per
-    # launch), fewer steps than K warps or stages, every group size, bf16 activations and scales, bias, SiLU,
-    # strided and 3-d x, then the real shapes at the M buckets it serves.
-    Case("cudatile", 40, 256, 72, 32, bias=True, config=(("rb", 1), ("wn", 2), ("nt", 2), ("stages", 3))),
-    Case("cudatile", 130, 384, 200, 64, "bf16", scales="bf16", config=(("rb", 2), ("wn", 2), ("wk", 2))),
-    Case("cudatile", 17, 640, 136, 128, bias=True, layout="strided", config=(("rb", 1), ("wk", 4), ("stages", 2))),
-    Case("cudatile", 64, 1024, 48, 32, "bf16", silu=True, layout="3d", config=(("rb", 4), ("wn", 1), ("nt", 4))),
-    Case("cudatile", 5, 128, 40, 128, config=(("rb", 1), ("wn", 1), ("wk", 2), ("nt", 16), ("stages", 5))),
-    Case("cudatile", 200, 512, 264, 64, bias=True, config=(("nt", 16), ("stages", 3))),
-    Case("cudatile", 128, 4096, 12288, bias=True),
-    Case("cudatile", 64, 11008, 4096, silu=True, config=(("rb", 1), ("wk", 2))),
-    Case("cudatile", 256, 4096, 22016, dtype="bf16", config=(("nt", 16), ("stages", 3))),
-    Case("cudatile", 32, 4096, 4096, config=(("rb", 1), ("wn", 4), ("wk", 2))),
 ]
 
 
@@ -216,8 +203,6 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
         y = kern.w4a16_nvrtc_only(x, w, bias, case.silu, kern.CudaGemvConfig(**cfg))
     elif case.path == "cudamma":
         y = kern.w4a16_nvrtc_only(x, w, bias, case.silu, kern.CudaMmaConfig(**cfg))
-    elif case.path == "cudatile":
-        y = kern.w4a16_nvrtc_only(x, w, bias, case.silu, kern.CudaTileConfig(**cfg))
     elif case.path == "fallback":
         y = kern.w4a16_nvrtc(x, w, bias, case.silu, kern.CudaGemvConfig())
     elif case.path == "fallbackmma":
@@ -286,12 +271,12 @@ def test_cuda_graph_replay_with_split_k_matches_eager(m: int) -> None:
 
 
 @pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a GPU (QWEN_AWQ_TEST_DEVICE=cuda)")
-@pytest.mark.parametrize("kind,m", [("cuda", 1), ("cudamma", 16), ("cudatile", 96)])
+@pytest.mark.parametrize("kind,m", [("cuda", 1), ("cudamma", 16)])
 def test_nvrtc_kernels_capture_in_a_graph(kind: str, m: int) -> None:
     """The NVRTC kernels launch on the capturing stream: replays recompute from the static input."""
     from qwen_awq.kernels import w4a16 as kern
 
-    config = {"cuda": kern.CudaGemvConfig, "cudamma": kern.CudaMmaConfig, "cudatile": kern.CudaTileConfig}[kind]()
+    config = kern.CudaGemvConfig() if kind == "cuda" else kern.CudaMmaConfig()
     _graph_replays_match_eager(lambda x, w: kern.w4a16_nvrtc_only(x, w, config=config), m)
 
 

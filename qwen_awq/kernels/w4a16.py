@@ -23,7 +23,6 @@ from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig, cuda_gemv_supported, w4a16_gemv_cuda
 from qwen_awq.kernels.w4a16_cuda_mma import CudaMmaConfig, cuda_mma_supported, w4a16_mma_cuda
-from qwen_awq.kernels.w4a16_cuda_tile import CudaTileConfig, cuda_tile_supported, w4a16_tile_cuda
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -87,10 +86,8 @@ class MmaConfig:
             raise ConfigError(f"MmaConfig needs tiles >= 16, num_stages >= 1 and waves >= 1, found {self}")
 
 
-# ("gemv" | "mma" | "cuda" | "cudamma" | "cudatile" | "dense", config): Triton GEMV, Triton MMA, NVRTC GEMV,
-# NVRTC MMA, NVRTC tiled MMA (x in shared memory), cuBLAS
-NvrtcConfig = CudaGemvConfig | CudaMmaConfig | CudaTileConfig
-Choice = tuple[str, "GemvConfig | MmaConfig | NvrtcConfig | None"]
+# ("gemv" | "mma" | "cuda" | "cudamma" | "dense", config): Triton GEMV, Triton MMA, NVRTC GEMV, NVRTC MMA, cuBLAS
+Choice = tuple[str, "GemvConfig | MmaConfig | CudaGemvConfig | CudaMmaConfig | None"]
 DENSE_MIN_M = 256  # from here on dequantize + cuBLAS (H200: bench/results/awq_kernel_H200_w4a16.md)
 # Up to this M the down projection takes SiLU(gate) * up in its prologue; beyond it silu_mul runs first. On the
 # H200 the prologue lost at every M measured (`qwen-awq bench kernels`, fusions: M = 1: 23.5 us fused vs 18.3
@@ -147,10 +144,6 @@ def _num_sms(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-_CONFIGS = {"gemv": GemvConfig, "mma": MmaConfig, "cuda": CudaGemvConfig, "cudamma": CudaMmaConfig,
-            "cudatile": CudaTileConfig}  # a table kind -> its config type ("dense": none)
-
-
 @functools.cache  # called per layer per eager forward; the answer depends on these alone
 def choose(m: int, k: int, n: int, device: torch.device) -> Choice:
     """Kernel and config for M rows of a (K -> N) layer: the card's tuned table, else the defaults."""
@@ -159,7 +152,7 @@ def choose(m: int, k: int, n: int, device: torch.device) -> Choice:
         entry = (table.get((k, n)) or table.get("any", {})).get(m_bucket(m))
         if entry is not None:
             kind, params = entry
-            config = _CONFIGS.get(kind)
+            config = {"gemv": GemvConfig, "mma": MmaConfig, "cuda": CudaGemvConfig, "cudamma": CudaMmaConfig}.get(kind)
             return kind, None if config is None else config(**params)
     return default_choice(m)
 
@@ -290,37 +283,28 @@ def w4a16_dense(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool =
     return y.view(*x.shape[:-1], w.n)
 
 
-# Per NVRTC config type: (what it is, whether it can take x, its launcher)
-_NVRTC = {
-    CudaGemvConfig: ("GEMV (M <= 4)", lambda x2d, w: cuda_gemv_supported(x2d, w.group_size), w4a16_gemv_cuda),
-    CudaMmaConfig: ("tensor-core kernel (M <= 64)", lambda x2d, w: cuda_mma_supported(x2d, w.group_size),
-                    w4a16_mma_cuda),
-    CudaTileConfig: ("tiled tensor-core kernel (M <= 512, K % 128 == 0)",
-                     lambda x2d, w: cuda_tile_supported(x2d, w.k, w.group_size), w4a16_tile_cuda),
-}
-
-
 def w4a16_nvrtc_only(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-                     config: NvrtcConfig | None = None) -> Tensor:
-    """y (..., N) on one NVRTC kernel alone: the GEMV (CudaGemvConfig, the default; M <= 4), the tensor-core
-    kernel (CudaMmaConfig; M <= 64) or the tiled one (CudaTileConfig); ConfigError where it cannot run here or
-    did not compile."""
+                     config: CudaGemvConfig | CudaMmaConfig | None = None) -> Tensor:
+    """y (..., N) on one NVRTC kernel alone: the GEMV (CudaGemvConfig, the default; M <= 4) or the tensor-core
+    kernel (CudaMmaConfig; M <= 64); ConfigError where it cannot run here or did not compile."""
     x2d = _check(x, w, silu)
-    config = config or CudaGemvConfig()
-    what, supported, run = _NVRTC[type(config)]
+    mma = isinstance(config, CudaMmaConfig)
+    what = "tensor-core kernel (M <= 64)" if mma else "GEMV (M <= 4)"
     # checked before the SiLU pass, so that a fallback (which fuses its own) does not pay for it twice
-    if not supported(x2d, w):
+    if not (cuda_mma_supported if mma else cuda_gemv_supported)(x2d, w.group_size):
         raise ConfigError(f"the CUDA W4A16 {what} needs a CUDA GPU (sm_80+) and torch.cuda._compile_kernel")
     if silu:
         x2d = silu_mul(x2d)
-    y = run(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias, config)
+    run = w4a16_mma_cuda if mma else w4a16_gemv_cuda
+    y = run(x2d, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
+            config or CudaGemvConfig())
     if y is None:
         raise ConfigError(f"the CUDA W4A16 {what} did not compile on this machine (see the warning above)")
     return y.view(*x.shape[:-1], w.n)
 
 
 def w4a16_nvrtc(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False,
-                config: NvrtcConfig | None = None) -> Tensor:
+                config: CudaGemvConfig | CudaMmaConfig | None = None) -> Tensor:
     """An NVRTC kernel (w4a16_nvrtc_only), or Triton's choice for this M (triton_choice) where it cannot run."""
     try:
         return w4a16_nvrtc_only(x, w, bias, silu, config)
@@ -332,7 +316,7 @@ def w4a16_triton(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool 
     """y (..., N) on the GPU path, the kernel chosen by M = number of x rows (choose)."""
     m = x.numel() // max(x.shape[-1], 1)
     kind, cfg = choose(m, w.k, w.n, x.device)
-    if kind in ("cuda", "cudamma", "cudatile"):
+    if kind in ("cuda", "cudamma"):
         return w4a16_nvrtc(x, w, bias, silu, cfg)
     return _run_triton(kind, cfg, x, w, bias, silu)
 

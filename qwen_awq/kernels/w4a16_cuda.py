@@ -225,20 +225,14 @@ class NvrtcKernel:
         self.kernel = torch.cuda._compile_kernel(source, name)
         self.launch = _cu_launch() if hasattr(self.kernel, "func") else None
 
-    def allow_shared(self, nbytes: int) -> None:
-        """Let launches ask for `nbytes` of dynamic shared memory (above 48 KB a function attribute must say so);
-        RuntimeError where the device cannot give it."""
-        self.kernel.set_shared_memory_config(nbytes)  # checks the device's opt-in limit
-
-    def __call__(self, grid: int | tuple[int, int], block: int, args: list, shared: int = 0) -> None:
-        gx, gy = (grid, 1) if isinstance(grid, int) else grid
+    def __call__(self, grid: int, block: int, args: list) -> None:
         if self.launch is None:
-            self.kernel(grid=(gx, gy, 1), block=(block, 1, 1), args=args, shared_mem=shared)
+            self.kernel(grid=(grid, 1, 1), block=(block, 1, 1), args=args)
             return
         values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else ctypes.c_int(a) for a in args]
         params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        err = self.launch(self.kernel.func, gx, gy, 1, block, 1, 1, shared, stream, params, None)
+        err = self.launch(self.kernel.func, grid, 1, 1, block, 1, 1, 0, stream, params, None)
         if err:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
 

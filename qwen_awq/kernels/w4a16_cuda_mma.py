@@ -34,8 +34,7 @@ MAX_M = 64  # 8 tokens per n-tile, up to 8 n-tiles (each adds 16 accumulator reg
 STEP_K = 128  # k per warp step: 16 bytes of each row per lane
 SHARED_BYTES = 48 * 1024  # a kernel's static shared memory
 
-# The dequantization and the MMA, shared with w4a16_cuda_tile.py.
-MMA_HELPERS = r"""
+MMA_KERNEL = r"""
 #if XBF16
 #define MAGIC 0x43004300u  // two bf16 128.0
 #define BIAS_C 128.f
@@ -74,9 +73,7 @@ __device__ __forceinline__ void mma(float (&c)[4], unsigned int a0, unsigned int
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif
 }
-"""
 
-MMA_KERNEL = r"""
 // Block: WN x WK warps; warp (wn, wk) owns rows [16 RB (WN blockIdx + wn), + 16 RB) and the 128-k steps
 // wk, wk + WK, ...; U steps' loads issue before their arithmetic.
 extern "C" __global__ void __launch_bounds__(WN * WK * 32) KERNEL_NAME(
@@ -237,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(256) KERNEL_NAME(const uint4* __res
 }
 """
 
-_SOURCE = CONVERSIONS + f"#define STEP {STEP_K}\n" + MMA_HELPERS + MMA_KERNEL
+_SOURCE = CONVERSIONS + f"#define STEP {STEP_K}\n" + MMA_KERNEL
 
 
 @dataclass(frozen=True)
