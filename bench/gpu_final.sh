@@ -12,7 +12,8 @@
 #   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
 #                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
-#   kernels      55  paged attention bench (no sweep, short budget) and bench kernels at M = 1/16/32/128 (KERNEL_MS)
+#   kernels      55  paged attention bench (no sweep, short budget) and bench kernels at M = 1/16/32/128 (KERNEL_MS;
+#                    capped at KERNELS_CAP s, default 60)
 #   serve        60  bench serve-sweep at concurrency 1/16/64/128, 2 x concurrency requests each (server start ~25 s)
 #   coldstart    70  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton
 #                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
@@ -132,7 +133,7 @@ sec_throughput() {
 sec_kernels() {
   [ "${SKIP_ATTENTION:-0}" = 1 ] || run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" \
     "${ATTN[@]}"
-  run_section kernels 30 60 $CLI bench kernels --out "$WORK/kernels.json" --ms "${KERNEL_MS:-1,16,32,128}"
+  run_section kernels 30 "${KERNELS_CAP:-60}" $CLI bench kernels --out "$WORK/kernels.json" --ms "${KERNEL_MS:-1,16,32,128}"
 }
 sec_serve() {
   local offline=()

@@ -123,8 +123,8 @@ def triton_choice(m: int) -> Choice:
         return "gemv", GemvConfig(block_n=8, block_m=2)
     if m >= DENSE_MIN_M:
         return "dense", None
-    block_m = min(max(16, 1 << (m - 1).bit_length()), 64)  # next power of two in 16..64
-    return "mma", MmaConfig(block_m=block_m, waves=5 if m <= 16 else 4 if m <= 64 else 2, scale_w=True)
+    block_m = min(max(16, 1 << (m - 1).bit_length()), 128)  # next power of two in 16..128: one M tile to M = 128
+    return "mma", MmaConfig(block_m=block_m, waves=5 if m <= 16 else 4 if m <= 32 else 2, scale_w=True)
 
 
 def m_bucket(m: int) -> int:

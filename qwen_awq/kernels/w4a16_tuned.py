@@ -3,7 +3,8 @@
 Written from `python3 -m qwen_awq.eval.bench_kernels --sweep` (bench/results/awq_kernel_H200_w4a16.md); a choice is
 ("gemv", GemvConfig fields), ("mma", MmaConfig fields), ("cuda", CudaGemvConfig fields), ("cudamma",
 CudaMmaConfig fields) or ("dense", None); the NVRTC entries (cuda, cudamma) come from bench/gemv_candidates.py and
-bench/mma_cuda_candidates.py; "any" holds, per bucket, the choice with
+bench/mma_cuda_candidates.py, and the Triton MMA entries at M = 64 and 128 from bench/mma_triton_candidates.py; "any"
+holds, per bucket, the choice with
 the least total time over Qwen-7B's four shapes. Cards and shapes not listed take w4a16.default_choice.
 """
 
@@ -23,8 +24,8 @@ TUNED: dict[str, dict] = {
                 8: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),
                 32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 119.0 us over the four shapes, table before 127.9 (mma_triton_candidates_H200_2026-12-04)
+                128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 175.6 us over the four shapes, 64-row tiles 196.0-198.1 (mma_triton_candidates_H200_2026-12-04)
                 256: ("dense", None),  # measured: the MMA won the total by 4% but lost 4096 x 4096 by 15%
                 512: ("dense", None),
             },
@@ -36,7 +37,7 @@ TUNED: dict[str, dict] = {
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 17.8 us, Triton 22.9 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 21.0 us, Triton 24.1 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 40.3 us, 64-row tiles 43.3 (mma_triton_candidates_H200_2026-12-04)
                 256: ("dense", None),
                 512: ("dense", None),
             },
@@ -47,8 +48,8 @@ TUNED: dict[str, dict] = {
                 8: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.8 us, Triton 10.3 (mma_cuda_candidates_H200_2026-12-03)
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 9.3 us, Triton 10.6 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 11.0 us, Triton 12.8 (mma_cuda_candidates_H200_2026-12-03)
-                64: ("dense", None),
-                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 15.0 us, dense 20.8 (mma_triton_candidates_H200_2026-12-04)
+                128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 21.4 us, 64-row tiles 22.0 (mma_triton_candidates_H200_2026-12-04)
                 256: ("dense", None),
                 512: ("dense", None),
             },
@@ -60,7 +61,7 @@ TUNED: dict[str, dict] = {
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 27.7 us, Triton 36.3 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 36.8 us, Triton 38.5 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4, "waves": 2, "scale_w": True}),  # 68.9 us, 64-row tiles 83.1 (mma_triton_candidates_H200_2026-12-04)
                 256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 512: ("dense", None),
             },
@@ -71,8 +72,8 @@ TUNED: dict[str, dict] = {
                 8: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.6 us, Triton 19.8 (mma_cuda_candidates_H200_2026-12-03)
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 18.9 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
-                128: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
+                64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 28.5 us, waves 4 35.8 (mma_triton_candidates_H200_2026-12-04)
+                128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 40.1 us, 64-row tiles 47.5 (mma_triton_candidates_H200_2026-12-04)
                 256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 512: ("dense", None),
             },
