@@ -96,6 +96,10 @@ def test_bench_throughput_with_the_hf_peer(tmp_path):
     assert ours["quant"] == "awq" and hf["system"].startswith("HF") and hf["chunk"] == 3
     assert ours["tokens"] == hf["tokens"] == 3 * 4 and ours["max_num_seqs"] == 3
     assert ours["vs_hf"] == pytest.approx(ours["out_tok_per_s"] / hf["out_tok_per_s"])
+    # the phases: one step prefills all three prompts (each then holds its first token), three decode steps follow
+    assert ours["first_token_steps"] == 1 and ours["steps"] == 4 and 0 <= ours["overlapped_steps"] <= 3
+    assert 0 < ours["first_token_all_s"] < ours["elapsed_s"]
+    assert ours["decode_s_per_step"] == pytest.approx((ours["elapsed_s"] - ours["first_token_all_s"]) / 3)
     cfg = synthetic_config("qwen-tiny", None)
     kv = 2 * 2 * 4 * 32 * 2  # layers x K/V x heads x head_dim x fp16 bytes
     w4 = peers.weight_bytes(cfg, int4=True)

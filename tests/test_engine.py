@@ -74,6 +74,19 @@ def test_chunked_prefill_equals_one_shot(mt):
                                                                         prompts)
 
 
+def test_step_budget_defaults_by_device_and_is_checked(mt):
+    from qwen_awq.engine.llm_engine import STEP_TOKENS
+    from qwen_awq.errors import ConfigError
+
+    engine = _engine(mt)
+    want = STEP_TOKENS["cuda" if DEVICE.startswith("cuda") else "cpu"]
+    assert engine.config.max_num_batched_tokens == engine.scheduler.max_num_batched_tokens == want
+    assert EngineConfig(max_num_batched_tokens=96).for_device(torch.device("cuda")).max_num_batched_tokens == 96
+    assert EngineConfig().for_device(torch.device("cuda")).max_num_batched_tokens == 8192
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_batched_tokens=0)
+
+
 def test_prefix_cache_hit_gives_same_tokens_and_reuses_blocks(mt):
     shared = _prompts(1, base=3)[0] * 8  # long enough for several full blocks
     prompts = [shared + [11, 12], shared + [13]]

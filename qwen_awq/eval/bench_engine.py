@@ -41,19 +41,28 @@ def sized_engine(model: Any, tokenizer: Any, max_num_seqs: int, max_len: int, **
 
 
 def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
-    """Add every prompt, step until all finish: wall seconds (device synchronized), output tokens, steps."""
-    for prompt in prompts:
-        engine.add_request(f"bench-{next(_request_ids)}", prompt, params)
+    """Add every prompt, step until all finish: wall seconds (device synchronized), output tokens, steps, and
+    where the time went: seconds until every request holds its first token (the prefill phase, host-timed when
+    that step's outputs arrive), the steps up to then, and the steps launched while the previous one ran."""
+    ids = [f"bench-{next(_request_ids)}" for _ in prompts]
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, params)
     device = engine.model.device
     sync(device)
-    start, tokens, steps = time.perf_counter(), 0, 0
+    started, overlapped = set(), engine.num_overlapped_steps
+    start, tokens, steps, first_all, first_steps = time.perf_counter(), 0, 0, None, 0
     while engine.has_unfinished():
         steps += 1
         for out in engine.step():
+            started.add(out.request_id)
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
+        if first_all is None and len(started) == len(ids):
+            first_all, first_steps = time.perf_counter() - start, steps
     sync(device)
-    return {"seconds": time.perf_counter() - start, "tokens": tokens, "steps": steps}
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "steps": steps, "first_token_all_s": first_all or seconds,
+            "first_token_steps": first_steps or steps, "overlapped_steps": engine.num_overlapped_steps - overlapped}
 
 
 def weights_label(model: Any) -> str:

@@ -56,19 +56,27 @@ def memory_markdown(c: dict[str, Any]) -> str:
                         "margin", "holds"], [row]))
 
 
+def _phases(r: dict[str, Any]) -> str:
+    """Where an engine row's time went (bench_engine.run_requests); "-" for rows without it (HF)."""
+    if "first_token_all_s" not in r:
+        return "-"
+    return f"{r['first_token_all_s']:.2f} / {1e3 * r['decode_s_per_step']:.1f} / {r['overlapped_steps']}"
+
+
 def throughput_markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["rows"]:
         rows.append([r["system"], r["weights"], num(r["out_tok_per_s"]), num(r.get("requests_per_s"), ".2f"),
                      num(r.get("floor_tok_per_s"), ".0f"), num(r.get("pct_floor"), ".0f", "%"),
-                     _ratio(r.get("vs_hf")), str(r.get("steps", "-")), gb(r.get("peak_gpu_bytes")),
+                     _ratio(r.get("vs_hf")), str(r.get("steps", "-")), _phases(r), gb(r.get("peak_gpu_bytes")),
                      r.get("note", "")])
     s = result["settings"]
     return "\n".join([
         header(result, f"Offline throughput: {s['num_prompts']} random prompts x ({s['input_len']} + "
                        f"{s['output_len']}) tokens, EOS ignored"),
         md_table(["system", "weights", "out tok/s", "req/s", "step byte floor tok/s", "% of floor", "vs HF",
-                  "steps", "peak GPU memory", "note"], rows),
+                  "steps", "all first tokens s / decode ms per step / overlapped", "peak GPU memory", "note"],
+                 rows),
         "\nStep byte floor: every decode step reads the weights once plus each running sequence's cached K/V "
         "(prompt + tokens so far), all sequences in one wave of max_num_seqs; prefill compute is not counted "
         "(eval/peers.decode_bytes)."])

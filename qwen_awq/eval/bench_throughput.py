@@ -50,7 +50,11 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
             "tokens": r["tokens"], "steps": r["steps"], "out_tok_per_s": r["tokens"] / r["seconds"],
             "requests_per_s": args.num_prompts / r["seconds"],
             "total_tok_per_s": (r["tokens"] + args.num_prompts * args.input_len) / r["seconds"],
-            "peak_gpu_bytes": peers.peak_bytes(model.device)}
+            "peak_gpu_bytes": peers.peak_bytes(model.device),
+            # where the time went: until every request holds a token (prefill-bound), then decode steps alone
+            "first_token_all_s": r["first_token_all_s"], "first_token_steps": r["first_token_steps"],
+            "decode_s_per_step": (r["seconds"] - r["first_token_all_s"]) / max(r["steps"] - r["first_token_steps"], 1),
+            "overlapped_steps": r["overlapped_steps"]}
 
 
 def hf_row(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
