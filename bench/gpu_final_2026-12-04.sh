@@ -2,7 +2,7 @@
 # The 2026-12-04 closing GPU call (issues 10 and 12): the W4A16 kernels' GPU tests (the Triton tensor-core kernel
 # at the new 128-row tiles included), then gpu_final.sh's copy, gputests, decode, throughput, kernels (no attention;
 # M = 1, 16, 32, 64, 128) and serve sections on the tree with the H200 table's new M = 64 / 128 entries
-# (bench/results/gpu_mma_H200_2026-12-04.md).
+# (bench/results/gpu_final_H200_2026-12-04.md).
 #   OUT=/some/dir bash bench/gpu_final_2026-12-04.sh        (repo root, wheels carried in .whl, vocab in .devcache)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
