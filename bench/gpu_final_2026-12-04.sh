@@ -4,8 +4,7 @@
 # M = 1, 16, 32, 64, 128) and serve sections on the tree with the H200 table's new M = 64 / 128 entries
 # (bench/results/gpu_final_H200_2026-12-04.md).
 #   OUT=/some/dir bash bench/gpu_final_2026-12-04.sh        (repo root, wheels carried in .whl, vocab in .devcache)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+source bench/device_env.sh
 QWEN_AWQ_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/test_w4a16_kernels.py \
   -k "mma or auto or dense" > $OUT/w4a16_gpu_tests.txt 2>&1
 grep -E "^(FAILED|E )|passed|failed" $OUT/w4a16_gpu_tests.txt | head -20

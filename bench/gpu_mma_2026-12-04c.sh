@@ -1,7 +1,6 @@
 #!/bin/bash
 # 2026-12-04 third GPU call (issues 10 and 12): a wider grid of Triton tensor-core W4A16 tiles at M = 64..256.
 #   OUT=/some/dir bash bench/gpu_mma_2026-12-04c.sh        (repo root, wheels carried in .whl)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+source bench/device_env.sh
 timeout 300 python3 bench/mma_triton_candidates.py --out "$OUT/mma_triton_candidates.json" --ms "${MMA_MS:-64,128,256}" \
   --budget "${MMA_BUDGET:-240}" 2>&1 | tee "$OUT/mma_triton_candidates.log" | tail -75

@@ -3,8 +3,7 @@
 # and fp16, now reporting the prefill phase (until every request holds its first token), the decode seconds per
 # step after it and the overlapped steps; then AWQ with 8192-token prefill steps instead of the default.
 #   OUT=/some/dir bash bench/gpu_phases_2026-12-04d.sh        (repo root, wheels carried in .whl)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+source bench/device_env.sh
 T="python3 -m qwen_awq.cli bench throughput --synthetic qwen-7b --num-prompts 128 --input-len 512 --output-len 256"
 timeout 200 $T --quant awq none --json-out "$OUT/throughput_phases.json" --md-out "$OUT/throughput_phases.md" 2>&1 | tail -6
 timeout 120 $T --quant awq --max-num-batched-tokens 8192 --json-out "$OUT/throughput_phases_8k.json" 2>&1 | tail -3

@@ -24,7 +24,7 @@ GRID = [C(block_m=bm, block_n=bn, block_k=bk_, num_warps=nw, num_stages=ns, wave
 
 
 def grid(m: int) -> list[tuple]:
-    return [("mma", c, partial(kern.w4a16_mma, config=c)) for c in GRID if c.block_m <= max(m, 32) * 2]
+    return [("mma", c, partial(kern.w4a16_mma, config=c)) for c in GRID]
 
 
 def main() -> None:

@@ -109,6 +109,9 @@ GPU_CASES = [
     Case("gemv", 1, 11008, 4096, dtype="bf16", silu=True),
     Case("mma", 4, 11008, 4096, dtype="bf16", silu=True),
     Case("mma", 64, 4096, 22016),
+    # 128-token tiles (the H200 table's M = 128 entries): ragged M and N, bias; K tiles of 64 at the real shape
+    Case("mma", 100, 384, 200, 128, bias=True, config=(("block_m", 128), ("scale_w", True))),
+    Case("mma", 128, 4096, 22016, config=(("block_m", 128), ("block_k", 64), ("num_stages", 4), ("scale_w", True))),
     Case("auto", 4096, 4096, 4096, bias=True),
     # The NVRTC GEMV: ragged N (rows per block 8), K with fewer chunks than lanes and with a ragged last step,
     # every group size, bf16 activations and scales, a strided and a 3-d x, M = 1..4, the real shapes.
