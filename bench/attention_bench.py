@@ -45,6 +45,7 @@ from qwen_awq.kernels.paged_attention import (  # noqa: E402
     default_config,
     paged_decode_attention_triton,
 )
+from qwen_awq.kernels.paged_attention_cuda import CudaDecodeConfig, paged_decode_int8_cuda  # noqa: E402
 from qwen_awq.kernels.paged_prefill import PrefillConfig, paged_prefill_attention_triton  # noqa: E402
 from qwen_awq.kernels.paged_reference import (  # noqa: E402
     PagedKV,
@@ -124,7 +125,10 @@ class DecodeSetup:
         self.q = torch.randn(batch, heads, HEAD_DIM, device=gen.device, generator=gen, dtype=torch.float16)
         self.lens = torch.full((batch,), ctx, device=gen.device)
 
-    def kernel(self, cfg: DecodeConfig) -> float:
+    def kernel(self, cfg: DecodeConfig | CudaDecodeConfig) -> float:
+        if isinstance(cfg, CudaDecodeConfig):  # the NVRTC int8 kernel (the engine's int8 path where it compiles)
+            return timed([lambda kv=kv: paged_decode_int8_cuda(self.q, kv, self.tables, self.lens, 0.088, cfg)
+                          for kv in self.kvs])
         return timed([lambda kv=kv: paged_decode_attention_triton(self.q, kv, self.tables, self.lens, 0.088, cfg)
                       for kv in self.kvs])
 
@@ -210,6 +214,8 @@ def decode_table(cfgs: dict[bool, DecodeConfig], copy: float, gen: torch.Generat
             try:
                 ms = setup.kernel(cfg)
             except Exception as exc:  # noqa: BLE001 - e.g. inline PTX refused: time the plain conversion
+                if not isinstance(cfg, DecodeConfig):
+                    raise
                 cfg, error = replace(cfg, asm=False), repr(exc)[:400]
                 ms = setup.kernel(cfg)
             split_ms = {}

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.paged_attention_cuda import cuda_int8_supported, paged_decode_int8_cuda
 from qwen_awq.kernels.paged_common import (
     LOG2E,
     codes_f16_offset,
@@ -337,16 +338,27 @@ def paged_decode_attention_triton(
         _decode_gqa_kernel[(hkv, bsz, splits)](*args, G=group, GP=gp, INT8=kv.int8, DOT_DTYPE=dtype,
                                                OFFSET=offset, **meta)
     if splits > 1:
-        _merge_kernel[(bsz * heads,)](target, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
-                                      SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
+        merge_splits(target, part_m, part_l, out, splits)
     return out
+
+
+def merge_splits(part: Tensor, part_m: Tensor, part_l: Tensor, out: Tensor, splits: int) -> None:
+    """out (B, H, D) from the context splits' partials: part (B, H, splits, D), part_m / part_l (B, H, splits)."""
+    bsz, heads, d = out.shape
+    _merge_kernel[(bsz * heads,)](part, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
+                                  SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
 
 
 def paged_decode_attention(
     q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
     config: DecodeConfig | None = None,
 ) -> Tensor:
-    """Decode attention (B, H, D) -> (B, H, D): the Triton kernel on CUDA, else the gather reference."""
+    """Decode attention (B, H, D) -> (B, H, D): int8 MHA pools take the CUDA kernel where it compiles
+    (paged_attention_cuda.py), other pools the Triton kernel on CUDA, else the gather reference."""
+    if config is None and cuda_int8_supported(q, kv, block_tables, context_lens):
+        out = paged_decode_int8_cuda(q, kv, block_tables, context_lens, scale)
+        if out is not None:
+            return out
     if triton_supports(q, q.shape[1], kv):
         return paged_decode_attention_triton(q, kv, block_tables, context_lens, scale, config)
     cu = torch.arange(q.shape[0] + 1, device=q.device)

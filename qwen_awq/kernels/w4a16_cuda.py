@@ -219,20 +219,22 @@ def _cu_launch():
 
 class NvrtcKernel:
     """One kernel compiled by NVRTC (torch.cuda._compile_kernel) and launched on torch's current stream, so that
-    CUDA graphs capture it; args are tensors (their data pointers) and Python ints (C ints)."""
+    CUDA graphs capture it; args are tensors (their data pointers), Python ints (C ints) and floats (C floats)."""
 
     def __init__(self, source: str, name: str) -> None:
         self.kernel = torch.cuda._compile_kernel(source, name)
         self.launch = _cu_launch() if hasattr(self.kernel, "func") else None
 
-    def __call__(self, grid: int, block: int, args: list) -> None:
+    def __call__(self, grid: int | tuple[int, int, int], block: int, args: list) -> None:
+        grid3 = (grid, 1, 1) if isinstance(grid, int) else grid
         if self.launch is None:
-            self.kernel(grid=(grid, 1, 1), block=(block, 1, 1), args=args)
+            self.kernel(grid=grid3, block=(block, 1, 1), args=args)
             return
-        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else ctypes.c_int(a) for a in args]
+        values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor)
+                  else ctypes.c_float(a) if isinstance(a, float) else ctypes.c_int(a) for a in args]
         params = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        err = self.launch(self.kernel.func, grid, 1, 1, block, 1, 1, 0, stream, params, None)
+        err = self.launch(self.kernel.func, *grid3, block, 1, 1, 0, stream, params, None)
         if err:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {err}")
 
@@ -280,7 +282,8 @@ def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias
 
 
 @functools.cache
-def _device_capable(index: int) -> bool:
+def nvrtc_device_capable(index: int) -> bool:
+    """Whether CUDA device `index` can run the NVRTC kernels: sm_80+ and torch.cuda._compile_kernel present."""
     return hasattr(torch.cuda, "_compile_kernel") and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
@@ -290,7 +293,7 @@ def nvrtc_enabled(x: Tensor) -> bool:
     m = x.numel() // max(x.shape[-1], 1)
     return (
         x.is_cuda and 1 <= m <= MAX_M and x.dtype in (torch.float16, torch.bfloat16)
-        and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0" and _device_capable(x.device.index or 0)
+        and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0" and nvrtc_device_capable(x.device.index or 0)
     )
 
 

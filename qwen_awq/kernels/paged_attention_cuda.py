@@ -1,0 +1,386 @@
+"""Paged decode attention over an int8 KV pool (Qwen's codes + per-token (scale, zero)), MHA, as CUDA C++ compiled at
+run time by NVRTC: the engine's int8 decode path on CUDA where it compiles, the Triton kernel elsewhere.
+
+Why beside the Triton kernel (paged_attention.py): with int8 codes Triton's CUDA-core kernel is bound by the
+instructions around each code (reductions over the head dimension, layout shuffles) and streams the K/V bytes at
+~62% of copy bandwidth on the H200, 1.2x its fp16 kernel (bench/results/paged_attention_H200.md); its tensor-core
+form was slower. Here a token's 128-byte row is HEAD_DIM / 16 lanes' 16-byte loads, so one warp reads 32 / LPT
+rows per load instruction, and the work per code is one PRMT (the fp32 2^23 + c), one FADD and one FFMA, the rest
+per token: LPT-lane shuffles for the score, one exp2, the (scale, zero) factors (scale * (c - zero) folded into the
+score and the weight as in paged_attention.py). Each lane group (LPT lanes) keeps its own online softmax over its
+tokens; warps run independently over interleaved token tiles and merge once at the end (shuffles, then shared
+memory). Every load of an iteration (U tokens per lane group, K and V) is issued before any arithmetic; with
+`prefetch`, the next iteration's go out before this one's arithmetic (two tiles in flight per warp).
+
+Context splits (flash-decoding) write the Triton kernels' partial layout and reuse their merge kernel. The grid
+depends on shapes alone (heads, batch, splits), lengths are read on the device: CUDA graphs replay it for any
+lengths up to the table width. Reference and CPU path: paged_reference.paged_attention_reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qwen_awq.errors import ConfigError
+from qwen_awq.kernels.paged_common import LOG2E, kv_strides, num_sms
+from qwen_awq.kernels.paged_reference import PagedKV
+from qwen_awq.kernels.w4a16_cuda import CONVERSIONS, check_small_pow2, compile_variant, nvrtc_device_capable
+
+MAX_SPLITS = 64  # the Triton merge kernel's limit (paged_attention.MAX_SPLITS)
+_INDEX = (torch.int32, torch.int64)  # block-table and length dtypes the kernel reads
+
+INT8_DECODE = r"""
+#define LPT (HEAD_DIM / 16)       // lanes per token row: 16 codes (one 16-byte load) each
+#define GROUPS (32 / LPT)         // token rows one warp load instruction covers
+#define WARP_TOKENS (GROUPS * U)  // tokens a warp takes per iteration
+#define TILE (WARPS * WARP_TOKENS)
+#if TABLE64  // block tables and lengths: int64 (the engine) or int32
+typedef long long table_t;
+#else
+typedef int table_t;
+#endif
+#if LENS64
+typedef long long lens_t;
+#else
+typedef int lens_t;
+#endif
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; -inf -> +0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The 16 codes of one 16-byte chunk as fp32: the float with bits 0x4B0000cc is 2^23 + c (one PRMT), minus 2^23.
+__device__ __forceinline__ void codes16(uint4 w, float* c) {
+    const unsigned int words[4] = {w.x, w.y, w.z, w.w};
+    const float base = 8388608.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        unsigned int a, b, d, e;
+        asm("prmt.b32 %0, %1, 0x4B000000, 0x7440;" : "=r"(a) : "r"(words[j]));
+        asm("prmt.b32 %0, %1, 0x4B000000, 0x7441;" : "=r"(b) : "r"(words[j]));
+        asm("prmt.b32 %0, %1, 0x4B000000, 0x7442;" : "=r"(d) : "r"(words[j]));
+        asm("prmt.b32 %0, %1, 0x4B000000, 0x7443;" : "=r"(e) : "r"(words[j]));
+        c[4 * j] = __uint_as_float(a) - base;
+        c[4 * j + 1] = __uint_as_float(b) - base;
+        c[4 * j + 2] = __uint_as_float(d) - base;
+        c[4 * j + 3] = __uint_as_float(e) - base;
+    }
+}
+
+struct Tile {  // one iteration's loads for a lane: U tokens' 16-byte code chunks and (scale, zero) pairs
+    uint4 kw[U], vw[U];
+    float2 ks[U], vs[U];
+};
+
+__device__ __forceinline__ void load_tile(Tile& t, int t0, int hi, int grp, const table_t* __restrict__ table,
+                                          const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
+                                          const float* __restrict__ ksz, const float* __restrict__ vsz, int s_blk,
+                                          int s_tok, size_t head_off, int z_blk, int z_tok, size_t head_z) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int tok = min(t0 + u * GROUPS + grp, hi - 1);  // past the end: re-read the last, weighted 0
+        const long long blk = __ldg(table + tok / BS);  // int32 or int64 entries
+        const int off = tok % BS;
+        const size_t row = (size_t)blk * s_blk + (size_t)off * s_tok + head_off;
+        t.kw[u] = load_stream(reinterpret_cast<const uint4*>(kc + row));
+        t.vw[u] = load_stream(reinterpret_cast<const uint4*>(vc + row));
+        const size_t zr = (size_t)blk * z_blk + (size_t)off * z_tok + head_z;
+        t.ks[u] = __ldg(reinterpret_cast<const float2*>(ksz + zr));
+        t.vs[u] = __ldg(reinterpret_cast<const float2*>(vsz + zr));
+    }
+}
+
+// cp.async of one tile into a ring slot: each lane its 16-byte K and V chunks of U tokens, the first lane of each
+// group its token's (scale, zero) pairs (the 8-byte form of cp.async goes through L1; the codes bypass it)
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+    unsigned int a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void copy_tile(uint4 (*slot)[2][32], float2 (*zslot)[2][GROUPS], int t0, int hi, int lane,
+                                          int grp, int sub, const table_t* __restrict__ table,
+                                          const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
+                                          const float* __restrict__ ksz, const float* __restrict__ vsz, int s_blk,
+                                          int s_tok, size_t head_off, int z_blk, int z_tok, size_t head_z) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int tok = min(t0 + u * GROUPS + grp, hi - 1);
+        const long long blk = __ldg(table + tok / BS);
+        const int off = tok % BS;
+        const size_t row = (size_t)blk * s_blk + (size_t)off * s_tok + head_off;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(&slot[u][0][lane])), "l"(kc + row));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(&slot[u][1][lane])), "l"(vc + row));
+        if (sub == 0) {
+            const size_t zr = (size_t)blk * z_blk + (size_t)off * z_tok + head_z;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;"
+                         :: "r"(smem_addr(&zslot[u][0][grp])), "l"(ksz + zr));
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;"
+                         :: "r"(smem_addr(&zslot[u][1][grp])), "l"(vsz + zr));
+        }
+    }
+}
+#define COPY(slot, zslot, at) copy_tile(slot, zslot, at, hi, lane, grp, sub, table, kc, vc, ksz, vsz, s_blk, s_tok, \
+                                        head_off, z_blk, z_tok, head_z)
+
+// One tile into a lane group's online softmax: scores q . scale (c - zero), their running max m and sum l, the
+// weighted codes acc and the weighted zero points corr (acc - corr is the unnormalised output).
+__device__ __forceinline__ void consume(const Tile& t, int t0, int hi, int grp, const float* qf, float qsum, float& m,
+                                        float& l, float& corr, float* acc) {
+    float s[U], top = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        float c[16], dot = 0.f;
+        codes16(t.kw[u], c);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) dot = fmaf(qf[i], c[i], dot);
+#pragma unroll
+        for (int o = 1; o < LPT; o <<= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
+        const bool valid = t0 + u * GROUPS + grp < hi;
+        s[u] = valid ? t.ks[u].x * (dot - t.ks[u].y * qsum) : __int_as_float(0xFF800000);  // -inf past the end
+        top = fmaxf(top, s[u]);
+    }
+    const float alpha = ex2(m - top);
+    l *= alpha;
+    corr *= alpha;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const float p = ex2(s[u] - top);
+        l += p;
+        const float pw = p * t.vs[u].x;  // weight the codes; the zero points come off once at the end
+        corr = fmaf(pw, t.vs[u].y, corr);
+        float c[16];
+        codes16(t.vw[u], c);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = fmaf(pw, c[i], acc[i]);
+    }
+    m = top;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
+    const unsigned short* __restrict__ q, const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
+    const float* __restrict__ ksz, const float* __restrict__ vsz, const table_t* __restrict__ tables,
+    const lens_t* __restrict__ lens, void* __restrict__ out_ptr, float* __restrict__ part_m,
+    float* __restrict__ part_l, float scale_log2, int num_heads, int num_splits, int stride_qb, int stride_qh,
+    int stride_tb, int s_blk, int s_tok, int s_head, int z_blk, int z_tok, int z_head, int stride_ob,
+    int stride_oh) {
+    const int h = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int grp = lane / LPT, sub = lane % LPT;  // the token row of a load, the 16-byte chunk of that row
+    const int ctx = (int)lens[b];
+    const int chunk = ((ctx + num_splits - 1) / num_splits + 15) & ~15;  // this split's tokens, whole 16s
+    const int lo = split * chunk, hi = min(lo + chunk, ctx);
+
+    // q's 16 dims of this lane in log2 units, and sum_d q_d (the zero-point term) over the whole head
+    float qf[16];
+    {
+        const uint4* qp = reinterpret_cast<const uint4*>(q + (size_t)b * stride_qb + (size_t)h * stride_qh + 16 * sub);
+        const uint4 q0 = qp[0], q1 = qp[1];
+        const unsigned int words[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            qf[2 * j] = half_bits_to_float(words[j] & 0xFFFFu) * scale_log2;
+            qf[2 * j + 1] = half_bits_to_float(words[j] >> 16) * scale_log2;
+        }
+    }
+    float qsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) qsum += qf[i];
+#pragma unroll
+    for (int o = 1; o < LPT; o <<= 1) qsum += __shfl_xor_sync(0xFFFFFFFFu, qsum, o);
+
+    const table_t* table = tables + (size_t)b * stride_tb;
+    const size_t head_off = (size_t)h * s_head + 16 * sub, head_z = (size_t)h * z_head;
+    float m = -1.0e30f, l = 0.f, corr = 0.f, acc[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+
+    const int first = lo + warp * WARP_TOKENS;
+#define LOAD(t, at) load_tile(t, at, hi, grp, table, kc, vc, ksz, vsz, s_blk, s_tok, head_off, z_blk, z_tok, head_z)
+#if STAGES  // a ring of STAGES tiles per warp in shared memory, filled by cp.async STAGES - 1 tiles ahead
+    __shared__ __align__(16) uint4 ring[WARPS][STAGES][U][2][32];
+    __shared__ float2 zring[WARPS][STAGES][U][2][GROUPS];
+    int ahead = first;
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st, ahead += TILE) {
+        if (ahead < hi) COPY(ring[warp][st], zring[warp][st], ahead);
+        asm volatile("cp.async.commit_group;");
+    }
+    for (int t0 = first, st = 0; t0 < hi; t0 += TILE, ahead += TILE, st = (st + 1) % STAGES) {
+        const int fill = (st + STAGES - 1) % STAGES;  // the slot this iteration refills (consumed last iteration)
+        if (ahead < hi) COPY(ring[warp][fill], zring[warp][fill], ahead);
+        asm volatile("cp.async.commit_group;");
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));  // tile t0's copies have landed
+        __syncwarp();  // the (scale, zero) pairs were copied by one lane per group
+        Tile cur;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            cur.kw[u] = ring[warp][st][u][0][lane];
+            cur.vw[u] = ring[warp][st][u][1][lane];
+            cur.ks[u] = zring[warp][st][u][0][grp];
+            cur.vs[u] = zring[warp][st][u][1][grp];
+        }
+        __syncwarp();  // every lane has read slot st before it is refilled
+        consume(cur, t0, hi, grp, qf, qsum, m, l, corr, acc);
+    }
+#elif PREFETCH  // registers: tile i + 1's loads go out before tile i's arithmetic
+    Tile cur, nxt;
+    if (first < hi) LOAD(cur, first);
+    for (int t0 = first; t0 < hi; t0 += TILE) {
+        if (t0 + TILE < hi) LOAD(nxt, t0 + TILE);
+        consume(cur, t0, hi, grp, qf, qsum, m, l, corr, acc);
+        cur = nxt;
+    }
+#else  // registers: one tile in flight per warp
+    Tile cur;
+    for (int t0 = first; t0 < hi; t0 += TILE) {
+        LOAD(cur, t0);
+        consume(cur, t0, hi, grp, qf, qsum, m, l, corr, acc);
+    }
+#endif
+
+    // merge the warp's lane groups (lanes with the same sub hold the same dims), then the warps
+#pragma unroll
+    for (int o = LPT; o < 32; o <<= 1) {
+        const float m_o = __shfl_xor_sync(0xFFFFFFFFu, m, o), top = fmaxf(m, m_o);
+        const float wa = ex2(m - top), wb = ex2(m_o - top);
+        l = l * wa + __shfl_xor_sync(0xFFFFFFFFu, l, o) * wb;
+        corr = corr * wa + __shfl_xor_sync(0xFFFFFFFFu, corr, o) * wb;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) acc[i] = acc[i] * wa + __shfl_xor_sync(0xFFFFFFFFu, acc[i], o) * wb;
+        m = top;
+    }
+    __shared__ float sm_m[WARPS], sm_l[WARPS], sm_acc[WARPS][HEAD_DIM];
+    if (grp == 0) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) sm_acc[warp][16 * sub + i] = acc[i] - corr;
+        if (sub == 0) {
+            sm_m[warp] = m;
+            sm_l[warp] = l;
+        }
+    }
+    __syncthreads();
+    float top = sm_m[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) top = fmaxf(top, sm_m[w]);
+    float den = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) den += ex2(sm_m[w] - top) * sm_l[w];
+    for (int d = threadIdx.x; d < HEAD_DIM; d += WARPS * 32) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) v += ex2(sm_m[w] - top) * sm_acc[w][d];
+#if IS_SPLIT
+        const size_t part = ((size_t)b * num_heads + h) * num_splits + split;
+        reinterpret_cast<float*>(out_ptr)[part * HEAD_DIM + d] = v;
+        if (d == 0) {
+            part_m[part] = top;
+            part_l[part] = den;
+        }
+#else
+        reinterpret_cast<unsigned short*>(out_ptr)[(size_t)b * stride_ob + (size_t)h * stride_oh + d] =
+            float_to_out_bits(v / (den == 0.f ? 1.f : den));
+#endif
+    }
+}
+"""
+_SOURCE = CONVERSIONS + INT8_DECODE
+
+
+@dataclass(frozen=True)
+class CudaDecodeConfig:
+    """Tokens per lane group per iteration (loads in flight), warps per (sequence, head, split) block, and how
+    splits are chosen when few sequences run: about `waves` blocks per SM, each split >= min_split_tokens."""
+
+    unroll: int = 4
+    warps: int = 4
+    prefetch: bool = False  # load tile i + 1 before computing tile i (else after: one tile in flight per warp)
+    stages: int = 0  # > 1: a ring of this many tiles per warp in shared memory, filled by cp.async (not prefetch)
+    waves: int = 4
+    min_split_tokens: int = 64
+    splits: int | None = None
+
+    def __post_init__(self) -> None:
+        check_small_pow2(self, ("unroll", "warps"))
+        if self.waves < 1 or self.min_split_tokens < 1 or self.stages == 1 or self.stages < 0:
+            raise ConfigError(f"CudaDecodeConfig needs positive waves and min_split_tokens, stages 0 or >= 2: {self}")
+        if self.stages * self.unroll * self.warps > 40:  # the ring's static shared memory, 1 KiB per tile per warp
+            raise ConfigError(f"CudaDecodeConfig: stages x unroll x warps must be <= 40 (48 KiB static), {self}")
+        if self.stages and self.prefetch:
+            raise ConfigError("CudaDecodeConfig: stages (the shared-memory ring) and prefetch are exclusive")
+        if self.splits is not None and not 1 <= self.splits <= MAX_SPLITS:
+            raise ConfigError(f"CudaDecodeConfig.splits must be in 1..{MAX_SPLITS}, found {self.splits}")
+
+
+DEFAULT = CudaDecodeConfig()
+
+
+@functools.cache
+def _compiled(cfg: CudaDecodeConfig, head_dim: int, block_size: int, q_bf16: bool, is_split: bool, table64: bool,
+              lens64: bool):
+    defines = {"HEAD_DIM": head_dim, "BS": block_size, "U": cfg.unroll, "WARPS": cfg.warps, "XBF16": int(q_bf16),
+               "SBF16": 0, "IS_SPLIT": int(is_split), "PREFETCH": int(cfg.prefetch), "STAGES": cfg.stages,
+               "TABLE64": int(table64),
+               "LENS64": int(lens64)}
+    return compile_variant(_SOURCE, "paged_int8_decode", defines, "the Triton kernel")
+
+
+def cuda_int8_supported(q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor) -> bool:
+    """Whether the CUDA kernel takes this call: CUDA, an int8 pool, MHA, head_dim 32..512 (a power of two),
+    fp16/bf16 q with unit stride, int32/int64 tables and lengths, NVRTC on sm_80+ (QWEN_AWQ_CUDA_KERNELS=0:
+    never)."""
+    d = kv.head_dim
+    return (
+        q.is_cuda and kv.int8 and q.shape[1] == kv.num_kv_heads and 32 <= d <= 512 and d & (d - 1) == 0
+        and q.dtype in (torch.float16, torch.bfloat16) and q.stride(-1) == 1
+        and block_tables.dtype in _INDEX and context_lens.dtype in _INDEX
+        and os.environ.get("QWEN_AWQ_CUDA_KERNELS", "1") != "0" and nvrtc_device_capable(q.device.index or 0)
+    )
+
+
+def choose_splits(batch: int, heads: int, max_tokens: int, cfg: CudaDecodeConfig, sms: int) -> int:
+    if cfg.splits is not None:
+        return cfg.splits
+    want = -(-cfg.waves * sms // (batch * heads))
+    return max(1, min(want, max_tokens // cfg.min_split_tokens, MAX_SPLITS))
+
+
+def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
+                           config: CudaDecodeConfig | None = None) -> Tensor | None:
+    """q (B, H, D) one rotated, LogN-scaled token per sequence -> (B, H, D), as paged_decode_attention_triton;
+    None where the kernel did not compile (the caller then takes the Triton kernel)."""
+    from qwen_awq.kernels.paged_attention import merge_splits  # Triton's merge of the split partials
+
+    cfg = config or DEFAULT
+    bsz, heads, d = q.shape
+    splits = choose_splits(bsz, heads, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
+    kernel = _compiled(cfg, d, kv.block_size, q.dtype == torch.bfloat16, splits > 1,
+                       block_tables.dtype == torch.int64, context_lens.dtype == torch.int64)
+    if kernel is None:
+        return None
+    strides = kv_strides(kv.k, kv.block_size, kv.block_major)
+    z_strides = kv_strides(kv.k_sz, kv.block_size, kv.block_major)
+    if (kv_strides(kv.v, kv.block_size, kv.block_major) != strides
+            or kv_strides(kv.v_sz, kv.block_size, kv.block_major) != z_strides
+            or any(s % 16 for s in strides) or any(s % 2 for s in z_strides) or q.stride(1) % 8 or q.stride(0) % 8):
+        raise ValueError("the int8 CUDA kernel needs 16-byte aligned code rows, (scale, zero) pairs and q rows")
+    out = torch.empty_like(q)
+    target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
+    part_m = target if splits == 1 else q.new_empty((bsz, heads, splits), dtype=torch.float32)
+    part_l = target if splits == 1 else torch.empty_like(part_m)
+    kernel((heads, bsz, splits), 32 * cfg.warps,
+           [q, kv.k, kv.v, kv.k_sz, kv.v_sz, block_tables, context_lens, target, part_m, part_l,
+            float(scale * LOG2E), heads, splits, q.stride(0), q.stride(1), block_tables.stride(0), *strides,
+            *z_strides, out.stride(0), out.stride(1)])
+    if splits > 1:
+        merge_splits(target, part_m, part_l, out, splits)
+    return out
