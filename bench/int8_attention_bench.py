@@ -28,11 +28,12 @@ from qwen_awq.kernels.paged_attention import FP16_DEFAULT, INT8_DEFAULT, paged_d
 from qwen_awq.kernels.paged_attention_cuda import CudaDecodeConfig, paged_decode_int8_cuda  # noqa: E402
 
 HEADS = 32  # Qwen-7B: 32 heads of 128, no GQA
-# The register forms' best of the 2026-12-04 sweep (bench/results/int8_attention_H200_2026-12-04.md), then the
-# shared-memory ring (cp.async) at several depths: (unroll, warps, prefetch, stages).
-CANDIDATES = [CudaDecodeConfig(unroll=u, warps=w, prefetch=pf, stages=st) for u, w, pf, st in (
-    (8, 1, True, 0), (8, 2, True, 0), (4, 2, False, 0), (4, 1, False, 4), (4, 2, False, 4), (2, 1, False, 8),
-    (2, 2, False, 8), (4, 1, False, 8), (8, 1, False, 4), (2, 4, False, 4), (4, 1, False, 3), (1, 1, False, 16))]
+# (unroll, warps, prefetch, min_blocks): the fastest of the 2026-12-04 sweeps
+# (bench/results/int8_attention_H200_2026-12-04.md), their neighbours, and register caps that trade a few spills
+# for more resident warps.
+CANDIDATES = [CudaDecodeConfig(unroll=u, warps=w, prefetch=pf, min_blocks=mb) for u, w, pf, mb in (
+    (8, 1, True, 1), (8, 1, True, 9), (8, 1, True, 10), (8, 2, True, 1), (8, 2, True, 5), (4, 1, True, 1),
+    (4, 1, True, 16), (4, 2, False, 1), (8, 2, False, 1), (16, 1, False, 1), (16, 1, False, 9))]
 
 
 def agreement(setup: DecodeSetup, cfg: CudaDecodeConfig) -> float:

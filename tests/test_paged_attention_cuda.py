@@ -24,9 +24,10 @@ CASES = [  # (heads, head_dim, dtype, block_size, layout, lens, CudaDecodeConfig
     (4, 64, "fp16", 32, "block", LENS, {"unroll": 1, "warps": 8}),
     (4, 128, "fp16", 16, "slot", LENS, {"unroll": 2, "warps": 1, "prefetch": True}),
     (3, 32, "bf16", 8, "slot", LENS, {"unroll": 4, "warps": 2, "prefetch": True, "splits": 2}),
-    (4, 128, "fp16", 16, "slot", LENS, {"unroll": 4, "warps": 2, "stages": 4}),
-    (3, 64, "bf16", 8, "block", LENS, {"unroll": 2, "warps": 1, "stages": 3, "splits": 3}),
-    (32, 128, "fp16", 16, "slot", [1024] * 3 + [700, 1], {"unroll": 2, "warps": 1, "stages": 8}),
+    (4, 32, "fp16", 8, "slot", LENS, {"unroll": 8, "warps": 1, "prefetch": True}),  # 4 (scale, zero) per lane
+    (3, 64, "bf16", 8, "block", LENS, {"unroll": 16, "warps": 2, "splits": 3}),
+    (4, 128, "fp16", 16, "slot", LENS, {"unroll": 8, "warps": 1, "prefetch": True, "min_blocks": 10}),  # spills
+    (32, 128, "fp16", 16, "slot", [1024] * 3 + [700, 1], {"unroll": 8, "warps": 1, "prefetch": True}),
     (32, 128, "fp16", 16, "slot", [1024] * 3 + [700, 1], {}),  # Qwen-7B's heads
     (32, 128, "fp16", 16, "slot", [2048], {}),  # one sequence: auto splits
 ]
@@ -80,7 +81,6 @@ def test_cuda_int8_decode_graph_replays_new_lengths() -> None:
 def test_cpu_tensors_never_take_the_cuda_kernel() -> None:
     q, kv, tables, lens, _, _ = _inputs(CASES[0], 1, "cpu")
     assert not cuda_int8_supported(q, kv, tables, lens)
-    for bad in (dict(unroll=3), dict(warps=0), dict(waves=0), dict(splits=65), dict(stages=1),
-                dict(stages=4, prefetch=True), dict(stages=8, unroll=4, warps=2)):
+    for bad in (dict(unroll=3), dict(warps=0), dict(waves=0), dict(splits=65), dict(min_blocks=0)):
         with pytest.raises(ConfigError):
             CudaDecodeConfig(**bad)

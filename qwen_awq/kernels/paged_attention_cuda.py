@@ -10,7 +10,8 @@ per token: LPT-lane shuffles for the score, one exp2, the (scale, zero) factors 
 score and the weight as in paged_attention.py). Each lane group (LPT lanes) keeps its own online softmax over its
 tokens; warps run independently over interleaved token tiles and merge once at the end (shuffles, then shared
 memory). Every load of an iteration (U tokens per lane group, K and V) is issued before any arithmetic; with
-`prefetch`, the next iteration's go out before this one's arithmetic (two tiles in flight per warp).
+`prefetch`, the next iteration's go out before this one's arithmetic (two tiles in flight per warp). A group's
+lanes load its tokens' (scale, zero) pairs between them and shuffle them at use (fewer registers per tile).
 
 Context splits (flash-decoding) write the Triton kernels' partial layout and reuse their merge kernel. The grid
 depends on shapes alone (heads, batch, splits), lengths are read on the device: CUDA graphs replay it for any
@@ -74,15 +75,18 @@ __device__ __forceinline__ void codes16(uint4 w, float* c) {
     }
 }
 
-struct Tile {  // one iteration's loads for a lane: U tokens' 16-byte code chunks and (scale, zero) pairs
+#define ZPL ((U + LPT - 1) / LPT)  // (scale, zero) pairs per lane per tile: a group's lanes share its U tokens'
+
+struct Tile {  // one iteration's loads for a lane: U tokens' 16-byte code chunks, ZPL tokens' (scale, zero) pairs
     uint4 kw[U], vw[U];
-    float2 ks[U], vs[U];
+    float2 ks[ZPL], vs[ZPL];  // lane sub holds token u = (sub + j LPT) % U's at j; consume() shuffles them
 };
 
-__device__ __forceinline__ void load_tile(Tile& t, int t0, int hi, int grp, const table_t* __restrict__ table,
-                                          const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
-                                          const float* __restrict__ ksz, const float* __restrict__ vsz, int s_blk,
-                                          int s_tok, size_t head_off, int z_blk, int z_tok, size_t head_z) {
+__device__ __forceinline__ void load_tile(Tile& t, int t0, int hi, int grp, int sub,
+                                          const table_t* __restrict__ table, const unsigned char* __restrict__ kc,
+                                          const unsigned char* __restrict__ vc, const float* __restrict__ ksz,
+                                          const float* __restrict__ vsz, int s_blk, int s_tok, size_t head_off,
+                                          int z_blk, int z_tok, size_t head_z) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int tok = min(t0 + u * GROUPS + grp, hi - 1);  // past the end: re-read the last, weighted 0
@@ -91,44 +95,25 @@ __device__ __forceinline__ void load_tile(Tile& t, int t0, int hi, int grp, cons
         const size_t row = (size_t)blk * s_blk + (size_t)off * s_tok + head_off;
         t.kw[u] = load_stream(reinterpret_cast<const uint4*>(kc + row));
         t.vw[u] = load_stream(reinterpret_cast<const uint4*>(vc + row));
-        const size_t zr = (size_t)blk * z_blk + (size_t)off * z_tok + head_z;
-        t.ks[u] = __ldg(reinterpret_cast<const float2*>(ksz + zr));
-        t.vs[u] = __ldg(reinterpret_cast<const float2*>(vsz + zr));
     }
-}
-
-// cp.async of one tile into a ring slot: each lane its 16-byte K and V chunks of U tokens, the first lane of each
-// group its token's (scale, zero) pairs (the 8-byte form of cp.async goes through L1; the codes bypass it)
-__device__ __forceinline__ unsigned int smem_addr(const void* p) {
-    unsigned int a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-__device__ __forceinline__ void copy_tile(uint4 (*slot)[2][32], float2 (*zslot)[2][GROUPS], int t0, int hi, int lane,
-                                          int grp, int sub, const table_t* __restrict__ table,
-                                          const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
-                                          const float* __restrict__ ksz, const float* __restrict__ vsz, int s_blk,
-                                          int s_tok, size_t head_off, int z_blk, int z_tok, size_t head_z) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const int tok = min(t0 + u * GROUPS + grp, hi - 1);
+    for (int j = 0; j < ZPL; ++j) {
+        const int tok = min(t0 + ((sub + j * LPT) % U) * GROUPS + grp, hi - 1);
         const long long blk = __ldg(table + tok / BS);
-        const int off = tok % BS;
-        const size_t row = (size_t)blk * s_blk + (size_t)off * s_tok + head_off;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(&slot[u][0][lane])), "l"(kc + row));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(&slot[u][1][lane])), "l"(vc + row));
-        if (sub == 0) {
-            const size_t zr = (size_t)blk * z_blk + (size_t)off * z_tok + head_z;
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;"
-                         :: "r"(smem_addr(&zslot[u][0][grp])), "l"(ksz + zr));
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;"
-                         :: "r"(smem_addr(&zslot[u][1][grp])), "l"(vsz + zr));
-        }
+        const size_t zr = (size_t)blk * z_blk + (size_t)(tok % BS) * z_tok + head_z;
+        t.ks[j] = __ldg(reinterpret_cast<const float2*>(ksz + zr));
+        t.vs[j] = __ldg(reinterpret_cast<const float2*>(vsz + zr));
     }
 }
-#define COPY(slot, zslot, at) copy_tile(slot, zslot, at, hi, lane, grp, sub, table, kc, vc, ksz, vsz, s_blk, s_tok, \
-                                        head_off, z_blk, z_tok, head_z)
+
+// Token u's (scale, zero) from the lane of this group that loaded it
+__device__ __forceinline__ float2 pair_of(const float2* held, int u, int grp) {
+    const int src = grp * LPT + u % LPT;
+    float2 pair;
+    pair.x = __shfl_sync(0xFFFFFFFFu, held[u / LPT].x, src);
+    pair.y = __shfl_sync(0xFFFFFFFFu, held[u / LPT].y, src);
+    return pair;
+}
 
 // One tile into a lane group's online softmax: scores q . scale (c - zero), their running max m and sum l, the
 // weighted codes acc and the weighted zero points corr (acc - corr is the unnormalised output).
@@ -144,7 +129,8 @@ __device__ __forceinline__ void consume(const Tile& t, int t0, int hi, int grp, 
 #pragma unroll
         for (int o = 1; o < LPT; o <<= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, o);
         const bool valid = t0 + u * GROUPS + grp < hi;
-        s[u] = valid ? t.ks[u].x * (dot - t.ks[u].y * qsum) : __int_as_float(0xFF800000);  // -inf past the end
+        const float2 ks = pair_of(t.ks, u, grp);
+        s[u] = valid ? ks.x * (dot - ks.y * qsum) : __int_as_float(0xFF800000);  // -inf past the end
         top = fmaxf(top, s[u]);
     }
     const float alpha = ex2(m - top);
@@ -156,8 +142,9 @@ __device__ __forceinline__ void consume(const Tile& t, int t0, int hi, int grp, 
     for (int u = 0; u < U; ++u) {
         const float p = ex2(s[u] - top);
         l += p;
-        const float pw = p * t.vs[u].x;  // weight the codes; the zero points come off once at the end
-        corr = fmaf(pw, t.vs[u].y, corr);
+        const float2 vs = pair_of(t.vs, u, grp);
+        const float pw = p * vs.x;  // weight the codes; the zero points come off once at the end
+        corr = fmaf(pw, vs.y, corr);
         float c[16];
         codes16(t.vw[u], c);
 #pragma unroll
@@ -166,7 +153,7 @@ __device__ __forceinline__ void consume(const Tile& t, int t0, int hi, int grp, 
     m = top;
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS) KERNEL_NAME(
     const unsigned short* __restrict__ q, const unsigned char* __restrict__ kc, const unsigned char* __restrict__ vc,
     const float* __restrict__ ksz, const float* __restrict__ vsz, const table_t* __restrict__ tables,
     const lens_t* __restrict__ lens, void* __restrict__ out_ptr, float* __restrict__ part_m,
@@ -205,34 +192,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     for (int i = 0; i < 16; ++i) acc[i] = 0.f;
 
     const int first = lo + warp * WARP_TOKENS;
-#define LOAD(t, at) load_tile(t, at, hi, grp, table, kc, vc, ksz, vsz, s_blk, s_tok, head_off, z_blk, z_tok, head_z)
-#if STAGES  // a ring of STAGES tiles per warp in shared memory, filled by cp.async STAGES - 1 tiles ahead
-    __shared__ __align__(16) uint4 ring[WARPS][STAGES][U][2][32];
-    __shared__ float2 zring[WARPS][STAGES][U][2][GROUPS];
-    int ahead = first;
-#pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st, ahead += TILE) {
-        if (ahead < hi) COPY(ring[warp][st], zring[warp][st], ahead);
-        asm volatile("cp.async.commit_group;");
-    }
-    for (int t0 = first, st = 0; t0 < hi; t0 += TILE, ahead += TILE, st = (st + 1) % STAGES) {
-        const int fill = (st + STAGES - 1) % STAGES;  // the slot this iteration refills (consumed last iteration)
-        if (ahead < hi) COPY(ring[warp][fill], zring[warp][fill], ahead);
-        asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));  // tile t0's copies have landed
-        __syncwarp();  // the (scale, zero) pairs were copied by one lane per group
-        Tile cur;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            cur.kw[u] = ring[warp][st][u][0][lane];
-            cur.vw[u] = ring[warp][st][u][1][lane];
-            cur.ks[u] = zring[warp][st][u][0][grp];
-            cur.vs[u] = zring[warp][st][u][1][grp];
-        }
-        __syncwarp();  // every lane has read slot st before it is refilled
-        consume(cur, t0, hi, grp, qf, qsum, m, l, corr, acc);
-    }
-#elif PREFETCH  // registers: tile i + 1's loads go out before tile i's arithmetic
+#define LOAD(t, at) \
+    load_tile(t, at, hi, grp, sub, table, kc, vc, ksz, vsz, s_blk, s_tok, head_off, z_blk, z_tok, head_z)
+#if PREFETCH  // registers: tile i + 1's loads go out before tile i's arithmetic
     Tile cur, nxt;
     if (first < hi) LOAD(cur, first);
     for (int t0 = first; t0 < hi; t0 += TILE) {
@@ -304,32 +266,32 @@ class CudaDecodeConfig:
     unroll: int = 4
     warps: int = 4
     prefetch: bool = False  # load tile i + 1 before computing tile i (else after: one tile in flight per warp)
-    stages: int = 0  # > 1: a ring of this many tiles per warp in shared memory, filled by cp.async (not prefetch)
+    min_blocks: int = 1  # blocks per SM the compiler must fit (__launch_bounds__): caps the registers per thread
     waves: int = 4
     min_split_tokens: int = 64
     splits: int | None = None
 
     def __post_init__(self) -> None:
         check_small_pow2(self, ("unroll", "warps"))
-        if self.waves < 1 or self.min_split_tokens < 1 or self.stages == 1 or self.stages < 0:
-            raise ConfigError(f"CudaDecodeConfig needs positive waves and min_split_tokens, stages 0 or >= 2: {self}")
-        if self.stages * self.unroll * self.warps > 40:  # the ring's static shared memory, 1 KiB per tile per warp
-            raise ConfigError(f"CudaDecodeConfig: stages x unroll x warps must be <= 40 (48 KiB static), {self}")
-        if self.stages and self.prefetch:
-            raise ConfigError("CudaDecodeConfig: stages (the shared-memory ring) and prefetch are exclusive")
+        if self.waves < 1 or self.min_split_tokens < 1 or not 1 <= self.min_blocks <= 32:
+            raise ConfigError(f"CudaDecodeConfig needs positive waves and min_split_tokens, min_blocks 1..32: {self}")
         if self.splits is not None and not 1 <= self.splits <= MAX_SPLITS:
             raise ConfigError(f"CudaDecodeConfig.splits must be in 1..{MAX_SPLITS}, found {self.splits}")
 
 
-DEFAULT = CudaDecodeConfig()
+# H200 (bench/int8_attention_bench.py, bench/results/int8_attention_H200_2026-12-04.md): one warp per (sequence,
+# head) block with two 8-token tiles in flight streams 64 x 1024 tokens at 85% of copy bandwidth (1.61x the fp16
+# kernel); with context splits (few sequences) two warps per block measured faster.
+DEFAULT = CudaDecodeConfig(unroll=8, warps=1, prefetch=True)
+SPLIT_DEFAULT = CudaDecodeConfig(unroll=8, warps=2, prefetch=True)
 
 
 @functools.cache
 def _compiled(cfg: CudaDecodeConfig, head_dim: int, block_size: int, q_bf16: bool, is_split: bool, table64: bool,
               lens64: bool):
     defines = {"HEAD_DIM": head_dim, "BS": block_size, "U": cfg.unroll, "WARPS": cfg.warps, "XBF16": int(q_bf16),
-               "SBF16": 0, "IS_SPLIT": int(is_split), "PREFETCH": int(cfg.prefetch), "STAGES": cfg.stages,
-               "TABLE64": int(table64),
+               "SBF16": 0, "IS_SPLIT": int(is_split), "PREFETCH": int(cfg.prefetch),
+               "MIN_BLOCKS": cfg.min_blocks, "TABLE64": int(table64),
                "LENS64": int(lens64)}
     return compile_variant(_SOURCE, "paged_int8_decode", defines, "the Triton kernel")
 
@@ -360,9 +322,10 @@ def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context
     None where the kernel did not compile (the caller then takes the Triton kernel)."""
     from qwen_awq.kernels.paged_attention import merge_splits  # Triton's merge of the split partials
 
-    cfg = config or DEFAULT
     bsz, heads, d = q.shape
-    splits = choose_splits(bsz, heads, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
+    table_tokens, sms = block_tables.shape[1] * kv.block_size, num_sms(q.device)
+    cfg = config or (DEFAULT if choose_splits(bsz, heads, table_tokens, DEFAULT, sms) == 1 else SPLIT_DEFAULT)
+    splits = choose_splits(bsz, heads, table_tokens, cfg, sms)
     kernel = _compiled(cfg, d, kv.block_size, q.dtype == torch.bfloat16, splits > 1,
                        block_tables.dtype == torch.int64, context_lens.dtype == torch.int64)
     if kernel is None:
