@@ -14,6 +14,7 @@
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
 #   kernels      55  paged attention bench (no sweep, short budget) and bench kernels at M = 1/16/32/128 (KERNEL_MS;
 #                    capped at KERNELS_CAP s, default 60)
+#   int8attn     40  bench/int8_attention_bench.py: int8 vs fp16 KV decode attention (INT8ATTN_SHAPES)
 #   serve        60  bench serve-sweep at concurrency 1/16/64/128, 2 x concurrency requests each (server start ~25 s)
 #   coldstart    70  bench cold-start: 7B AWQ folder -> fresh process -> graphs -> first token (empty Triton
 #                    cache; COLD_WARM=1 adds a second run with the kernels cached, ~30 s)
@@ -120,7 +121,7 @@ sec_steps() {
 }
 sec_gputests() {  # the suite's tests that skip without a GPU (AutoAWQ's needs its package: not on this image)
   (export QWEN_AWQ_TEST_DEVICE=cuda; run_section gputests 40 120 $PY -m pytest -q -p no:cacheprovider \
-    tests/test_engine.py tests/test_greedy_tail.py -k "cuda or greedy")
+    tests/test_engine.py tests/test_greedy_tail.py tests/test_paged_attention_cuda.py -k "cuda or greedy")
 }
 sec_decode() {
   run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
@@ -134,6 +135,10 @@ sec_kernels() {
   [ "${SKIP_ATTENTION:-0}" = 1 ] || run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" \
     "${ATTN[@]}"
   run_section kernels 30 "${KERNELS_CAP:-60}" $CLI bench kernels --out "$WORK/kernels.json" --ms "${KERNEL_MS:-1,16,32,128}"
+}
+sec_int8attn() {  # int8 vs fp16 KV decode attention in one run (the NVRTC int8 kernel's candidates): its JSON to $OUT
+  run_section int8attn 40 "${INT8ATTN_CAP:-90}" $PY bench/int8_attention_bench.py --out "$OUT/int8attn" \
+    --shapes ${INT8ATTN_SHAPES:-64x1024 128x768 1x2048}
 }
 sec_serve() {
   local offline=()
@@ -172,7 +177,7 @@ sec_profile8k() {
     --batch 1 --runs 1 --profile $P8K --json-out "$WORK/profile8k.json"
 }
 
-ALL=(copy gputests fastpath steps decode throughput kernels serve coldstart quantize profile8k)
+ALL=(copy gputests fastpath steps decode throughput kernels int8attn serve coldstart quantize profile8k)
 SECTIONS=("$@")
 [ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=("${ALL[@]}")
 for s in "${SECTIONS[@]}"; do
