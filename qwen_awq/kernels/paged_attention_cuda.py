@@ -334,7 +334,8 @@ def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context
     z_strides = kv_strides(kv.k_sz, kv.block_size, kv.block_major)
     if (kv_strides(kv.v, kv.block_size, kv.block_major) != strides
             or kv_strides(kv.v_sz, kv.block_size, kv.block_major) != z_strides
-            or any(s % 16 for s in strides) or any(s % 2 for s in z_strides) or q.stride(1) % 8 or q.stride(0) % 8):
+            or any(s % 16 for s in strides) or any(s % 2 for s in z_strides) or q.stride(1) % 8 or q.stride(0) % 8
+            or any(t.data_ptr() % 16 for t in (q, kv.k, kv.v)) or any(t.data_ptr() % 8 for t in (kv.k_sz, kv.v_sz))):
         raise ValueError("the int8 CUDA kernel needs 16-byte aligned code rows, (scale, zero) pairs and q rows")
     out = torch.empty_like(q)
     target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
