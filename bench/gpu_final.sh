@@ -12,6 +12,7 @@
 #   decode      165  bench decode 256 tokens, batch 1 and 32, AWQ and fp16 (~60 s), the int4 peer at batch 1 (compile
 #                    ~70 s), HF eager at batch 1 (~30 s), the profile rows at 2048 tokens, the peak-memory check
 #   throughput   95  bench throughput 128 x (512 + 256): AWQ and fp16 (~25 s each with warm-up), HF generate (~35 s)
+#   throughput8  35  the same AWQ row with --kv-cache-dtype int8 (not in the default list)
 #   kernels      55  paged attention bench (no sweep, short budget) and bench kernels at M = 1/16/32/128 (KERNEL_MS;
 #                    capped at KERNELS_CAP s, default 60)
 #   int8attn     40  bench/int8_attention_bench.py: int8 vs fp16 KV decode attention (INT8ATTN_SHAPES)
@@ -130,6 +131,10 @@ sec_decode() {
 sec_throughput() {
   run_section throughput 95 170 $CLI bench throughput --synthetic $M "${DEV[@]}" --quant awq none \
     "${THROUGHPUT[@]}" --peers --json-out "$WORK/throughput.json"
+}
+sec_throughput8() {  # the offline row again on Qwen's int8 KV cache (AWQ weights)
+  run_section throughput8 35 90 $CLI bench throughput --synthetic $M "${DEV[@]}" --quant awq "${THROUGHPUT[@]}" \
+    --kv-cache-dtype int8 --json-out "$WORK/throughput8.json"
 }
 sec_kernels() {
   [ "${SKIP_ATTENTION:-0}" = 1 ] || run_section attention 25 45 $PY bench/attention_bench.py --out "$WORK/attention" \

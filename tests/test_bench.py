@@ -107,6 +107,21 @@ def test_bench_throughput_with_the_hf_peer(tmp_path):
     assert ours["floor_tok_per_s"] is None  # no GPU, no copy bandwidth
 
 
+def test_bench_throughput_with_an_int8_kv_cache(tmp_path):
+    """--kv-cache-dtype int8: the engine runs on Qwen's int8 pool and the floor counts its bytes (one per value plus
+    each head's fp32 scale and zero), re-derived here."""
+    out = tmp_path / "int8.json"
+    assert main(["bench", "throughput", *TINY, "--num-prompts", "2", "--input-len", "8", "--output-len", "3",
+                 "--kv-cache-dtype", "int8", "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    (row,) = r["rows"]
+    assert row["kv_cache_dtype"] == "int8" and row["weights"].endswith(", int8 KV") and row["tokens"] == 2 * 3
+    cfg = synthetic_config("qwen-tiny", None)
+    kv = 2 * 2 * 4 * (32 + 8)  # layers x K/V x heads x (head_dim codes + fp32 scale and zero)
+    assert row["floor_bytes"] == sum(peers.weight_bytes(cfg, int4=True) + 2 * (8 + s) * kv for s in range(3))
+    assert r["settings"]["kv_cache_dtype"] == "int8"
+
+
 def test_serve_synthetic_under_a_concurrency_sweep(tmp_path, qwen_vocab):
     offline = tmp_path / "offline.json"  # a `bench throughput` result at the same lengths
     offline.write_text(json.dumps({"settings": {"num_prompts": 2, "input_len": 16, "output_len": 4},

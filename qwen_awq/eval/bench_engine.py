@@ -24,17 +24,19 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
     return torch.randint(0, vocab, (num, length), generator=g).tolist()
 
 
-def kv_bytes_for(model: Any, max_num_seqs: int, max_len: int, block_size: int = EngineConfig.block_size) -> int:
+def kv_bytes_for(model: Any, max_num_seqs: int, max_len: int, block_size: int = EngineConfig.block_size,
+                 int8: bool = False) -> int:
     """The KV-cache bytes that max_num_seqs sequences of max_len tokens can fill (whole blocks)."""
-    per_block = bytes_per_block(model.cfg, block_size, model.dtype, False)
+    per_block = bytes_per_block(model.cfg, block_size, model.dtype, int8)
     return -(-max_len // block_size) * max_num_seqs * per_block
 
 
 def sized_engine(model: Any, tokenizer: Any, max_num_seqs: int, max_len: int, **config: Any) -> LLMEngine:
     """An engine whose KV cache holds exactly max_num_seqs sequences of max_len tokens (plus the graphs' scratch
     block), not a share of the free GPU memory; no prefix caching (the benchmarks' prompts must not share work)."""
+    int8 = config.get("kv_cache_dtype") == "int8"
     settings = {"max_num_seqs": max_num_seqs, "max_model_len": max_len, "enable_prefix_caching": False,
-                "kv_cache_memory": kv_bytes_for(model, max_num_seqs, max_len)} | config
+                "kv_cache_memory": kv_bytes_for(model, max_num_seqs, max_len, int8=int8)} | config
     from qwen_awq.parallel.launch import engine_for  # a tensor-parallel shard gets an engine on every rank
 
     return engine_for(model, tokenizer, EngineConfig(**settings))

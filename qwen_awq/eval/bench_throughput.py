@@ -29,6 +29,7 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
     """One row: our engine on --num-prompts random prompts."""
     max_seqs = args.max_num_seqs or args.num_prompts
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+    extra["kv_cache_dtype"] = args.kv_cache_dtype
     peers.reset_peak(model.device)
     engine = sized_engine(model, tokenizer, max_seqs, args.input_len + args.output_len, **extra)
     vocab = (tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size) - VOCAB_MARGIN
@@ -45,7 +46,8 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
     free_device_memory()
     dtype = str(model.dtype).removeprefix("torch.")
     return {"system": "qwen-awq LLMEngine", "quant": "awq" if model.cfg.quant else "plain", "dtype": dtype,
-            "weights": weights_label(model), "max_num_seqs": max_seqs,
+            "weights": weights_label(model) + (", int8 KV" if args.kv_cache_dtype == "int8" else ""),
+            "kv_cache_dtype": args.kv_cache_dtype, "max_num_seqs": max_seqs,
             "elapsed_s": r["seconds"],
             "tokens": r["tokens"], "steps": r["steps"], "out_tok_per_s": r["tokens"] / r["seconds"],
             "requests_per_s": args.num_prompts / r["seconds"],
@@ -79,7 +81,7 @@ def add_floors(result: dict[str, Any], cfg: Any, args: argparse.Namespace) -> No
     for r in result["rows"]:
         int4 = r["quant"] == "awq"
         r["floor_bytes"] = peers.decode_bytes(cfg, int4, args.num_prompts, args.input_len, args.output_len,
-                                              r.get("max_num_seqs"))
+                                              r.get("max_num_seqs"), r.get("kv_cache_dtype") == "int8")
         r["floor_tok_per_s"] = None if bw is None else args.num_prompts * args.output_len * bw / r["floor_bytes"]
         r["pct_floor"] = None if bw is None else 100 * r["out_tok_per_s"] / r["floor_tok_per_s"]
         if hf is not None and r is not hf:
@@ -90,7 +92,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if min(args.num_prompts, args.input_len, args.output_len) < 1:
         raise ConfigError("--num-prompts, --input-len and --output-len must be >= 1")
     settings = {k: getattr(args, k) for k in ("num_prompts", "input_len", "output_len", "max_num_seqs",
-                                              "max_num_batched_tokens", "greedy", "hf_chunk", "seed")}
+                                              "max_num_batched_tokens", "kv_cache_dtype", "greedy", "hf_chunk",
+                                              "seed")}
     result: dict[str, Any] = {"env": environment(), "settings": settings, "rows": []}
     if torch.cuda.is_available():
         result["copy_bytes_per_s"] = peers.copy_bandwidth()
@@ -123,6 +126,8 @@ def register_throughput(bench_sub: Any) -> None:
     t.add_argument("--max-num-seqs", type=int, default=None, help="engine batch limit (default: --num-prompts)")
     t.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="engine token budget per step (default: the engine's)")
+    t.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                   help="KV cache storage: the model dtype (auto, default) or Qwen's int8 scheme; HF keeps fp16")
     t.add_argument("--greedy", action="store_true", help="greedy sampling (default: temperature 1, as vLLM's)")
     t.add_argument("--peers", action="store_true", help="also time HF transformers' batched generate")
     t.add_argument("--hf-chunk", type=int, default=None, help="prompts per HF generate call (default: all)")

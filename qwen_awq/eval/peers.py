@@ -265,18 +265,20 @@ def floor_tok_per_s(cfg: ModelConfig, int4: bool, copy_bytes_per_s: float) -> fl
     return copy_bytes_per_s / weight_bytes(cfg, int4)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-    """K and V of one token over all layers (spec: performance.md, Qwen-7B fp16: 512 KiB)."""
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, int8: bool = False) -> int:
+    """K and V of one token over all layers (spec: performance.md, Qwen-7B fp16: 512 KiB); int8: one byte per value
+    plus each head's fp32 (scale, zero) (engine/kv_cache.bytes_per_block)."""
+    per_head = cfg.head_dim + 2 * 4 if int8 else cfg.head_dim * dtype_bytes
+    return cfg.num_layers * 2 * cfg.num_kv_heads * per_head
 
 
 def decode_bytes(cfg: ModelConfig, int4: bool, batch: int, prompt_len: int, new_tokens: int,
-                 max_batch: int | None = None) -> int:
+                 max_batch: int | None = None, int8_kv: bool = False) -> int:
     """The step byte floor's bytes: sequences run in waves of max_batch (default all at once); step s of a wave
     (s = 0..new_tokens-1, the first being the prefill's last position) reads the weights once plus each
     sequence's cached K/V of prompt_len + s tokens. Prefill compute and activations are not counted."""
     per_wave = max_batch or batch
-    kv, weights, total = kv_bytes_per_token(cfg), weight_bytes(cfg, int4), 0
+    kv, weights, total = kv_bytes_per_token(cfg, int8=int8_kv), weight_bytes(cfg, int4), 0
     for start in range(0, batch, per_wave):
         rows = min(per_wave, batch - start)
         cached = new_tokens * prompt_len + new_tokens * (new_tokens - 1) // 2  # sum of prompt_len + s
