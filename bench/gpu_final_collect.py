@@ -16,7 +16,7 @@ from typing import Any
 
 FILES = {  # section -> (JSON, Markdown) under WORK
     "copy": ("copy.json", None), "decode": ("decode.json", "decode.md"),
-    "throughput": ("throughput.json", "throughput.md"),
+    "throughput": ("throughput.json", "throughput.md"), "throughput8": ("throughput8.json", "throughput8.md"),
     "attention": ("attention/paged_attention.json", "attention/paged_attention.md"),
     "kernels": ("kernels.json", "kernels.md"), "serve": ("serve/serve_sweep.json", "serve/serve_sweep.md"),
     "coldstart": ("cold_start.json", "cold_start.md"), "quantize": ("quantize.json", "quantize.md"),
