@@ -20,7 +20,7 @@ def test_greedy_rows_equal_sample(dtype):
     logits[:, 290:] = 50.0  # padding columns: never picked
     params = [SamplingParams(temperature=0.0, logprobs=0)] * 6
     want = sample(logits, SamplingBatch.build(params, [[1]] * 6, [[]] * 6, vocab_size=290))
-    got = greedy_rows(logits, 290)  # (B, 2)
+    got = greedy_rows(logits, 290)  # (B, 2): on the CPU sample()'s own ops (kernel: test_greedy_tail_kernel.py)
     assert got[:, 0].long().tolist() == want.tokens.tolist()
     assert torch.equal(got[:, 1].float(), want.logprobs)
 

@@ -83,12 +83,13 @@ def _oracle(x: torch.Tensor, vocab: int) -> tuple[list[int], torch.Tensor]:
 
 
 def _run_case(case: Case, device: str = "cpu") -> dict:
+    from qwen_awq.engine.sampler import greedy_rows
     from qwen_awq.kernels.greedy_tail import greedy_tail
 
     x = _logits(case).to(device)
     got = greedy_tail(x, case.vocab, block=case.block, programs=case.programs).cpu()  # (B, 2)
     buffer = torch.full((case.rows + 2, 2), -7.0, dtype=torch.float64, device=device)  # a graph's static buffer
-    greedy_tail(x, case.vocab, out=buffer[:case.rows])  # the default splits
+    greedy_rows(x, case.vocab, out=buffer[:case.rows])  # the default splits
     return {"ids": got[:, 0].tolist(), "logprobs": got[:, 1].tolist(), "out": buffer.cpu().tolist()}
 
 
@@ -160,15 +161,15 @@ def test_cpu_path_is_the_reference_and_checks_the_width(monkeypatch: pytest.Monk
 def test_cuda_graph_replays_match_the_reference(rows: int) -> None:
     """Captured as the decode graphs capture it (static logits, a view of a static out buffer), every replay
     recomputes from the logits: scratch buffers from the graph's pool, no host sync."""
-    from qwen_awq.kernels.greedy_tail import greedy_tail
+    from qwen_awq.engine.sampler import greedy_rows
 
     logits = torch.empty(rows, 151936, dtype=torch.float16, device=DEVICE)  # Qwen-7B's lm_head output
     out = torch.zeros(64, 2, dtype=torch.float64, device=DEVICE)
     logits.normal_()
-    greedy_tail(logits, 151851, out=out[:rows])  # compile outside the capture
+    greedy_rows(logits, 151851, out=out[:rows])  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        greedy_tail(logits, 151851, out=out[:rows])
+        greedy_rows(logits, 151851, out=out[:rows])
     for seed in range(3):
         logits.copy_((torch.randn(rows, 151936, generator=torch.Generator().manual_seed(seed)) * 4).half())
         graph.replay()

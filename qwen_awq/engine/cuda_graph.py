@@ -21,8 +21,9 @@ from qwen_awq.models.decoder import Decoder
 
 # Padded batch sizes (vLLM captures a similar ladder): small steps for small batches, then multiples of 16.
 SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# Greedy tails are captured up to this batch: their fp32 temporaries (~2 * b * V * 4 bytes: 78 MB at b = 64 over
-# Qwen's 151,936 ids) stay in the graph pool, and past it a step's GPU time dwarfs the host's sampling work.
+# Tails are captured up to this batch: the random tail's fp32 temporaries (~3 * b * V * 4 bytes: 117 MB at b = 64
+# over Qwen's 151,936 ids; the greedy kernel's are b * splits * 12 bytes) stay in the graph pool, and past it a
+# step's GPU time dwarfs the host's sampling work.
 TAIL_MAX_BATCH = 64
 
 
@@ -86,7 +87,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def _greedy_tail(self, b: int) -> None:
-        self.greedy[:b].copy_(greedy_rows(self.logits[:b], self.vocab_size))
+        greedy_rows(self.logits[:b], self.vocab_size, out=self.greedy[:b])
 
     def _random_tail(self, b: int) -> None:
         temperature = split_packed(self.buffer, b, self.max_blocks)[6]  # (b,) fp32, from the step's upload

@@ -14,6 +14,7 @@ import torch
 from qwen_awq.engine.sampling_params import SamplingParams
 from qwen_awq.engine.step_input import upload
 from qwen_awq.errors import SamplingError
+from qwen_awq.kernels.greedy_tail import greedy_tail
 
 
 @dataclass
@@ -342,12 +343,12 @@ def plain_greedy(params: SamplingParams, num_outputs: int, stop_ids: Sequence[in
             and not (num_outputs < params.min_tokens and stop_ids))
 
 
-def greedy_rows(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def greedy_rows(logits: torch.Tensor, vocab_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 2) float64 [argmax id, its log-prob] of logits (B, V_padded): sample() of a plain greedy batch, packed as
-    SampleOutput.to_host packs it; the same ops as sample(), so the same values (a decode graph captures it)."""
-    raw = logits[:, :vocab_size].float().contiguous()  # (B, V), as in sample()
-    tokens = raw.argmax(dim=-1)  # (B,)
-    return torch.stack([tokens.double(), chosen_logprobs(raw, tokens).double()], dim=1)
+    SampleOutput.to_host packs it, written into `out` when given (a decode graph captures it). On CUDA one pass of
+    kernels/greedy_tail.py (~10 torch kernels before): sample()'s ids, its log-probs to a few fp32 ulps; on the CPU
+    sample()'s own ops, so the same values."""
+    return greedy_tail(logits, vocab_size, out)
 
 
 def plain_random(params: SamplingParams, num_outputs: int, stop_ids: Sequence[int], seeded: bool) -> bool:
