@@ -122,7 +122,8 @@ sec_steps() {
 }
 sec_gputests() {  # the suite's tests that skip without a GPU (AutoAWQ's needs its package: not on this image)
   (export QWEN_AWQ_TEST_DEVICE=cuda; run_section gputests 40 120 $PY -m pytest -q -p no:cacheprovider \
-    tests/test_engine.py tests/test_greedy_tail.py tests/test_paged_attention_cuda.py -k "cuda or greedy")
+    tests/test_engine.py tests/test_greedy_tail.py tests/test_greedy_tail_kernel.py tests/test_paged_attention_cuda.py \
+    -k "cuda or greedy")
 }
 sec_decode() {
   run_section decode 165 250 $CLI bench decode --synthetic $M "${DEV[@]}" --quant awq none "${DECODE[@]}" \
