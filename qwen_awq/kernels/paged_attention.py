@@ -17,12 +17,14 @@ from qwen_awq.errors import ConfigError
 from qwen_awq.kernels.paged_attention_cuda import cuda_int8_supported, paged_decode_int8_cuda
 from qwen_awq.kernels.paged_common import (
     LOG2E,
+    MAX_SPLITS,
     codes_f16_offset,
     codes_f32,
     dot_dtype,
     finish,
     jit,
     kv_strides,
+    merge_splits,
     num_sms,
     split_range,
     tl,
@@ -31,8 +33,6 @@ from qwen_awq.kernels.paged_common import (
     use_asm,
 )
 from qwen_awq.kernels.paged_reference import PagedKV, paged_attention_reference
-
-MAX_SPLITS = 64  # the merge kernel holds every split of a head in one tile
 
 
 @dataclass(frozen=True)
@@ -275,25 +275,6 @@ def _decode_gqa_kernel(
             stride_oh, HEAD_DIM, IS_SPLIT)
 
 
-@jit
-def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, num_splits, stride_ob, stride_oh,
-                  SP: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the context splits."""
-    row = tl.program_id(0)  # b * num_heads + h
-    s = tl.arange(0, SP)
-    d = tl.arange(0, HEAD_DIM)
-    live = s < num_splits
-    m = tl.load(PART_M + row * num_splits + s, mask=live, other=float("-inf"))
-    l_sum = tl.load(PART_L + row * num_splits + s, mask=live, other=0.0)
-    top = tl.max(m, 0)
-    w = tl.exp2(m - top)  # empty splits (m = -1e30, l = 0) weigh nothing
-    acc = tl.load(PART + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
-    den = tl.sum(w * l_sum, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(den == 0, 1.0, den)
-    b, h = row // num_heads, row % num_heads
-    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
-
-
 def choose_splits(batch: int, kv_heads: int, max_tokens: int, config: DecodeConfig, sms: int) -> int:
     """Context splits from shapes alone: (batch * kv_heads * splits) ~ waves x SMs programs."""
     if config.splits is not None:
@@ -340,13 +321,6 @@ def paged_decode_attention_triton(
     if splits > 1:
         merge_splits(target, part_m, part_l, out, splits)
     return out
-
-
-def merge_splits(part: Tensor, part_m: Tensor, part_l: Tensor, out: Tensor, splits: int) -> None:
-    """out (B, H, D) from the context splits' partials: part (B, H, splits, D), part_m / part_l (B, H, splits)."""
-    bsz, heads, d = out.shape
-    _merge_kernel[(bsz * heads,)](part, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
-                                  SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
 
 
 def paged_decode_attention(

@@ -28,11 +28,10 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.paged_common import LOG2E, kv_strides, num_sms
+from qwen_awq.kernels.paged_common import LOG2E, MAX_SPLITS, kv_strides, merge_splits, num_sms
 from qwen_awq.kernels.paged_reference import PagedKV
 from qwen_awq.kernels.w4a16_cuda import CONVERSIONS, check_small_pow2, compile_variant, nvrtc_device_capable
 
-MAX_SPLITS = 64  # the Triton merge kernel's limit (paged_attention.MAX_SPLITS)
 _INDEX = (torch.int32, torch.int64)  # block-table and length dtypes the kernel reads
 
 INT8_DECODE = r"""
@@ -320,8 +319,6 @@ def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context
                            config: CudaDecodeConfig | None = None) -> Tensor | None:
     """q (B, H, D) one rotated, LogN-scaled token per sequence -> (B, H, D), as paged_decode_attention_triton;
     None where the kernel did not compile (the caller then takes the Triton kernel)."""
-    from qwen_awq.kernels.paged_attention import merge_splits  # Triton's merge of the split partials
-
     bsz, heads, d = q.shape
     table_tokens, sms = block_tables.shape[1] * kv.block_size, num_sms(q.device)
     cfg = config or (DEFAULT if choose_splits(bsz, heads, table_tokens, DEFAULT, sms) == 1 else SPLIT_DEFAULT)

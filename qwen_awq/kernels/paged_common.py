@@ -1,4 +1,4 @@
-"""Pieces shared by the paged Triton kernels: the int8 code conversion, split bounds and outputs, pool strides,
+"""Pieces shared by the paged kernels: the int8 code conversion, split bounds, outputs and their merge, pool strides,
 and the test of whether tensors can take the kernels at all."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ except ImportError:  # CPU-only installs: the dispatchers take the references
     triton = None
     tl = None
 
+MAX_SPLITS = 64  # the merge kernel holds every split of a head in one tile
 LOG2E = 1.4426950408889634  # the kernels use exp2: softmax(s) = 2^(s log2 e - max)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 _INTERPRETER_SMS = 4  # stands in for the SM count when the Triton interpreter runs on CPU tensors
@@ -122,3 +123,27 @@ def use_asm() -> bool:
     return not triton.knobs.runtime.interpret
 
 
+@jit
+def _merge_kernel(PART, PART_M, PART_L, OUT, num_heads, num_splits, stride_ob, stride_oh,
+                  SP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the context splits."""
+    row = tl.program_id(0)  # b * num_heads + h
+    s = tl.arange(0, SP)
+    d = tl.arange(0, HEAD_DIM)
+    live = s < num_splits
+    m = tl.load(PART_M + row * num_splits + s, mask=live, other=float("-inf"))
+    l_sum = tl.load(PART_L + row * num_splits + s, mask=live, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.exp2(m - top)  # empty splits (m = -1e30, l = 0) weigh nothing
+    acc = tl.load(PART + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None], other=0.0)
+    den = tl.sum(w * l_sum, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(den == 0, 1.0, den)
+    b, h = row // num_heads, row % num_heads
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def merge_splits(part: Tensor, part_m: Tensor, part_l: Tensor, out: Tensor, splits: int) -> None:
+    """out (B, H, D) from the context splits' partials: part (B, H, splits, D), part_m / part_l (B, H, splits)."""
+    bsz, heads, d = out.shape
+    _merge_kernel[(bsz * heads,)](part, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
+                                  SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
