@@ -135,10 +135,17 @@ class AWQLinear(nn.Module):
     def w4(self) -> W4Weight:
         return W4Weight(self.qweight_t, self.scale_zero, self.group_size, self.scale_dtype, self.split_locks)
 
+    @property
+    def _kernel_forwards(self) -> bool:
+        """Whether the fused entry points (SiLU prologue, add + norm epilogue) may call the kernels directly: a
+        repacked layer without the CPU's dense copy and without hooks (tensor parallelism's all-reduce, the
+        quantizer's recorders), which must see every output, so only forward() may compute it then."""
+        return self.repacked and not self.cache_dequantized and not (self._forward_hooks or self._forward_pre_hooks)
+
     def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """forward(silu(gate) * up) for gate_up = [gate | up] (..., 2K): in the W4A16 kernel's prologue where that
         measured faster (kernels/w4a16.silu_in_prologue), else one silu_mul pass first."""
-        if self.repacked and not self.cache_dequantized and silu_in_prologue(gate_up.numel() // gate_up.shape[-1]):
+        if self._kernel_forwards and silu_in_prologue(gate_up.numel() // gate_up.shape[-1]):
             return w4a16_matmul(gate_up, self.w4, self.bias, silu=True)
         return self(silu_mul(gate_up))  # one Triton pass on CUDA, else the reference
 
