@@ -191,12 +191,14 @@ def w4a16_gemv_cuda_add_norm(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor,
     return normed, h
 
 
-def fold_config(x: Tensor, w: W4Weight, bias: Tensor | None, residual: Tensor, norm_weight: Tensor
-                ) -> CudaGemvConfig | None:
-    """The NVRTC GEMV launch that takes the add + RMSNorm after this layer for x (..., K), or None where the fold
-    does not run: not one token on a GPU with NVRTC (cuda_gemv_supported), not what the card's table takes for this
-    (K, N) at M = 1 (w4a16.choose), or shapes and dtypes the epilogue does not take."""
-    if x.numel() != w.k or x.shape[-1] != w.k or residual.numel() != w.n or w.n % 8:
+def fold_config(x: Tensor, w: W4Weight, bias: Tensor | None, residual: Tensor, norm_weight: Tensor,
+                silu: bool = False) -> CudaGemvConfig | None:
+    """The NVRTC GEMV launch that takes the add + RMSNorm after this layer for x (..., K) (silu: x is [gate | up],
+    (..., 2K)), or None where the fold does not run: not one token on a GPU with NVRTC (cuda_gemv_supported), not
+    what the card's table takes for this (K, N) at M = 1 (w4a16.choose), or shapes and dtypes the epilogue does not
+    take."""
+    width = 2 * w.k if silu else w.k
+    if x.numel() != width or x.shape[-1] != width or residual.numel() != w.n or w.n % 8:
         return None
     if norm_weight.shape != (w.n,) or residual.dtype != x.dtype or norm_weight.dtype != x.dtype:
         return None
