@@ -267,10 +267,21 @@ def test_real_shapes_take_the_fold_by_the_cards_table(monkeypatch) -> None:
         assert float((folded - other).abs().max() / other.abs().max()) <= 1e-2
 
 
+def _same_or_near_tie(got: list, ref: list) -> None:
+    """Each run's greedy tokens equal the reference's, or part where the reference's top two log-probs lie within
+    0.05 (a rounding in another order may flip a near tie: bench/gpu_fastpath_check.py judges AWQ runs so too)."""
+    for (tokens, _), (want, logprobs) in zip(got, ref, strict=True):
+        if tokens != want:
+            i = next(j for j, (a, b) in enumerate(zip(tokens, want, strict=True)) if a != b)
+            first, second = sorted(logprobs[i].values(), reverse=True)[:2]
+            assert first - second < 0.05, (i, tokens, want, first - second)
+
+
 @GPU
 def test_engine_greedy_tokens_with_the_fold_equal_unfused(monkeypatch) -> None:
     """A tiny random AWQ model whose one-token layers all take the NVRTC GEMV (so they fold), decoded one sequence
-    at a time (M = 1) by the engine with CUDA graphs, against the same engine with the fusions off."""
+    at a time (M = 1) by the engine with CUDA graphs, against the same engine with the fold off and with the
+    fusions off."""
     from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
     from qwen_awq.engine.sampling_params import SamplingParams
     from qwen_awq.eval.synthetic import build_synthetic, prepare
@@ -286,22 +297,26 @@ def test_engine_greedy_tokens_with_the_fold_equal_unfused(monkeypatch) -> None:
             if "norm" not in name:
                 p.mul_(4)
     prepare(model)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
 
-    def greedy() -> list[list[int]]:
+    def greedy() -> list[tuple[list[int], list[dict]]]:
         engine = LLMEngine(model, None, EngineConfig(kv_cache_memory=2**24, max_model_len=128, max_num_seqs=2))
         out = []
         for i, prompt in enumerate(([11, 22, 33], [4000, 5, 600, 7000, 8])):
             engine.add_request(f"r{i}", prompt, params)
             while engine.has_unfinished():
-                out += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+                out += [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in engine.step() if o.finished]
         assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
         return out
 
     folded = greedy()
-    assert calls  # the fold ran (in the graphs' warm-up and capture)
     folds = len(calls)
+    assert folds and all(len(set(tokens)) > 1 for tokens, _ in folded)  # the fold ran (graph warm-up, capture)
+    monkeypatch.setenv(fusion.NORM_FOLD_ENV, "0")
+    separate = greedy()
+    monkeypatch.setenv(fusion.NORM_FOLD_ENV, "1")
     with fusion.fusion(False):
         plain = greedy()
-    assert len(calls) == folds  # and not with the fusions off
-    assert folded == plain and all(len(set(t)) > 1 for t in folded)
+    assert len(calls) == folds  # neither with the fold nor the fusions off
+    _same_or_near_tie(folded, separate)
+    _same_or_near_tie(folded, plain)
