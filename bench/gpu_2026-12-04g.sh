@@ -1,6 +1,8 @@
 # One device call: the GPU tests of this session's kernels (greedy tail, add + RMSNorm fold, int8 decode), the
 # engine check, the greedy-tail and fold micro-benchmarks, and the batch-1 AWQ step with the fold on and off.
 #   OUT=... bash bench/gpu_2026-12-04g.sh        (repo root, wheels carried in .whl)
+# Ran at tree 0e49a82; the fold (tests/test_norm_fold.py, bench/norm_fold_bench.py) was removed after the A/B of
+# bench/gpu_final_2026-12-04h.sh decode: check out 0e49a82 to repeat it.
 source bench/device_env.sh
 OUT=${OUT:?set OUT to the results folder}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

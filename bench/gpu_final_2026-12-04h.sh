@@ -1,7 +1,8 @@
 # The closing calls of 2026-12-04 (evening), from the repo root with the wheels carried:
 #   OUT=... bash bench/gpu_final_2026-12-04h.sh decode      issue 10: bench decode (b1 / b32, int4 + HF peers, profile
 #                                                           rows, peak memory), then the batch-1 AWQ step with the
-#                                                           add + RMSNorm fold on / off / on in one process
+#                                                           add + RMSNorm fold on / off / on in one process (ran at
+#                                                           tree 63c4acd; the fold is gone since: the A/B is a no-op)
 #   OUT=... bash bench/gpu_final_2026-12-04h.sh serving     issue 12: offline throughput (AWQ, fp16, HF), the AWQ row on
 #                                                           int8 KV, int8 vs fp16 KV attention, the HTTP sweep
 set -u

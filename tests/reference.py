@@ -1,38 +1,11 @@
 """Oracles for generation tests: a plain greedy loop that recomputes the whole sequence with the dense forward
 every step (it shares no step code with the engine: no KV cache, scheduler, runner, sampler or output tracker,
-only the decoder's layers), a contiguous KV cache for checking incremental decoding against transformers, and the
-decoder's forward before its fusions, written out in plain PyTorch."""
+only the decoder's layers), and a contiguous KV cache for checking incremental decoding against transformers."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch, RotatingAttention, sdpa
-from qwen_awq.models.layers import logn_scale, rotary_cos_sin
-
-
-def one_sequence_batch(n: int, device: str | torch.device = "cpu") -> ForwardBatch:
-    """The ForwardBatch of one n-token sequence from position 0 (dense attention, NTK alpha 1)."""
-    return ForwardBatch(positions=torch.arange(n, device=device), ntk_alpha=torch.ones(n, device=device),
-                        attn=DenseAttention(1, n))
-
-
-def unfused_forward(model, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-    """The decoder before the fusions: h = x + attn(norm(x)); out = h + down(silu(gate) * up)(norm(h)); then the
-    final norm. Hidden states (T, hidden) after it."""
-    cfg = model.cfg
-    cos, sin = rotary_cos_sin(fb.positions, fb.ntk_alpha, cfg.head_dim, cfg.rope_theta)
-    logn = logn_scale(fb.positions, cfg.seq_length) if cfg.use_logn_attn else None
-
-    def norm(mod, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=mod.eps).to(x.dtype) * mod.weight
-
-    x = model.embed_tokens(ids)
-    for b in model.layers:
-        h = x + b.attn(norm(b.input_layernorm, x), cos, sin, logn, fb)
-        gate, up = b.mlp.gate_up_proj(norm(b.post_attention_layernorm, h)).chunk(2, dim=-1)
-        x = h + b.mlp.down_proj(F.silu(gate) * up)
-    return norm(model.norm, x)
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
 """The fused decode step (models/fusion.py): residual add + RMSNorm in one kernel, SiLU(gate) * up in one pass or in
-the W4A16 down projection, against the decoder's unfused formula in plain PyTorch (reference.unfused_forward).
+the W4A16 down projection, against the decoder's unfused formula written out here in plain PyTorch.
 
 On the CPU the fused ops take their torch references, so the fused decoder must be bit-identical to the old one
 (fp32, fp16, bf16; plain and AWQ, repacked or not) and its greedy tokens equal (tests/reference.dense_greedy). The
@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from interpret import run_interpreted
-from reference import dense_greedy, one_sequence_batch, unfused_forward
+from reference import dense_greedy
 
 from qwen_awq.models import fusion
-from qwen_awq.models.attention import ForwardBatch
+from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.layers import logn_scale, rotary_cos_sin
 
 PROMPT = [101, 2024, 7, 33000, 512]
@@ -48,7 +48,24 @@ def _model(quant: bool, dtype: torch.dtype, repack: bool = False, seed: int = 0)
 
 
 def _batch(model, n: int) -> ForwardBatch:
-    return one_sequence_batch(n)
+    return ForwardBatch(positions=torch.arange(n), ntk_alpha=torch.ones(n), attn=DenseAttention(1, n))
+
+
+def _old_forward(model, ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    """The decoder before the fusions: h = x + attn(norm(x)); out = h + down(silu(gate) * up)(norm(h))."""
+    cfg = model.cfg
+    cos, sin = rotary_cos_sin(fb.positions, fb.ntk_alpha, cfg.head_dim, cfg.rope_theta)
+    logn = logn_scale(fb.positions, cfg.seq_length) if cfg.use_logn_attn else None
+
+    def norm(mod, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=mod.eps).to(x.dtype) * mod.weight
+
+    x = model.embed_tokens(ids)
+    for b in model.layers:
+        h = x + b.attn(norm(b.input_layernorm, x), cos, sin, logn, fb)
+        gate, up = b.mlp.gate_up_proj(norm(b.post_attention_layernorm, h)).chunk(2, dim=-1)
+        x = h + b.mlp.down_proj(F.silu(gate) * up)
+    return norm(model.norm, x)
 
 
 # AWQ in fp16/bf16 only (the checkpoints' activations); "awq-repacked": the W4A16 layout, SiLU in its reference
@@ -61,7 +78,7 @@ BIT_CASES = [("plain", "fp32"), ("plain", "fp16"), ("plain", "bf16"), ("awq", "f
 def test_fused_decoder_is_bit_identical_on_cpu(weights: str, dtype: str) -> None:
     model = _model(weights != "plain", DTYPES[dtype], repack=weights == "awq-repacked")
     ids = torch.tensor(PROMPT)
-    expect = unfused_forward(model, ids, _batch(model, len(PROMPT)))
+    expect = _old_forward(model, ids, _batch(model, len(PROMPT)))
     with fusion.fusion(True):
         fused = model.forward_tokens(ids, _batch(model, len(PROMPT)))
     with fusion.fusion(False):
@@ -155,7 +172,7 @@ def _decoder_case(quant: bool) -> dict:
     model = _model(quant, torch.float16)
     ids = torch.tensor(PROMPT)
     with torch.inference_mode():
-        expect = unfused_forward(model, ids, _batch(model, len(PROMPT)))
+        expect = _old_forward(model, ids, _batch(model, len(PROMPT)))
         with fusion.fusion(True), _tagged_triton_launches(), profile() as prof:
             fused = model.forward_tokens(ids, _batch(model, len(PROMPT)))
     launches = sorted({e.name for e in prof.events() if e.name.startswith(TRITON_TAG)})

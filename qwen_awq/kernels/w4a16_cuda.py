@@ -98,9 +98,6 @@ W4_KERNEL = r"""
 #ifndef PROBE
 #define PROBE 0  // bench/gemv_probe.py: 1 replaces the arithmetic by an xor of the words, 2 by fp16x2 math
 #endif
-#ifndef ADD_NORM
-#define ADD_NORM 0  // 1: the residual add + RMSNorm epilogue of w4a16_cuda_norm.py (M = 1), which defines add_norm
-#endif
 
 // x at k = 32c .. 32c + 31 as fp32, and the chunk's sums: sum_k C_k x_k (C = 256 for k % 8 in {0, 1, 4, 5}, the
 // slots read as 256 + q; 16 for {2, 3, 6, 7}) and sum_k x_k.
@@ -153,17 +150,10 @@ __device__ __forceinline__ float chunk_dot(uint4 w, const float* xf, float acc) 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
     const unsigned short* __restrict__ x, const uint4* __restrict__ qw, const unsigned int* __restrict__ sz,
     const unsigned short* __restrict__ bias, unsigned short* __restrict__ out, int M, int N, int K, int G,
-    int stride_x
-#if ADD_NORM
-    , const unsigned short* __restrict__ residual, const unsigned short* __restrict__ norm_weight,
-    unsigned short* __restrict__ normed, int* __restrict__ counter, float eps
-#endif
-    ) {
+    int stride_x) {
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
-#if !ADD_NORM  // with the epilogue every warp reaches its __syncthreads: warps past N compute row N - 1, store nothing
     if (row0 >= N) return;
-#endif
     const int chunks = K >> 5, groups = K / G, chunks_per_group = G >> 5;
     float acc[BM][ROWS];
 #pragma unroll
@@ -211,11 +201,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) KERNEL_NAME(
             }
         }
     }
-#if ADD_NORM  // out holds h = x @ W^T + residual, the new residual
-    add_norm(acc, bias, residual, norm_weight, out, normed, counter, N, row0, lane, eps);
-#else
     write_rows(acc, bias, out, M, N, row0, lane);
-#endif
 }
 """
 _SOURCE = HELPERS + W4_KERNEL
@@ -273,37 +259,26 @@ def check_small_pow2(config: object, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{type(config).__name__}.{name} must be a power of two in 1..16, found {value}")
 
 
-def variant_source(source: str, prefix: str, defines: dict[str, int]) -> tuple[str, str]:
-    """(kernel name, full source) of kernel `source` specialised by `defines`: one #define each, and the name
-    spells them."""
+def compile_variant(source: str, prefix: str, defines: dict[str, int], fallback: str) -> NvrtcKernel | None:
+    """Kernel `source` specialised by `defines` (each a #define; the name spells them), or None where NVRTC
+    cannot compile it here (one warning naming the fallback)."""
     name = prefix + "".join(f"_{key.lower()}{value}" for key, value in defines.items())
     header = "".join(f"#define {key} {value}\n" for key, value in {"KERNEL_NAME": name, **defines}.items())
-    return name, header + source
-
-
-def compile_variant(source: str, prefix: str, defines: dict[str, int], fallback: str) -> NvrtcKernel | None:
-    """Kernel `source` specialised by `defines` (variant_source), or None where NVRTC cannot compile it here (one
-    warning naming the fallback)."""
-    name, full = variant_source(source, prefix, defines)
     try:
-        return NvrtcKernel(full, name)
+        return NvrtcKernel(header + source, name)
     except (RuntimeError, OSError, AttributeError) as err:
         warnings.warn(f"qwen-awq: the CUDA kernel {name} did not compile ({str(err)[:300]}); using {fallback}",
                       stacklevel=4)
         return None
 
 
-def gemv_defines(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias: bool) -> dict[str, int]:
-    """The #defines of one W4A16 GEMV variant (x rows, dtypes of x and of the scales, bias)."""
-    return {"ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm, "XBF16": int(x_bf16),
-            "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
-
-
 @functools.cache
 def _compiled(cfg: CudaGemvConfig, bm: int, x_bf16: bool, s_bf16: bool, has_bias: bool) -> NvrtcKernel | None:
     """The W4A16 kernel for one configuration, compiled once for the current device (None: w4a16.py keeps
     Triton's GEMV)."""
-    return compile_variant(_SOURCE, "w4a16_gemv", gemv_defines(cfg, bm, x_bf16, s_bf16, has_bias), "Triton's GEMV")
+    defines = {"ROWS": cfg.rows, "U": cfg.unroll, "WARPS": cfg.warps, "BM": bm, "XBF16": int(x_bf16),
+               "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
+    return compile_variant(_SOURCE, "w4a16_gemv", defines, "Triton's GEMV")
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from torch import nn
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
-from qwen_awq.models.fusion import add_rms_norm, linear_add_norm, silu_mul_down
+from qwen_awq.models.fusion import add_rms_norm, silu_mul_down
 from qwen_awq.models.layers import RMSNorm, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
 
 
@@ -26,17 +26,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
                 fb: ForwardBatch) -> torch.Tensor:
-        return self.o_proj(self.heads(x, cos, sin, logn, fb))
-
-    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
-              fb: ForwardBatch) -> torch.Tensor:
-        """The heads' outputs (T, H * D), o_proj's input: the decoder runs o_proj itself, with the residual add
-        and the norm after it (models/fusion.linear_add_norm)."""
         cfg = self.cfg
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)  # (T, H + 2 Hkv, D)
         out = fb.attn.attend_qkv(self.layer, qkv, cfg.num_heads, cos, sin, logn, self.scale)  # (T, H, D)
-        return out.reshape(t, cfg.q_size)
+        return self.o_proj(out.reshape(t, cfg.q_size))
 
 
 class MLP(nn.Module):
@@ -51,11 +45,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_mul_down(self.gate_up_proj(x), self.down_proj)  # gate_up (tokens, 2 * width)
 
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(h), h) for h = forward(x) + residual, the add and the norm after down_proj (models/fusion.py)."""
-        return linear_add_norm(self.down_proj, self.gate_up_proj(x), residual, norm, silu=True)
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype) -> None:
@@ -68,19 +57,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
                 fb: ForwardBatch) -> torch.Tensor:
         """The block's output hidden state h + mlp(norm(h)), h = x + attn(norm(x)) (the quantizer calls this)."""
-        attn_out = self.attn(self.input_layernorm(x), cos, sin, logn, fb)
-        normed, h = add_rms_norm(attn_out, x, self.post_attention_layernorm)
-        return self.mlp(normed) + h
+        out, residual = self.forward_residual(x, None, cos, sin, logn, fb)
+        return out + residual
 
-    def forward_residual(self, normed: torch.Tensor, residual: torch.Tensor, next_norm: nn.Module,
-                         cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None, fb: ForwardBatch
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                         sin: torch.Tensor, logn: torch.Tensor | None, fb: ForwardBatch
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(next_norm(out), out) for the block's output hidden state out, given its input hidden state as
-        `residual` and input_layernorm(residual) as `normed`: each residual add and the norm after it happen
-        together, after o_proj and after down_proj (in their epilogue where they have one: models/fusion.py)."""
-        heads = self.attn.heads(normed, cos, sin, logn, fb)  # (T, H * D)
-        normed, residual = linear_add_norm(self.attn.o_proj, heads, residual, self.post_attention_layernorm)
-        return self.mlp.forward_add_norm(normed, residual, next_norm)
+        """(mlp output, residual) with the residual carried, not added: the hidden state is x + residual (x
+        alone in the first block), and each add happens inside the next norm's fused kernel (models/fusion.py)."""
+        normed, residual = add_rms_norm(x, residual, self.input_layernorm)
+        attn_out = self.attn(normed, cos, sin, logn, fb)
+        normed, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm)
+        return self.mlp(normed), residual
 
 
 class Decoder(nn.Module):
@@ -104,12 +92,10 @@ class Decoder(nn.Module):
         cfg = self.cfg
         cos, sin = rotary_cos_sin(fb.positions, fb.ntk_alpha, cfg.head_dim, cfg.rope_theta)  # (T, D/2)
         logn = logn_scale(fb.positions, cfg.seq_length) if cfg.use_logn_attn else None
-        x = self.embed_tokens(input_ids)  # (T, hidden): the first hidden state
-        norms = [block.input_layernorm for block in self.layers] + [self.norm]  # each hidden state's next norm
-        normed, residual = add_rms_norm(x, None, norms[0])  # (norm(x), x): no add before the first block
-        for block, next_norm in zip(self.layers, norms[1:], strict=True):
-            normed, residual = block.forward_residual(normed, residual, next_norm, cos, sin, logn, fb)
-        return normed  # the last block's output through the final norm
+        x, residual = self.embed_tokens(input_ids), None  # (T, hidden); the hidden state is x + residual
+        for block in self.layers:
+            x, residual = block.forward_residual(x, residual, cos, sin, logn, fb)
+        return add_rms_norm(x, residual, self.norm)[0]  # the last block's add fused into the final norm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., hidden) -> fp32 logits (..., vocab_size incl. padding)."""

@@ -151,8 +151,7 @@ def _reduce_output(state: ParallelState):
 def parallelize(model: nn.Module, full: ModelConfig, state: ParallelState) -> None:
     """Turn a Decoder built from shard_config(full) into one rank's shard (before its weights are allocated):
     vocab-parallel embedding and head, and the all-reduce that completes each row-parallel sum. The sums are
-    forward hooks on each block's o_proj and down_proj, so the forward code stays the single-GPU code (a hooked
-    AWQLinear takes no fused entry point that would skip its forward: AWQLinear._kernel_forwards)."""
+    forward hooks on each block's attention and MLP, so their forward code stays the single-GPU code."""
     if not state.parallel:
         return
     model.embed_tokens = VocabParallelEmbedding(full.vocab_size, full.hidden_size, model.dtype, state)
@@ -160,5 +159,5 @@ def parallelize(model: nn.Module, full: ModelConfig, state: ParallelState) -> No
     if full.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     for block in model.layers:
-        block.attn.o_proj.register_forward_hook(_reduce_output(state))
-        block.mlp.down_proj.register_forward_hook(_reduce_output(state))
+        block.attn.register_forward_hook(_reduce_output(state))
+        block.mlp.register_forward_hook(_reduce_output(state))

@@ -13,8 +13,6 @@ from qwen_awq.errors import CheckpointError
 from qwen_awq.kernels.awq_gemm import awq_matmul
 from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16 import DENSE_MIN_M, W4Weight, new_locks, silu_in_prologue, w4a16_matmul
-from qwen_awq.kernels.w4a16_cuda_norm import fold_config, w4a16_add_norm
-from qwen_awq.models.fusion import add_rms_norm
 from qwen_awq.quant.packing import (
     PACK_FACTOR,
     REPACK_SCALE_DTYPES,
@@ -137,31 +135,12 @@ class AWQLinear(nn.Module):
     def w4(self) -> W4Weight:
         return W4Weight(self.qweight_t, self.scale_zero, self.group_size, self.scale_dtype, self.split_locks)
 
-    @property
-    def _kernel_forwards(self) -> bool:
-        """Whether the fused entry points (SiLU prologue, add + norm epilogue) may call the kernels directly: a
-        repacked layer without the CPU's dense copy and without hooks (tensor parallelism's all-reduce, the
-        quantizer's recorders), which must see every output, so only forward() may compute it then."""
-        return self.repacked and not self.cache_dequantized and not (self._forward_hooks or self._forward_pre_hooks)
-
     def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """forward(silu(gate) * up) for gate_up = [gate | up] (..., 2K): in the W4A16 kernel's prologue where that
         measured faster (kernels/w4a16.silu_in_prologue), else one silu_mul pass first."""
-        if self._kernel_forwards and silu_in_prologue(gate_up.numel() // gate_up.shape[-1]):
+        if self.repacked and not self.cache_dequantized and silu_in_prologue(gate_up.numel() // gate_up.shape[-1]):
             return w4a16_matmul(gate_up, self.w4, self.bias, silu=True)
         return self(silu_mul(gate_up))  # one Triton pass on CUDA, else the reference
-
-    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, silu: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(h), h) for h = y + residual, y = forward(x) (silu: silu_mul_forward(x)): the add and the RMSNorm
-        in the NVRTC GEMV's epilogue where that kernel takes the layer's one-token matmul
-        (kernels/w4a16_cuda_norm.fold_config), else models/fusion.add_rms_norm after the matmul."""
-        config = fold_config(x, self.w4, self.bias, residual, norm.weight, silu) if self._kernel_forwards else None
-        if config is None:
-            return add_rms_norm(self.silu_mul_forward(x) if silu else self(x), residual, norm)
-        act = silu_mul(x) if silu else x  # no SiLU prologue here: it lost at every M on the H200 (w4a16.py)
-        folded = w4a16_add_norm(act, self.w4, self.bias, residual, norm.weight, norm.eps, config)
-        return add_rms_norm(self(act), residual, norm) if folded is None else folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dequantized:
