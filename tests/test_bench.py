@@ -107,6 +107,31 @@ def test_bench_throughput_with_the_hf_peer(tmp_path):
     assert ours["floor_tok_per_s"] is None  # no GPU, no copy bandwidth
 
 
+def test_bench_throughput_warm_up_repeats_the_prefill_phase(tmp_path, monkeypatch):
+    """The warm-up's steps through the timed run's prefill phase are the timed run's own (same chunks, same decode
+    rows), so no mixed-step shape first meets its kernels in the timed run; with 2-token warm-up requests (the
+    former rule) the third step already differs."""
+    from qwen_awq.engine.scheduler import Scheduler
+
+    steps: list[list[int]] = []
+    schedule = Scheduler.schedule
+
+    def recording(self):
+        batch = schedule(self)
+        steps.append(sorted(e.num_tokens for e in batch))  # the step's chunk lengths (1: a decode row)
+        return batch
+
+    monkeypatch.setattr(Scheduler, "schedule", recording)
+    out = tmp_path / "warm.json"
+    assert main(["bench", "throughput", *TINY, "--num-prompts", "6", "--input-len", "12", "--output-len", "12",
+                 "--max-num-batched-tokens", "20", "--json-out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    timed, warm = steps[-row["steps"]:], steps[:-row["steps"]]
+    prefill = row["first_token_steps"]
+    assert prefill >= 4 and any(1 in s and max(s) > 1 for s in timed[:prefill])  # mixed steps exist
+    assert warm[:prefill] == timed[:prefill]
+
+
 def test_bench_throughput_with_an_int8_kv_cache(tmp_path):
     """--kv-cache-dtype int8: the engine runs on Qwen's int8 pool and the floor counts its bytes (one per value plus
     each head's fp32 scale and zero), re-derived here."""

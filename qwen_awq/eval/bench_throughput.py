@@ -33,9 +33,10 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
     peers.reset_peak(model.device)
     engine = sized_engine(model, tokenizer, max_seqs, args.input_len + args.output_len, **extra)
     vocab = (tokenizer.vocab_size if tokenizer is not None else model.cfg.vocab_size) - VOCAB_MARGIN
-    # the timed run's schedule with 2 tokens each: every prefill / mixed-step shape compiles its kernels here
+    # the timed run's schedule through its prefill phase: every prefill / mixed-step shape compiles its kernels here
     warm = random_prompts(args.num_prompts, args.input_len, vocab, args.seed + WARMUP_SEED)
-    run_requests(engine, warm, SamplingParams(max_tokens=2, ignore_eos=True))
+    tokens = warm_up_tokens(args.num_prompts, args.input_len, args.output_len, engine.config.max_num_batched_tokens)
+    run_requests(engine, warm, SamplingParams(max_tokens=tokens, ignore_eos=True))
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
     params = SamplingParams(temperature=0.0 if args.greedy else 1.0, top_p=1.0, max_tokens=args.output_len,
                             ignore_eos=True)
@@ -57,6 +58,16 @@ def engine_throughput(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
             "first_token_all_s": r["first_token_all_s"], "first_token_steps": r["first_token_steps"],
             "decode_s_per_step": (r["seconds"] - r["first_token_all_s"]) / max(r["steps"] - r["first_token_steps"], 1),
             "overlapped_steps": r["overlapped_steps"]}
+
+
+def warm_up_tokens(num_prompts: int, input_len: int, output_len: int, step_tokens: int) -> int:
+    """Output tokens per warm-up request: no request may finish before the last prompt's prefill ends, or the
+    warm-up's mixed prefill + decode steps carry fewer decodes than the timed run's and some of their kernel
+    variants first compile inside the timed run (on an H200 with an empty Triton cache the AWQ row's prefill phase
+    took 2.12 s instead of 1.65: bench/results/gpu_final_H200_2026-12-04h.md). The prefill phase lasts about
+    num_prompts * input_len / step_tokens steps, more with the decodes sharing them: twice that, plus one."""
+    prefill_steps = -(-num_prompts * input_len // step_tokens)
+    return max(2, min(output_len, 2 * prefill_steps + 1))
 
 
 def hf_row(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
