@@ -18,6 +18,7 @@ from qwen_awq.kernels.paged_attention_cuda import cuda_int8_supported, paged_dec
 from qwen_awq.kernels.paged_common import (
     LOG2E,
     MAX_SPLITS,
+    choose_splits,
     codes_f16_offset,
     codes_f32,
     dot_dtype,
@@ -26,6 +27,7 @@ from qwen_awq.kernels.paged_common import (
     kv_strides,
     merge_splits,
     num_sms,
+    split_outputs,
     split_range,
     tl,
     triton,
@@ -275,14 +277,6 @@ def _decode_gqa_kernel(
             stride_oh, HEAD_DIM, IS_SPLIT)
 
 
-def choose_splits(batch: int, kv_heads: int, max_tokens: int, config: DecodeConfig, sms: int) -> int:
-    """Context splits from shapes alone: (batch * kv_heads * splits) ~ waves x SMs programs."""
-    if config.splits is not None:
-        return config.splits
-    want = -(-config.waves * sms // (batch * kv_heads))
-    return max(1, min(want, max_tokens // config.min_split_tokens, MAX_SPLITS))
-
-
 def paged_decode_attention_triton(
     q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
     config: DecodeConfig | None = None,
@@ -293,10 +287,7 @@ def paged_decode_attention_triton(
     (bsz, heads, d), hkv = q.shape, kv.num_kv_heads
     group = heads // hkv
     splits = choose_splits(bsz, hkv, block_tables.shape[1] * kv.block_size, cfg, num_sms(q.device))
-    out = torch.empty_like(q)
-    target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
-    part_m = target if splits == 1 else q.new_empty((bsz, heads, splits), dtype=torch.float32)
-    part_l = target if splits == 1 else torch.empty_like(part_m)
+    out, target, part_m, part_l = split_outputs(q, splits)
     ksz = kv.k_sz if kv.int8 else kv.k  # never read when INT8 is False
     vsz = kv.v_sz if kv.int8 else kv.v
     strides = kv_strides(kv.k, kv.block_size, kv.block_major)

@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 
 from qwen_awq.errors import ConfigError
-from qwen_awq.kernels.paged_common import LOG2E, MAX_SPLITS, kv_strides, merge_splits, num_sms
+from qwen_awq.kernels.paged_common import (
+    LOG2E,
+    MAX_SPLITS,
+    choose_splits,
+    kv_strides,
+    merge_splits,
+    num_sms,
+    split_outputs,
+)
 from qwen_awq.kernels.paged_reference import PagedKV
 from qwen_awq.kernels.w4a16_cuda import CONVERSIONS, check_small_pow2, compile_variant, nvrtc_device_capable
 
@@ -308,21 +316,14 @@ def cuda_int8_supported(q: Tensor, kv: PagedKV, block_tables: Tensor, context_le
     )
 
 
-def choose_splits(batch: int, heads: int, max_tokens: int, cfg: CudaDecodeConfig, sms: int) -> int:
-    if cfg.splits is not None:
-        return cfg.splits
-    want = -(-cfg.waves * sms // (batch * heads))
-    return max(1, min(want, max_tokens // cfg.min_split_tokens, MAX_SPLITS))
-
-
 def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context_lens: Tensor, scale: float,
                            config: CudaDecodeConfig | None = None) -> Tensor | None:
     """q (B, H, D) one rotated, LogN-scaled token per sequence -> (B, H, D), as paged_decode_attention_triton;
     None where the kernel did not compile (the caller then takes the Triton kernel)."""
     bsz, heads, d = q.shape
     table_tokens, sms = block_tables.shape[1] * kv.block_size, num_sms(q.device)
-    cfg = config or (DEFAULT if choose_splits(bsz, heads, table_tokens, DEFAULT, sms) == 1 else SPLIT_DEFAULT)
-    splits = choose_splits(bsz, heads, table_tokens, cfg, sms)
+    splits = choose_splits(bsz, heads, table_tokens, config or DEFAULT, sms)  # both defaults split alike
+    cfg = config or (DEFAULT if splits == 1 else SPLIT_DEFAULT)
     kernel = _compiled(cfg, d, kv.block_size, q.dtype == torch.bfloat16, splits > 1,
                        block_tables.dtype == torch.int64, context_lens.dtype == torch.int64)
     if kernel is None:
@@ -334,10 +335,7 @@ def paged_decode_int8_cuda(q: Tensor, kv: PagedKV, block_tables: Tensor, context
             or any(s % 16 for s in strides) or any(s % 2 for s in z_strides) or q.stride(1) % 8 or q.stride(0) % 8
             or any(t.data_ptr() % 16 for t in (q, kv.k, kv.v)) or any(t.data_ptr() % 8 for t in (kv.k_sz, kv.v_sz))):
         raise ValueError("the int8 CUDA kernel needs 16-byte aligned code rows, (scale, zero) pairs and q rows")
-    out = torch.empty_like(q)
-    target = out if splits == 1 else q.new_empty((bsz, heads, splits, d), dtype=torch.float32)
-    part_m = target if splits == 1 else q.new_empty((bsz, heads, splits), dtype=torch.float32)
-    part_l = target if splits == 1 else torch.empty_like(part_m)
+    out, target, part_m, part_l = split_outputs(q, splits)
     kernel((heads, bsz, splits), 32 * cfg.warps,
            [q, kv.k, kv.v, kv.k_sz, kv.v_sz, block_tables, context_lens, target, part_m, part_l,
             float(scale * LOG2E), heads, splits, q.stride(0), q.stride(1), block_tables.stride(0), *strides,

@@ -147,3 +147,24 @@ def merge_splits(part: Tensor, part_m: Tensor, part_l: Tensor, out: Tensor, spli
     bsz, heads, d = out.shape
     _merge_kernel[(bsz * heads,)](part, part_m, part_l, out, heads, splits, out.stride(0), out.stride(1),
                                   SP=MAX_SPLITS, HEAD_DIM=d, num_warps=4)
+
+
+def choose_splits(batch: int, kv_heads: int, max_tokens: int, config, sms: int) -> int:
+    """Context splits from shapes alone: (batch * kv_heads * splits) ~ waves x SMs programs, each split at least
+    config.min_split_tokens long; config.splits when set (the decode kernels' configs, Triton's and CUDA's)."""
+    if config.splits is not None:
+        return config.splits
+    want = -(-config.waves * sms // (batch * kv_heads))
+    return max(1, min(want, max_tokens // config.min_split_tokens, MAX_SPLITS))
+
+
+def split_outputs(q: Tensor, splits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, target, part_m, part_l) for a decode kernel writing q-shaped (B, H, D) out: with one split the
+    kernel writes out itself (the partial buffers alias it, never read), else fp32 partials (B, H, splits, D) and
+    (B, H, splits) for merge_splits."""
+    bsz, heads, d = q.shape
+    out = torch.empty_like(q)
+    if splits == 1:
+        return out, out, out, out
+    part_m = q.new_empty((bsz, heads, splits), dtype=torch.float32)
+    return out, q.new_empty((bsz, heads, splits, d), dtype=torch.float32), part_m, torch.empty_like(part_m)
