@@ -94,6 +94,7 @@ CASES = [
 # The interpreter adds bf16 and multiplies bf16 dots on their raw 16-bit storage and truncates fp32 -> bf16, so
 # bf16 on tensor cores and the exact bf16 roundings are checked on the GPU only, together with Qwen-7B's shapes
 # (K, N): qkv, o, gate_up, down.
+SA = (("scale_after", True),)  # CudaMmaConfig.scale_after
 GPU_CASES = [
     Case("mma", 3, 256, 200, 64, "bf16", bias=True, config=(("block_n", 64),)),
     Case("mma", 7, 384, 200, 128, "bf16", bias=True, config=(("block_n", 64), ("scale_w", True))),
@@ -139,6 +140,18 @@ GPU_CASES = [
     Case("cudamma", 8, 11008, 4096, silu=True, config=(("rb", 1), ("wn", 1), ("wk", 8))),
     Case("cudamma", 32, 4096, 22016, dtype="bf16", config=(("rb", 2), ("wn", 2), ("wk", 2))),
     Case("cudamma", 5, 4096, 4096, config=(("rb", 1), ("wn", 2), ("wk", 4), ("unroll", 2))),
+    # scale_after (each 128-k step's sums scaled, the fold deferred past the next loads): ragged N and steps
+    # (640 = 5 steps over 2 or 4 K warps), unroll 2, bf16 (its own dequant), bias, SiLU, xperm, every n-tile
+    # count, the real shapes; and a group size of 64, where the flag is ignored (the weight-scaled path)
+    Case("cudamma", 1, 640, 200, 128, bias=True, config=(("rb", 2), ("wk", 2), ("unroll", 2)) + SA),
+    Case("cudamma", 3, 640, 72, 128, "bf16", scales="bf16", layout="strided", config=(("wn", 2), ("wk", 4)) + SA),
+    Case("cudamma", 12, 384, 40, 128, "bf16", bias=True, config=(("rb", 1), ("wk", 2), ("xperm", True)) + SA),
+    Case("cudamma", 40, 640, 136, 128, silu=True, layout="3d", config=(("rb", 1), ("wk", 4), ("unroll", 2)) + SA),
+    Case("cudamma", 2, 384, 48, 64, bias=True, config=(("rb", 1), ("wk", 2)) + SA),
+    Case("cudamma", 1, 4096, 12288, bias=True, config=(("rb", 2), ("wk", 8)) + SA),
+    Case("cudamma", 1, 11008, 4096, config=(("rb", 1), ("wn", 2), ("wk", 16)) + SA),
+    Case("cudamma", 1, 4096, 22016, dtype="bf16", config=(("rb", 2), ("wn", 2), ("wk", 4)) + SA),
+    Case("cudamma", 32, 4096, 12288, config=(("rb", 1), ("wn", 2), ("wk", 4), ("xperm", True)) + SA),
 ]
 
 

@@ -1,8 +1,9 @@
 """W4A16 matmul on the repacked layout (quant/packing.py repack_awq): the kernel family chosen by M.
 
-M = 1: a CUDA-core GEMV, the NVRTC-compiled one (w4a16_cuda.py) or Triton's (w4a16_gemv.py); M = 2..32: the
-NVRTC tensor-core kernel (w4a16_cuda_mma.py) where it measured faster, else Triton's (w4a16_mma.py), which also
-takes M up to the dense threshold; beyond it: dequantize once + cuBLAS. Per-card tables of measured choices
+M = 1: a CUDA-core GEMV, the NVRTC-compiled one (w4a16_cuda.py) or Triton's (w4a16_gemv.py), or the NVRTC
+tensor-core kernel where the table says it measured faster (on the H200 for three of Qwen-7B's four shapes); M =
+2..32: that tensor-core kernel (w4a16_cuda_mma.py) where it measured faster, else Triton's (w4a16_mma.py), which
+also takes M up to the dense threshold; beyond it: dequantize once + cuBLAS. Per-card tables of measured choices
 (w4a16_tuned.TUNED), else defaults; every NVRTC kernel falls back to Triton's choice where it cannot run. CPU
 tensors, and anything the kernels do not cover, take the plain-PyTorch reference (reference.w4a16_matmul_reference).
 """

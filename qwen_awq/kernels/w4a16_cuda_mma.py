@@ -1,21 +1,27 @@
-"""CUDA C++ tensor-core W4A16 matmul for small batches (M = 2..64) on the repacked layout, compiled by NVRTC.
+"""CUDA C++ tensor-core W4A16 matmul for small batches (M = 1..64) on the repacked layout, compiled by NVRTC.
 
 Why beside Triton's (w4a16_mma.py): Triton moves each dequantized weight tile through shared memory to reach the
 MMA's operand layout, which bounds it at 1.1-1.5x cuBLAS fp16 for M = 16..32 on the H200 where the weight bytes
-allow ~3.5x. Here the weights are the MMA's A operand (16 output rows x 16 k per mma.sync.m16n8k16) and go from
-a 16-byte global load straight into its registers: the MMA sums over k in any order as long as A and B agree,
-so lane (g, t) of a warp (g = lane / 4, t = lane % 4) takes for rows g and g + 8 the 16-byte chunk t of a 128-k
-step (k = 32t .. 32t + 31, one uint4 of the repacked row), and mma j of the step's eight takes that chunk's word
-j / 2, nibble pairs 2 (j % 2) and 2 (j % 2) + 1 in A's slots (2t, 2t + 1) and (2t + 8, 2t + 9); B (x, 8 tokens
-per mma) takes the same k from x, one 16-byte load per token per word. A nibble pair (bits 4p and 4p + 16 of a
-word: k = 8w + 2p, 8w + 2p + 1) becomes two 16-bit floats C + q by one lop3 (C = 1024 in fp16, 128 in bf16);
-one packed subtract of C + z leaves q - z exactly and one packed multiply by the scale rounds (q - z) * s once,
-the reference's dequantized weight. fp32 accumulation. A block's WK warps split K and add through shared
-memory; its WN warps take different rows over the same K (they may share x in L1). No split-K across blocks, no
-partials, no locks: one launch, capturable. With `xperm`, x_fragments first writes x in the order the lanes load
-it, so a warp's x load is 512 contiguous bytes rather than 8 tokens x 4 strided chunks (it wins from M = 16 on).
-What bounds it from M = 32 on: every 16 weight rows read the whole of x (bench/results/gpu_final_H200_2026-12-03b.md;
-a shared-x split-K variant measured slower there). Reference and CPU path: reference.w4a16_matmul_reference.
+allow ~3.5x. Here the weights are the MMA's A operand (16 output rows x 16 k per mma.sync.m16n8k16) and go from a
+16-byte global load straight into its registers: the MMA sums over k in any order as long as A and B agree, so lane
+(g, t) of a warp (g = lane / 4, t = lane % 4) takes for rows g and g + 8 the 16-byte chunk t of a 128-k step (k =
+32t .. 32t + 31, one uint4 of the repacked row), and mma j of the step's eight takes that chunk's word j / 2, nibble
+pairs 2 (j % 2) and 2 (j % 2) + 1 in A's slots (2t, 2t + 1) and (2t + 8, 2t + 9); B (x, 8 tokens per mma) takes the
+same k from x, one 16-byte load per token per word. A nibble pair (bits 4p and 4p + 16 of a word: k = 8w + 2p, 8w +
+2p + 1) becomes two 16-bit floats C + q by one lop3 (C = 1024 in fp16, 128 in bf16); one packed subtract of C + z
+leaves q - z exactly and one packed multiply by the scale rounds (q - z) * s once, the reference's dequantized
+weight. fp32 accumulation. With scale_after (group sizes that are multiples of 128, so that a 128-k step lies in one
+group) the MMAs take q - z itself and the scale multiplies each step's fp32 sums instead: in fp16 the pairs 1 and 3
+of a word are read in place as C + 16q (mask 0x00F000F0) and one packed FMA by 1/16 leaves q - z, so a word costs
+one shift, four lop3 and four packed subtracts or FMAs rather than four shifts, four lop3, four subtracts and four
+multiplies; a step's sums wait until the next step's loads are out before they are scaled (the fold needs the MMAs'
+results). Per shape and config it is faster or slower (H200: bench/results/w4a16_scale_after_H200_2026-12-04.md), so
+the tuned table says which. A block's WK warps split K and add through shared memory; its WN warps take different
+rows over the same K (they may share x in L1). No split-K across blocks, no partials, no locks: one launch,
+capturable. With `xperm`, x_fragments first writes x in the order the lanes load it, so a warp's x load is 512
+contiguous bytes rather than 8 tokens x 4 strided chunks (it wins from M = 16 on). What bounds it from M = 32 on:
+every 16 weight rows read the whole of x (bench/results/gpu_final_H200_2026-12-03b.md; a shared-x split-K variant
+measured slower there). Reference and CPU path: reference.w4a16_matmul_reference.
 """
 
 from __future__ import annotations
@@ -60,6 +66,30 @@ __device__ __forceinline__ unsigned int dq(unsigned int w, int p, unsigned int c
 #endif
     return r;
 }
+
+#if SCALE_AFTER
+// The group's scale applies to the fp32 sums after the MMAs (a 128-k step lies in one group): each pair of word
+// w's nibbles becomes q - z exactly, in fp16 by one lop3 and one packed subtract or FMA per two weights (pairs 0, 2
+// as C + q, pairs 1, 3 as C + 16q, read in place by the mask 0x00F000F0; one shift for pairs 2, 3), in bf16 (whose
+// mantissa has no room for 16q) by a shift, a lop3 and an FMA; cz = C + z, chi = -(C / 16 + z) in both halves.
+__device__ __forceinline__ void dq4(unsigned int w, unsigned int cz, unsigned int chi, unsigned int (&a)[4]) {
+#if XBF16
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const unsigned int v = ((w >> (4 * p)) & 0x000F000Fu) | MAGIC;
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(a[p]) : "r"(v), "r"(0x3F803F80u), "r"(cz ^ 0x80008000u));
+    }
+#else
+    const unsigned int w2 = w >> 8;
+    const unsigned int v0 = (w & 0x000F000Fu) | MAGIC, v1 = (w & 0x00F000F0u) | MAGIC;
+    const unsigned int v2 = (w2 & 0x000F000Fu) | MAGIC, v3 = (w2 & 0x00F000F0u) | MAGIC;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(a[0]) : "r"(v0), "r"(cz));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(a[1]) : "r"(v1), "r"(0x2C002C00u), "r"(chi));  // x 1/16
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(a[2]) : "r"(v2), "r"(cz));
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(a[3]) : "r"(v3), "r"(0x2C002C00u), "r"(chi));
+#endif
+}
+#endif
 
 __device__ __forceinline__ void mma(float (&c)[4], unsigned int a0, unsigned int a1, unsigned int a2,
                                     unsigned int a3, unsigned int b0, unsigned int b1) {
@@ -109,6 +139,19 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32) KERNEL_NAME(
             wrow[r][h] = qw + (size_t)row * kchunks;
             srow[r][h] = sz + (size_t)row * groups;
         }
+#if SCALE_AFTER
+    // A step's MMA sums wait in part (scales in ps) until the next step's loads have gone out, so that the fold
+    // (which needs the MMAs' results) never holds back a load.
+    float part[RB][NT][4], ps[RB][2];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        ps[r][0] = ps[r][1] = 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[r][n][e] = 0.f;
+    }
+#endif
     for (int s0 = wk; s0 < steps; s0 += WK * U) {
         uint4 w[U][RB][2];
         unsigned int sc[U][RB][2];
@@ -145,6 +188,44 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32) KERNEL_NAME(
 #pragma unroll
                     for (int i = 0; i < 4; ++i) xv[u][n][i] = make_uint4(0u, 0u, 0u, 0u);
             }
+#if SCALE_AFTER
+            unsigned int cz[RB][2], chi[RB][2];
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float z = scale_bits_to_float(sc[u][r][h] >> 16);
+                    cz[r][h] = pack2(z + BIAS_C);
+                    chi[r][h] = pack2(-(z + BIAS_C / 16.f));
+                }
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // the last step's sums, folded here: its MMAs are done by now
+                        acc[r][n][e] = fmaf(ps[r][e >> 1], part[r][n][e], acc[r][n][e]);
+                        part[r][n][e] = 0.f;
+                    }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {  // word i of the lane's chunk: k = 32t + 8i .. + 7
+#pragma unroll
+                for (int r = 0; r < RB; ++r) {
+                    unsigned int a[2][4];
+                    dq4((&w[u][r][0].x)[i], cz[r][0], chi[r][0], a[0]);
+                    dq4((&w[u][r][1].x)[i], cz[r][1], chi[r][1], a[1]);
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        const unsigned int* xw = &xv[u][n][i].x;
+                        mma(part[r][n], a[0][0], a[1][0], a[0][1], a[1][1], xw[0], xw[1]);
+                        mma(part[r][n], a[0][2], a[1][2], a[0][3], a[1][3], xw[2], xw[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < RB; ++r)  // c0, c1: row g; c2, c3: row g + 8
+#pragma unroll
+                for (int h = 0; h < 2; ++h) ps[r][h] = scale_bits_to_float(sc[u][r][h] & 0xFFFFu);
+#else
             unsigned int cz[RB][2], s2[RB][2];
 #pragma unroll
             for (int r = 0; r < RB; ++r)
@@ -172,8 +253,17 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32) KERNEL_NAME(
                     }
                 }
             }
+#endif
         }
     }
+#if SCALE_AFTER
+#pragma unroll
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[r][n][e] = fmaf(ps[r][e >> 1], part[r][n][e], acc[r][n][e]);
+#endif
 #if WK > 1
     if (wk > 0) {
         float* mine = red + (size_t)((wk - 1) * WN + wn) * RB * NT * 4 * 32;
@@ -239,13 +329,17 @@ _SOURCE = CONVERSIONS + f"#define STEP {STEP_K}\n" + MMA_KERNEL
 
 @dataclass(frozen=True)
 class CudaMmaConfig:
-    """Row blocks of 16 per warp, warps over rows and over K per block, 128-k steps loaded before computing."""
+    """Row blocks of 16 per warp, warps over rows and over K per block, 128-k steps loaded before computing, where
+    the scales apply."""
 
     rb: int = 2  # the defaults: the best total over Qwen-7B's shapes at M = 8 and 16 without xperm (H200)
     wn: int = 1
     wk: int = 8
     unroll: int = 1
     xperm: bool = False  # x rearranged first (x_fragments, one more launch) so that its loads coalesce
+    # scale each 128-k step's fp32 sums rather than each dequantized weight (SCALE_AFTER; where the group size is
+    # a multiple of 128, else ignored): fewer instructions per weight, faster or slower by shape and config
+    scale_after: bool = False
 
     def __post_init__(self) -> None:
         check_small_pow2(self, ("rb", "wn", "wk", "unroll"))
@@ -267,9 +361,10 @@ def n_tiles(m: int) -> int:
 
 
 @functools.cache
-def _compiled(cfg: CudaMmaConfig, nt: int, x_bf16: bool, s_bf16: bool, has_bias: bool) -> NvrtcKernel | None:
+def _compiled(cfg: CudaMmaConfig, nt: int, x_bf16: bool, s_bf16: bool, has_bias: bool,
+              after: bool) -> NvrtcKernel | None:
     defines = {"RB": cfg.rb, "WN": cfg.wn, "WK": cfg.wk, "U": cfg.unroll, "NT": nt, "XPERM": int(cfg.xperm),
-               "XBF16": int(x_bf16), "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias)}
+               "XBF16": int(x_bf16), "SBF16": int(s_bf16), "HAS_BIAS": int(has_bias), "SCALE_AFTER": int(after)}
     return compile_variant(_SOURCE, "w4a16_mma", defines, "Triton's tensor-core kernel")
 
 
@@ -307,7 +402,8 @@ def w4a16_mma_cuda(x2d: Tensor, qweight_t: Tensor, scale_zero: Tensor, group_siz
     if (smem := config.reduce_bytes(nt)) > SHARED_BYTES:
         raise ConfigError(f"{config} needs {smem} bytes of shared memory at M = {m}, more than {SHARED_BYTES}: "
                           "fewer K warps, row blocks or rows warps")
-    kernel = _compiled(config, nt, x2d.dtype == torch.bfloat16, s_bf16, bias is not None)
+    after = config.scale_after and group_size % STEP_K == 0  # each 128-k step inside one group
+    kernel = _compiled(config, nt, x2d.dtype == torch.bfloat16, s_bf16, bias is not None, after)
     if kernel is None:
         return None
     if x2d.stride(0) % 8 or x2d.data_ptr() % 16:  # rows must start on 16 bytes (K % 32 == 0 holds by the groups)

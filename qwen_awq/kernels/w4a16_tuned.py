@@ -30,22 +30,22 @@ TUNED: dict[str, dict] = {
                 512: ("dense", None),
             },
             (4096, 12288): {
-                1: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton GEMV 14.4 (mma_cuda_candidates_H200_2026-12-03c_m1)
-                2: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.3 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
+                1: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False, "scale_after": True}),  # 12.4 us, table before 13.0 (mma_cuda_candidates_H200_2026-12-04k)
+                2: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False, "scale_after": True}),  # 12.6 us, table before 13.4 (mma_cuda_candidates_H200_2026-12-04k)
                 4: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
-                8: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 13.4 us, Triton 22.6 (mma_cuda_candidates_H200_2026-12-03)
-                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 17.8 us, Triton 22.9 (mma_cuda_candidates_H200_2026-12-03)
-                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 21.0 us, Triton 24.1 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 2, "wn": 1, "wk": 8, "unroll": 1, "xperm": False, "scale_after": True}),  # 12.7 us, table before 13.5 (mma_cuda_candidates_H200_2026-12-04k)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 4, "unroll": 1, "xperm": True, "scale_after": True}),  # 17.0 us, table before 17.8 (mma_cuda_candidates_H200_2026-12-04k)
+                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True, "scale_after": True}),  # 20.1 us, table before 21.0 (mma_cuda_candidates_H200_2026-12-04k)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 40.3 us, 64-row tiles 43.3 (mma_triton_candidates_H200_2026-12-04)
                 256: ("dense", None),
                 512: ("dense", None),
             },
             (4096, 4096): {
-                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): 7.5 us, Triton 7.6-8.0
-                2: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.5 us, Triton 10.2 (mma_cuda_candidates_H200_2026-12-03)
+                1: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 2, "xperm": False, "scale_after": False}),  # 6.5 us, table before 7.5 (mma_cuda_candidates_H200_2026-12-04k)
+                2: ("cudamma", {"rb": 1, "wn": 2, "wk": 16, "unroll": 1, "xperm": False, "scale_after": True}),  # 6.7 us, table before 7.5 (mma_cuda_candidates_H200_2026-12-04k)
                 4: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.8 us, Triton 10.3 (mma_cuda_candidates_H200_2026-12-03)
-                8: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 2, "xperm": False}),  # 7.8 us, Triton 10.3 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 1, "wn": 2, "wk": 16, "unroll": 1, "xperm": False, "scale_after": True}),  # 7.1 us, table before 7.8 (mma_cuda_candidates_H200_2026-12-04k)
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": False}),  # 9.3 us, Triton 10.6 (mma_cuda_candidates_H200_2026-12-03)
                 32: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 11.0 us, Triton 12.8 (mma_cuda_candidates_H200_2026-12-03)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 15.0 us, dense 20.8 (mma_triton_candidates_H200_2026-12-04)
@@ -55,22 +55,22 @@ TUNED: dict[str, dict] = {
             },
             (4096, 22016): {
                 1: ("gemv", {"block_n": 8, "lanes": 128, "chunks": 1, "num_warps": 4, "prefetch": True, "progs_per_sm": 3, "block_m": 1}),
-                2: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.3 us, Triton 32.5 (mma_cuda_candidates_H200_2026-12-03)
+                2: ("cudamma", {"rb": 2, "wn": 2, "wk": 4, "unroll": 1, "xperm": False, "scale_after": True}),  # 21.5 us, table before 22.4 (mma_cuda_candidates_H200_2026-12-04k)
                 4: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.5 us, Triton 35.7 (mma_cuda_candidates_H200_2026-12-03)
-                8: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": False}),  # 22.5 us, Triton 35.7 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 2, "wn": 2, "wk": 4, "unroll": 1, "xperm": False, "scale_after": True}),  # 21.9 us, table before 22.6 (mma_cuda_candidates_H200_2026-12-04k)
                 16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True}),  # 27.7 us, Triton 36.3 (mma_cuda_candidates_H200_2026-12-03)
-                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True}),  # 36.8 us, Triton 38.5 (mma_cuda_candidates_H200_2026-12-03)
+                32: ("cudamma", {"rb": 2, "wn": 1, "wk": 4, "unroll": 1, "xperm": True, "scale_after": True}),  # 35.0 us, table before 36.8 (mma_cuda_candidates_H200_2026-12-04k)
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 4, "waves": 2, "scale_w": True}),  # 68.9 us, 64-row tiles 83.1 (mma_triton_candidates_H200_2026-12-04)
                 256: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),
                 512: ("dense", None),
             },
             (11008, 4096): {
-                1: ("cuda", {"rows": 2, "unroll": 4, "warps": 8}),  # 2026-12-03 (gemv_cuda_H200): 15.2 us, Triton 15.8
-                2: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.5 us, Triton 19.5 (mma_cuda_candidates_H200_2026-12-03)
+                1: ("cudamma", {"rb": 1, "wn": 2, "wk": 16, "unroll": 1, "xperm": False, "scale_after": True}),  # 13.0 us, table before 15.2 (mma_cuda_candidates_H200_2026-12-04k)
+                2: ("cudamma", {"rb": 1, "wn": 2, "wk": 16, "unroll": 1, "xperm": False, "scale_after": True}),  # 13.1 us, table before 15.5 (mma_cuda_candidates_H200_2026-12-04k)
                 4: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.6 us, Triton 19.8 (mma_cuda_candidates_H200_2026-12-03)
-                8: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 15.6 us, Triton 19.8 (mma_cuda_candidates_H200_2026-12-03)
-                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 16, "unroll": 1, "xperm": True}),  # 18.9 us, Triton 20.1 (mma_cuda_candidates_H200_2026-12-03)
+                8: ("cudamma", {"rb": 1, "wn": 2, "wk": 16, "unroll": 1, "xperm": False, "scale_after": True}),  # 13.5 us, table before 15.5 (mma_cuda_candidates_H200_2026-12-04k)
+                16: ("cudamma", {"rb": 1, "wn": 1, "wk": 8, "unroll": 1, "xperm": True, "scale_after": True}),  # 18.0 us, table before 18.9 (mma_cuda_candidates_H200_2026-12-04k)
                 32: ("mma", {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 4, "scale_w": True}),
                 64: ("mma", {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 28.5 us, waves 4 35.8 (mma_triton_candidates_H200_2026-12-04)
                 128: ("mma", {"block_m": 128, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "waves": 2, "scale_w": True}),  # 40.1 us, 64-row tiles 47.5 (mma_triton_candidates_H200_2026-12-04)
