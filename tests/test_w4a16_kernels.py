@@ -25,8 +25,8 @@ TOLERANCE = {"fp16": 4e-3, "bf16": 3e-2}
 
 @dataclass(frozen=True)
 class Case:
-    path: str  # gemv | mma | dense | cuda, cudamma (NVRTC, GPU only) | fallback, fallbackmma (their CPU fallbacks) |
-    # auto | dequant | norm
+    path: str  # gemv | mma | dense | cuda, cudamma, cudanorm (NVRTC, GPU only) | fallback, fallbackmma (their CPU
+    # fallbacks) | auto | dequant | norm
     m: int
     k: int
     n: int
@@ -38,10 +38,12 @@ class Case:
     layout: str = "2d"  # 2d | 3d: x (2, M/2, K) | strided: x a column slice of a wider tensor
     config: tuple = ()  # (name, value) pairs for GemvConfig / MmaConfig / CudaGemvConfig / CudaMmaConfig
     split: int | None = None
+    resid: bool = False  # cudanorm: a residual added before the norm (else the first block's norm(x))
 
     @property
     def id(self) -> str:
-        flags = "-".join(f for f, on in (("bias", self.bias), ("silu", self.silu)) if on) or "plain"
+        named = (("bias", self.bias), ("silu", self.silu), ("resid", self.resid))
+        flags = "-".join(f for f, on in named if on) or "plain"
         cfg = "".join(f"-{k}{v}" for k, v in self.config)
         return (f"{self.path}-m{self.m}-k{self.k}-n{self.n}-g{self.group}-{self.dtype}-s{self.scales}-{flags}"
                 f"-{self.layout}{cfg}-split{self.split}")
@@ -152,6 +154,15 @@ GPU_CASES = [
     Case("cudamma", 1, 11008, 4096, config=(("rb", 1), ("wn", 2), ("wk", 16)) + SA),
     Case("cudamma", 1, 4096, 22016, dtype="bf16", config=(("rb", 2), ("wn", 2), ("wk", 4)) + SA),
     Case("cudamma", 32, 4096, 12288, config=(("rb", 1), ("wn", 2), ("wk", 4), ("xperm", True)) + SA),
+    # The residual add + RMSNorm in the tensor-core kernel's prologue (one x row): fewer 16-byte vectors than
+    # threads (672 = 84 x 8), several per thread (8192), ragged N and steps, bf16, bias, no residual (the first
+    # block), both scalings, xperm asked for (the prologue drops it), the two real shapes it takes.
+    Case("cudanorm", 1, 672, 72, 32, bias=True, resid=True, config=(("rb", 1), ("wk", 4))),
+    Case("cudanorm", 1, 8192, 40, 128, "bf16", resid=True, config=(("rb", 1), ("wn", 2), ("wk", 4)) + SA),
+    Case("cudanorm", 1, 640, 200, 128, config=(("rb", 2), ("wk", 2), ("unroll", 2)) + SA),
+    Case("cudanorm", 1, 384, 48, 64, "bf16", bias=True, scales="bf16", resid=True, config=(("wk", 2), ("xperm", True))),
+    Case("cudanorm", 1, 4096, 12288, bias=True, resid=True, config=(("rb", 2), ("wk", 8)) + SA),
+    Case("cudanorm", 1, 4096, 22016, resid=True, config=(("rb", 2), ("wn", 2), ("wk", 4)) + SA),
 ]
 
 
@@ -194,6 +205,31 @@ def _norm_case(case: Case, seed: int, device: str) -> tuple[float, float]:
     return float((normed.double().cpu() - expect).abs().max() / expect.abs().max()), TOLERANCE[case.dtype]
 
 
+def _norm_matmul_case(case: Case, seed: int, device: str) -> tuple[float, float]:
+    """The RMSNorm prologue of the tensor-core kernel against the float64 norm (rounded where Qwen's block rounds)
+    and product; the returned residual must be x + residual exactly (x itself without one)."""
+    from qwen_awq.kernels import w4a16_cuda_mma as mma
+    from qwen_awq.quant.packing import dequantize
+
+    (qweight, qzeros, scales), (qweight_t, scale_zero) = _weights(case, seed, device)
+    w_exact = dequantize(qweight, qzeros, scales, case.group).t()  # (N, K)
+    x, bias = _inputs(case, case.k, seed, device)  # (1, K)
+    residual = _inputs(case, case.k, seed + 7, device)[0] if case.resid else None
+    weight = (torch.rand(case.k, generator=torch.Generator().manual_seed(seed)) + 0.5).to(x.dtype).to(device)
+    got = mma.w4a16_norm_mma_cuda(x, residual, weight, 1e-6, qweight_t, scale_zero, case.group,
+                                  scales.dtype == torch.bfloat16, bias, mma.CudaMmaConfig(**dict(case.config)))
+    if got is None:
+        return float("inf"), 0.0
+    y, h = got
+    h_ref = x if residual is None else (x.double() + residual.double()).to(x.dtype)  # one rounding
+    n64 = h_ref.double() * torch.rsqrt(h_ref.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    xn = (n64.to(x.dtype).double() * weight.double()).to(x.dtype)  # what the projection reads
+    ref = xn.double() @ w_exact.double().t() + (0 if bias is None else bias.double())
+    if not torch.equal(h.cpu(), h_ref.cpu()) or y.shape != ref.shape:
+        return float("inf"), 0.0
+    return float((y.double() - ref).abs().max() / ref.abs().max()), TOLERANCE[case.dtype]
+
+
 def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]:
     """(relative error vs a float64 oracle, tolerance) of one case; dequant must be exact."""
     from qwen_awq.kernels import w4a16 as kern
@@ -201,6 +237,8 @@ def _run_case(case: Case, seed: int, device: str = "cpu") -> tuple[float, float]
 
     if case.path == "norm":
         return _norm_case(case, seed, device)
+    if case.path == "cudanorm":
+        return _norm_matmul_case(case, seed, device)
     (qweight, qzeros, scales), (qweight_t, scale_zero) = _weights(case, seed, device)
     w = kern.W4Weight(qweight_t, scale_zero, case.group, scales.dtype, kern.new_locks(device))
     w_exact = dequantize(qweight, qzeros, scales, case.group).t()  # (N, K) fp32, from the AutoAWQ layout

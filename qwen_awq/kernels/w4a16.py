@@ -23,7 +23,13 @@ from qwen_awq.kernels.reference import w4a16_matmul_reference
 from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig, cuda_gemv_supported, w4a16_gemv_cuda
-from qwen_awq.kernels.w4a16_cuda_mma import CudaMmaConfig, cuda_mma_supported, w4a16_mma_cuda
+from qwen_awq.kernels.w4a16_cuda_mma import (
+    CudaMmaConfig,
+    cuda_mma_supported,
+    norm_prologue_fits,
+    w4a16_mma_cuda,
+    w4a16_norm_mma_cuda,
+)
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -341,6 +347,42 @@ def triton_supports(x: Tensor, w: W4Weight, bias: Tensor | None) -> bool:
         and w.group_size % _CHUNK == 0
         and not (torch.is_grad_enabled() and x.requires_grad)  # the kernels have no backward
     )
+
+
+NORM_PROLOGUE_ENV = "QWEN_AWQ_NORM_PROLOGUE"  # "1": the RMSNorm prologue at one token (w4a16_norm_matmul)
+
+
+def norm_prologue_config(k: int, n: int, device: torch.device) -> CudaMmaConfig | None:
+    """The tensor-core config that takes the RMSNorm prologue for a (K -> N) layer at M = 1: the table's M = 1
+    choice where it is that kernel, else its M = 2 choice (the same kernel and tile at one x row), else None."""
+    for m in (1, 2):
+        kind, cfg = choose(m, k, n, device)
+        if kind == "cudamma" and norm_prologue_fits(k, cfg):
+            return cfg
+    return None
+
+
+def w4a16_norm_matmul(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, w: W4Weight,
+                      bias: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """(rms_norm(x + residual) * weight @ W^T + bias, x + residual) for one token (x (..., K) with one row) in
+    one launch: the residual add and RMSNorm in the tensor-core kernel's prologue (w4a16_cuda_mma), rounded as
+    kernels/rms_norm.py rounds; without a residual, h = x. None where that cannot run here (more rows, no NVRTC,
+    no such config in the table) and unless QWEN_AWQ_NORM_PROLOGUE=1: off by default until its GPU tests and
+    batch-1 A/B have run (bench/gpu_norm_2026-12-04l.sh); the caller then norms first."""
+    if x.numel() != x.shape[-1] or os.environ.get(NORM_PROLOGUE_ENV, "0") != "1":
+        return None
+    if not (triton_supports(x, w, bias) and cuda_mma_supported(x, w.group_size) and weight.dtype == x.dtype
+            and x.shape[-1] == w.k and (residual is None or (residual.dtype == x.dtype
+                                                               and residual.numel() == x.numel()))):
+        return None
+    cfg = norm_prologue_config(w.k, w.n, x.device)
+    got = None if cfg is None else w4a16_norm_mma_cuda(
+        x, residual, weight, eps, w.qweight_t, w.scale_zero, w.group_size, w.scale_dtype == torch.bfloat16, bias,
+        cfg)
+    if got is None:
+        return None
+    y, h = got
+    return y.view(*x.shape[:-1], w.n), h.view(x.shape)
 
 
 def w4a16_matmul(x: Tensor, w: W4Weight, bias: Tensor | None = None, silu: bool = False) -> Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from qwen_awq.models.attention import DenseAttention, ForwardBatch
 from qwen_awq.models.config import GenerationDefaults, ModelConfig
-from qwen_awq.models.fusion import add_rms_norm, silu_mul_down
+from qwen_awq.models.fusion import add_rms_norm, norm_linear, silu_mul_down
 from qwen_awq.models.layers import RMSNorm, logn_scale, make_linear, ntk_alpha, rotary_cos_sin
 
 
@@ -25,12 +25,20 @@ class Attention(nn.Module):
         self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, False, cfg.quant, dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None,
-                fb: ForwardBatch) -> torch.Tensor:
+                fb: ForwardBatch, norm: nn.Module | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention over x, the normed input; with `norm`, x is the block's input instead and the result is
+        (output, x + residual), the norm and add fused with the qkv projection where they can be (norm_linear)."""
         cfg = self.cfg
         t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)  # (T, H + 2 Hkv, D)
+        if norm is None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
+        qkv = qkv.view(t, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)  # (T, H + 2 Hkv, D)
         out = fb.attn.attend_qkv(self.layer, qkv, cfg.num_heads, cos, sin, logn, self.scale)  # (T, H, D)
-        return self.o_proj(out.reshape(t, cfg.q_size))
+        out = self.o_proj(out.reshape(t, cfg.q_size))
+        return out if norm is None else (out, residual)
 
 
 class MLP(nn.Module):
@@ -42,8 +50,13 @@ class MLP(nn.Module):
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * self.width, False, cfg.quant, dtype)
         self.down_proj = make_linear(self.width, cfg.hidden_size, False, cfg.quant, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_down(self.gate_up_proj(x), self.down_proj)  # gate_up (tokens, 2 * width)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The MLP over x, the normed input; with `norm`, as Attention.forward: (output, x + residual)."""
+        if norm is None:
+            return silu_mul_down(self.gate_up_proj(x), self.down_proj)  # gate_up (tokens, 2 * width)
+        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj)
+        return silu_mul_down(gate_up, self.down_proj), residual
 
 
 class Block(nn.Module):
@@ -64,11 +77,10 @@ class Block(nn.Module):
                          sin: torch.Tensor, logn: torch.Tensor | None, fb: ForwardBatch
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual) with the residual carried, not added: the hidden state is x + residual (x
-        alone in the first block), and each add happens inside the next norm's fused kernel (models/fusion.py)."""
-        normed, residual = add_rms_norm(x, residual, self.input_layernorm)
-        attn_out = self.attn(normed, cos, sin, logn, fb)
-        normed, residual = add_rms_norm(attn_out, residual, self.post_attention_layernorm)
-        return self.mlp(normed), residual
+        alone in the first block), and each add happens inside the next norm's fused kernel (models/fusion.py),
+        which for one token on the GPU is the next W4A16 projection's (norm_linear)."""
+        attn_out, residual = self.attn(x, cos, sin, logn, fb, self.input_layernorm, residual)
+        return self.mlp(attn_out, self.post_attention_layernorm, residual)
 
 
 class Decoder(nn.Module):

@@ -143,7 +143,9 @@ class VocabParallelHead(nn.Linear):
 
 
 def _reduce_output(state: ParallelState):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if isinstance(output, tuple):  # (output, residual) from a block's attn / mlp: the residual is whole
+            return (all_reduce(output[0], state), *output[1:])
         return all_reduce(output, state)
     return hook
 

@@ -12,7 +12,14 @@ from torch import nn
 from qwen_awq.errors import CheckpointError
 from qwen_awq.kernels.awq_gemm import awq_matmul
 from qwen_awq.kernels.silu_mul import silu_mul
-from qwen_awq.kernels.w4a16 import DENSE_MIN_M, W4Weight, new_locks, silu_in_prologue, w4a16_matmul
+from qwen_awq.kernels.w4a16 import (
+    DENSE_MIN_M,
+    W4Weight,
+    new_locks,
+    silu_in_prologue,
+    w4a16_matmul,
+    w4a16_norm_matmul,
+)
 from qwen_awq.quant.packing import (
     PACK_FACTOR,
     REPACK_SCALE_DTYPES,
@@ -141,6 +148,14 @@ class AWQLinear(nn.Module):
         if self.repacked and not self.cache_dequantized and silu_in_prologue(gate_up.numel() // gate_up.shape[-1]):
             return w4a16_matmul(gate_up, self.w4, self.bias, silu=True)
         return self(silu_mul(gate_up))  # one Triton pass on CUDA, else the reference
+
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(forward(rms_norm(x + residual) * weight), x + residual) in one kernel where the W4A16 tensor-core
+        kernel's RMSNorm prologue can take it (one token on the GPU: kernels/w4a16.w4a16_norm_matmul), else None."""
+        if not self.repacked or self.cache_dequantized:
+            return None
+        return w4a16_norm_matmul(x, residual, weight, eps, self.w4, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dequantized:
