@@ -3,7 +3,8 @@ batch-1 greedy decode of a small random AWQ model (qwen-tiny, weights x4 so that
 rounding) under CUDA graphs, with the prologue on and off (QWEN_AWQ_NORM_PROLOGUE), one request at a time; the
 prologue must have been taken (launches counted at capture and eager time) and the tokens equal (it rounds where
 kernels/rms_norm.py rounds, and the x4 weights keep ties away; a divergence is reported with its first position).
-Prints one JSON line; exits 1 on a failure (without a GPU it runs the engine on the CPU, where the prologue declines: it checks the script).
+Prints one JSON line; exits 1 on a failure (without a GPU it runs the engine on the CPU, where the prologue
+declines: it checks the script).
     python3 bench/gpu_norm_prologue_check.py [--out FILE]      (< 30 s on an H200)
 """
 from __future__ import annotations
