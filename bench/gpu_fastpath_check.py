@@ -99,8 +99,9 @@ def w4a16_silu_checks() -> list[dict]:
     return out
 
 
-def _small_model(quant: bool) -> torch.nn.Module:
-    model = build_synthetic("qwen-tiny", quant, torch.float16, DEV, seed=1)
+def small_model(quant: bool, device: str = DEV) -> torch.nn.Module:
+    """qwen-tiny with its weights x4, so that logit gaps sit well above fp16 rounding (AWQ: repacked)."""
+    model = build_synthetic("qwen-tiny", quant, torch.float16, device, seed=1)
     with torch.no_grad():  # logit gaps well above fp16 rounding (the random weights are N(0, 0.02))
         for name, p in model.named_parameters():
             if p.dtype.is_floating_point and "norm" not in name:
@@ -116,7 +117,7 @@ def greedy_checks(steps: int = 16) -> list[dict]:
     prompt = [101, 2024, 7, 33000, 512]
     out = []
     for quant in (False, True):
-        model = _small_model(quant)
+        model = small_model(quant)
         with fusion(False):
             before = dense_greedy(model, prompt, steps)
         with fusion(True):

@@ -16,23 +16,14 @@ import sys
 from unittest import mock
 
 import torch
+from gpu_fastpath_check import small_model  # bench/ is this script's directory
 
 from qwen_awq.engine.llm_engine import EngineConfig, LLMEngine
 from qwen_awq.engine.sampling_params import SamplingParams
-from qwen_awq.eval.synthetic import build_synthetic, prepare
 from qwen_awq.kernels import w4a16 as kern
 
 PROMPTS = [[101, 2024, 7, 33000, 512], [9, 8, 7], [4242]]
 MAX_TOKENS = 24
-
-
-def _model() -> torch.nn.Module:
-    model = build_synthetic("qwen-tiny", True, torch.float16, "cuda" if torch.cuda.is_available() else "cpu", seed=1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dtype.is_floating_point and "norm" not in name:
-                p.mul_(4)
-    return prepare(model)
 
 
 def greedy(model: torch.nn.Module, on: bool) -> tuple[list[list[int]], int]:
@@ -56,7 +47,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out")
     args = p.parse_args()
-    model = _model()
+    model = small_model(True, "cuda" if torch.cuda.is_available() else "cpu")
     off, off_calls = greedy(model, False)
     on, on_calls = greedy(model, True)
     rows = []

@@ -209,6 +209,7 @@ def _norm_matmul_case(case: Case, seed: int, device: str) -> tuple[float, float]
     """The RMSNorm prologue of the tensor-core kernel against the float64 norm (rounded where Qwen's block rounds)
     and product; the returned residual must be x + residual exactly (x itself without one)."""
     from qwen_awq.kernels import w4a16_cuda_mma as mma
+    from qwen_awq.kernels.w4a16_cuda_norm import w4a16_norm_mma_cuda
     from qwen_awq.quant.packing import dequantize
 
     (qweight, qzeros, scales), (qweight_t, scale_zero) = _weights(case, seed, device)
@@ -216,8 +217,8 @@ def _norm_matmul_case(case: Case, seed: int, device: str) -> tuple[float, float]
     x, bias = _inputs(case, case.k, seed, device)  # (1, K)
     residual = _inputs(case, case.k, seed + 7, device)[0] if case.resid else None
     weight = (torch.rand(case.k, generator=torch.Generator().manual_seed(seed)) + 0.5).to(x.dtype).to(device)
-    got = mma.w4a16_norm_mma_cuda(x, residual, weight, 1e-6, qweight_t, scale_zero, case.group,
-                                  scales.dtype == torch.bfloat16, bias, mma.CudaMmaConfig(**dict(case.config)))
+    got = w4a16_norm_mma_cuda(x, residual, weight, 1e-6, qweight_t, scale_zero, case.group,
+                              scales.dtype == torch.bfloat16, bias, mma.CudaMmaConfig(**dict(case.config)))
     if got is None:
         return float("inf"), 0.0
     y, h = got

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_awq.engine.kv_cache import bytes_per_block
 from qwen_awq.models.config import ModelConfig
 
 INNER_K_TILES = 8  # tinygemm's widest K tiling (gpt-fast's default for int4)
@@ -265,11 +266,10 @@ def floor_tok_per_s(cfg: ModelConfig, int4: bool, copy_bytes_per_s: float) -> fl
     return copy_bytes_per_s / weight_bytes(cfg, int4)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, int8: bool = False) -> int:
-    """K and V of one token over all layers (spec: performance.md, Qwen-7B fp16: 512 KiB); int8: one byte per value
-    plus each head's fp32 (scale, zero) (engine/kv_cache.bytes_per_block)."""
-    per_head = cfg.head_dim + 2 * 4 if int8 else cfg.head_dim * dtype_bytes
-    return cfg.num_layers * 2 * cfg.num_kv_heads * per_head
+def kv_bytes_per_token(cfg: ModelConfig, int8: bool = False, dtype: torch.dtype = torch.float16) -> int:
+    """K and V of one token over all layers as the engine's pool stores them (spec: performance.md, Qwen-7B fp16:
+    512 KiB); int8: one byte per value plus each head's fp32 (scale, zero)."""
+    return bytes_per_block(cfg, 1, dtype, int8)
 
 
 def decode_bytes(cfg: ModelConfig, int4: bool, batch: int, prompt_len: int, new_tokens: int,

@@ -23,13 +23,8 @@ from qwen_awq.kernels.reference import w4a16_matmul_reference
 from qwen_awq.kernels.silu_mul import silu_mul
 from qwen_awq.kernels.w4a16_common import triton
 from qwen_awq.kernels.w4a16_cuda import CudaGemvConfig, cuda_gemv_supported, w4a16_gemv_cuda
-from qwen_awq.kernels.w4a16_cuda_mma import (
-    CudaMmaConfig,
-    cuda_mma_supported,
-    norm_prologue_fits,
-    w4a16_mma_cuda,
-    w4a16_norm_mma_cuda,
-)
+from qwen_awq.kernels.w4a16_cuda_mma import CudaMmaConfig, cuda_mma_supported, w4a16_mma_cuda
+from qwen_awq.kernels.w4a16_cuda_norm import norm_prologue_fits, w4a16_norm_mma_cuda
 from qwen_awq.kernels.w4a16_gemv import MAGIC_16, MAGIC_256, gemv_kernel
 from qwen_awq.kernels.w4a16_mma import MAGIC_BF16, MAGIC_FP16, dequant_kernel, mma_kernel
 from qwen_awq.kernels.w4a16_tuned import TUNED
@@ -352,6 +347,11 @@ def triton_supports(x: Tensor, w: W4Weight, bias: Tensor | None) -> bool:
 NORM_PROLOGUE_ENV = "QWEN_AWQ_NORM_PROLOGUE"  # "1": the RMSNorm prologue at one token (w4a16_norm_matmul)
 
 
+def norm_prologue_wanted(x: Tensor) -> bool:
+    """The cheap half of w4a16_norm_matmul's conditions: one token, and QWEN_AWQ_NORM_PROLOGUE=1."""
+    return x.numel() == x.shape[-1] and os.environ.get(NORM_PROLOGUE_ENV, "0") == "1"
+
+
 def norm_prologue_config(k: int, n: int, device: torch.device) -> CudaMmaConfig | None:
     """The tensor-core config that takes the RMSNorm prologue for a (K -> N) layer at M = 1: the table's M = 1
     choice where it is that kernel, else its M = 2 choice (the same kernel and tile at one x row), else None."""
@@ -365,11 +365,11 @@ def norm_prologue_config(k: int, n: int, device: torch.device) -> CudaMmaConfig 
 def w4a16_norm_matmul(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, w: W4Weight,
                       bias: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """(rms_norm(x + residual) * weight @ W^T + bias, x + residual) for one token (x (..., K) with one row) in
-    one launch: the residual add and RMSNorm in the tensor-core kernel's prologue (w4a16_cuda_mma), rounded as
+    one launch: the residual add and RMSNorm in the tensor-core kernel's prologue (w4a16_cuda_norm), rounded as
     kernels/rms_norm.py rounds; without a residual, h = x. None where that cannot run here (more rows, no NVRTC,
     no such config in the table) and unless QWEN_AWQ_NORM_PROLOGUE=1: off by default until its GPU tests and
     batch-1 A/B have run (bench/gpu_norm_2026-12-04l.sh); the caller then norms first."""
-    if x.numel() != x.shape[-1] or os.environ.get(NORM_PROLOGUE_ENV, "0") != "1":
+    if not norm_prologue_wanted(x):
         return None
     if not (triton_supports(x, w, bias) and cuda_mma_supported(x, w.group_size) and weight.dtype == x.dtype
             and x.shape[-1] == w.k and (residual is None or (residual.dtype == x.dtype

@@ -16,6 +16,7 @@ from qwen_awq.kernels.w4a16 import (
     DENSE_MIN_M,
     W4Weight,
     new_locks,
+    norm_prologue_wanted,
     silu_in_prologue,
     w4a16_matmul,
     w4a16_norm_matmul,
@@ -153,8 +154,8 @@ class AWQLinear(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(forward(rms_norm(x + residual) * weight), x + residual) in one kernel where the W4A16 tensor-core
         kernel's RMSNorm prologue can take it (one token on the GPU: kernels/w4a16.w4a16_norm_matmul), else None."""
-        if not self.repacked or self.cache_dequantized:
-            return None
+        if not self.repacked or self.cache_dequantized or not norm_prologue_wanted(x):
+            return None  # checked before self.w4 is built: every block of every forward asks
         return w4a16_norm_matmul(x, residual, weight, eps, self.w4, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
